@@ -1,0 +1,130 @@
+//! Differences between two manifests, and applying them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Manifest, Node};
+use crate::path::RelPath;
+
+/// One difference: an entry to create or replace, or one to remove.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// `path` must become `node` (created, or replaced whatever it was).
+    Put(RelPath, Node),
+    /// `path` must not exist.
+    Remove(RelPath),
+}
+
+impl Change {
+    /// The path this change is about.
+    pub fn path(&self) -> &RelPath {
+        match self {
+            Change::Put(p, _) | Change::Remove(p) => p,
+        }
+    }
+}
+
+/// The changes that turn `old` into `new`, in path order.
+///
+/// Only entries that differ appear, so the result is empty exactly when the manifests are equal
+/// (chunk parameters aside: the caller compares those).
+pub fn diff(old: &Manifest, new: &Manifest) -> Vec<Change> {
+    let mut changes = Vec::new();
+    let mut a = old.iter().peekable();
+    let mut b = new.iter().peekable();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((pa, _)), None) => {
+                changes.push(Change::Remove((*pa).clone()));
+                a.next();
+            }
+            (None, Some((pb, nb))) => {
+                changes.push(Change::Put((*pb).clone(), (*nb).clone()));
+                b.next();
+            }
+            (Some((pa, na)), Some((pb, nb))) => match pa.cmp(pb) {
+                std::cmp::Ordering::Less => {
+                    changes.push(Change::Remove((*pa).clone()));
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changes.push(Change::Put((*pb).clone(), (*nb).clone()));
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if na != nb {
+                        changes.push(Change::Put((*pb).clone(), (*nb).clone()));
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+    changes
+}
+
+impl Manifest {
+    /// Applies changes in order. `apply(diff(a, b))` on `a` gives `b`.
+    pub fn apply<'a>(&mut self, changes: impl IntoIterator<Item = &'a Change>) {
+        for change in changes {
+            match change {
+                Change::Put(path, node) => {
+                    self.insert(path.clone(), node.clone());
+                }
+                Change::Remove(path) => {
+                    self.remove(path);
+                }
+            }
+        }
+    }
+
+    /// Shorthand for the entry at `path` being a node equal to `node`.
+    pub fn has(&self, path: &RelPath, node: &Node) -> bool {
+        self.get(path) == Some(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::manifest::tests::{dir, file};
+
+    fn arb_manifest() -> impl Strategy<Value = Manifest> {
+        let name = prop::sample::select(vec!["a", "b", "a-b", "c.xml", "d.car"]);
+        let path = prop::collection::vec(name, 1..4)
+            .prop_map(|parts| RelPath::new(parts.join("/")).unwrap());
+        let node = prop_oneof![
+            Just(dir()),
+            (any::<u8>(), prop::sample::select(vec![0o644u32, 0o600, 0o755]), 0i64..3)
+                .prop_map(|(b, mode, t)| file(&[b], mode, t)),
+        ];
+        prop::collection::btree_map(path, node, 0..24).prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        #[test]
+        fn apply_of_diff_gives_the_target(a in arb_manifest(), b in arb_manifest()) {
+            let changes = diff(&a, &b);
+            let mut applied = a.clone();
+            applied.apply(&changes);
+            prop_assert_eq!(&applied, &b);
+            prop_assert_eq!(applied.digest(), b.digest());
+        }
+
+        #[test]
+        fn diff_is_empty_only_for_equal_manifests(a in arb_manifest(), b in arb_manifest()) {
+            prop_assert_eq!(diff(&a, &b).is_empty(), a == b);
+        }
+
+        #[test]
+        fn changes_are_in_path_order_and_unique(a in arb_manifest(), b in arb_manifest()) {
+            let changes = diff(&a, &b);
+            for w in changes.windows(2) {
+                prop_assert!(w[0].path() < w[1].path());
+            }
+        }
+    }
+}

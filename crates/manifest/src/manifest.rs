@@ -1,0 +1,388 @@
+//! A manifest: what a synced folder holds, as a sorted map from [`RelPath`] to [`Node`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunker::ChunkParams;
+use crate::hash::{ChunkHash, FileHash, ManifestDigest};
+use crate::path::{RelPath, SymlinkTarget, TargetError};
+
+/// Modification time, as the filesystem stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Mtime {
+    /// Seconds since the Unix epoch (negative before it).
+    pub secs: i64,
+    /// Nanoseconds within the second, below 1e9.
+    pub nanos: u32,
+}
+
+/// One chunk of a file: its hash and length. Its offset is the sum of the lengths before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// BLAKE3 of the chunk's bytes.
+    pub hash: ChunkHash,
+    /// Length in bytes, at most the manifest's `ChunkParams::max`.
+    pub len: u32,
+}
+
+/// A regular file's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileContent {
+    /// Length in bytes; the sum of the chunk lengths.
+    pub size: u64,
+    /// Hash over `size` and the chunk list.
+    pub hash: FileHash,
+    /// The chunks in file order; empty for an empty file.
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// What kind of thing is at a path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeKind {
+    /// A directory; what it contains are entries of their own.
+    Dir,
+    /// A regular file.
+    File(FileContent),
+    /// A symbolic link, kept as a link and never followed.
+    Symlink(SymlinkTarget),
+}
+
+/// Everything syncd keeps about one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Directory, file or link.
+    pub kind: NodeKind,
+    /// Permission bits (`mode & 0o7777`); ignored for symlinks.
+    pub mode: u32,
+    /// Modification time.
+    pub mtime: Mtime,
+}
+
+impl Node {
+    /// The file content, if this is a file.
+    pub fn file(&self) -> Option<&FileContent> {
+        match &self.kind {
+            NodeKind::File(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a directory.
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, NodeKind::Dir)
+    }
+}
+
+/// Why a set of entries is not a consistent tree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TreeError {
+    /// An entry's parent is absent or is not a directory.
+    #[error("{path} has no parent directory in the manifest")]
+    Orphan {
+        /// The entry without a parent.
+        path: RelPath,
+    },
+    /// A file's chunk list does not add up to its size, or a chunk is out of bounds.
+    #[error("{path}: chunk list does not describe a file of {size} bytes under {params:?}")]
+    BadChunks {
+        /// The file.
+        path: RelPath,
+        /// Its claimed size.
+        size: u64,
+        /// The manifest's chunk parameters.
+        params: ChunkParams,
+    },
+    /// A file's hash does not match its chunk list.
+    #[error("{path}: file hash does not match its chunk list")]
+    BadFileHash {
+        /// The file.
+        path: RelPath,
+    },
+    /// A symlink points outside the folder.
+    #[error(transparent)]
+    Symlink(#[from] TargetError),
+    /// A permission mode has bits outside 0o7777, or an mtime has nanoseconds over a second.
+    #[error("{path}: mode {mode:o} or mtime nanoseconds {nanos} out of range")]
+    BadMeta {
+        /// The entry.
+        path: RelPath,
+        /// Its mode.
+        mode: u32,
+        /// Its mtime's nanoseconds.
+        nanos: u32,
+    },
+}
+
+/// The state of one folder: chunk parameters and a sorted map of entries.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The parameters every file's chunks were cut with.
+    pub params: ChunkParams,
+    nodes: BTreeMap<RelPath, Node>,
+}
+
+impl Manifest {
+    /// An empty manifest.
+    pub fn new(params: ChunkParams) -> Self {
+        Manifest {
+            params,
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the folder is empty.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The entry at `path`.
+    pub fn get(&self, path: &RelPath) -> Option<&Node> {
+        self.nodes.get(path)
+    }
+
+    /// All entries in path order (a directory before its contents).
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&RelPath, &Node)> + ExactSizeIterator {
+        self.nodes.iter()
+    }
+
+    /// Entries at `dir` and beneath it, in path order.
+    pub fn subtree<'a>(&'a self, dir: &'a RelPath) -> impl Iterator<Item = (&'a RelPath, &'a Node)> {
+        self.nodes
+            .range(dir.clone()..)
+            .take_while(move |(p, _)| p.as_str().starts_with(dir.as_str()))
+            .filter(move |(p, _)| p.starts_with(dir))
+    }
+
+    /// Sets the entry at `path`, returning the previous one.
+    pub fn insert(&mut self, path: RelPath, node: Node) -> Option<Node> {
+        self.nodes.insert(path, node)
+    }
+
+    /// Removes the entry at `path`.
+    pub fn remove(&mut self, path: &RelPath) -> Option<Node> {
+        self.nodes.remove(path)
+    }
+
+    /// Total bytes of regular files.
+    pub fn total_bytes(&self) -> u64 {
+        self.nodes.values().filter_map(Node::file).map(|f| f.size).sum()
+    }
+
+    /// Checks that the entries form a tree a filesystem can hold and that every file's chunk list
+    /// is consistent with its size, its hash and the chunk parameters. Run on anything decoded
+    /// from the network before it is planned or applied.
+    pub fn validate(&self) -> Result<(), TreeError> {
+        for (path, node) in &self.nodes {
+            validate_node(self.params, path, node)?;
+            if let Some(parent) = path.parent() {
+                if !self.nodes.get(&parent).is_some_and(Node::is_dir) {
+                    return Err(TreeError::Orphan { path: path.clone() });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A digest of the whole manifest (parameters and every entry), stable across versions of
+    /// syncd and independent of the wire codec.
+    pub fn digest(&self) -> ManifestDigest {
+        let mut h = blake3::Hasher::new();
+        h.update(b"syncd manifest v1\0");
+        for v in [self.params.min, self.params.avg, self.params.max] {
+            h.update(&v.to_le_bytes());
+        }
+        h.update(&(self.nodes.len() as u64).to_le_bytes());
+        for (path, node) in &self.nodes {
+            h.update(&(path.as_str().len() as u64).to_le_bytes());
+            h.update(path.as_str().as_bytes());
+            h.update(&node.mode.to_le_bytes());
+            h.update(&node.mtime.secs.to_le_bytes());
+            h.update(&node.mtime.nanos.to_le_bytes());
+            match &node.kind {
+                NodeKind::Dir => {
+                    h.update(b"d");
+                }
+                NodeKind::File(f) => {
+                    // The file hash covers size and chunks.
+                    h.update(b"f");
+                    h.update(&f.hash.0);
+                }
+                NodeKind::Symlink(t) => {
+                    h.update(b"l");
+                    h.update(&(t.as_str().len() as u64).to_le_bytes());
+                    h.update(t.as_str().as_bytes());
+                }
+            }
+        }
+        ManifestDigest(*h.finalize().as_bytes())
+    }
+}
+
+/// Checks one entry on its own (not its place in the tree).
+pub(crate) fn validate_node(params: ChunkParams, path: &RelPath, node: &Node) -> Result<(), TreeError> {
+    if node.mode & !0o7777 != 0 || node.mtime.nanos >= 1_000_000_000 {
+        return Err(TreeError::BadMeta {
+            path: path.clone(),
+            mode: node.mode,
+            nanos: node.mtime.nanos,
+        });
+    }
+    match &node.kind {
+        NodeKind::Dir => Ok(()),
+        NodeKind::Symlink(target) => Ok(target.check_within(path)?),
+        NodeKind::File(f) => {
+            let bad = || TreeError::BadChunks {
+                path: path.clone(),
+                size: f.size,
+                params,
+            };
+            let mut sum = 0u64;
+            for (i, c) in f.chunks.iter().enumerate() {
+                let last = i + 1 == f.chunks.len();
+                if c.len == 0 || c.len > params.max || (!last && c.len < params.min) {
+                    return Err(bad());
+                }
+                sum += c.len as u64;
+            }
+            if sum != f.size {
+                return Err(bad());
+            }
+            if FileHash::from_chunks(f.size, f.chunks.iter().map(|c| &c.hash)) != f.hash {
+                return Err(TreeError::BadFileHash { path: path.clone() });
+            }
+            Ok(())
+        }
+    }
+}
+
+impl FromIterator<(RelPath, Node)> for Manifest {
+    /// Collects entries under the default chunk parameters.
+    fn from_iter<I: IntoIterator<Item = (RelPath, Node)>>(iter: I) -> Self {
+        Manifest {
+            params: ChunkParams::DEFAULT,
+            nodes: iter.into_iter().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::hash::ChunkHash;
+
+    pub(crate) fn file(data: &[u8], mode: u32, secs: i64) -> Node {
+        let chunks = if data.is_empty() {
+            vec![]
+        } else {
+            vec![ChunkRef {
+                hash: ChunkHash::of(data),
+                len: data.len() as u32,
+            }]
+        };
+        Node {
+            kind: NodeKind::File(FileContent {
+                size: data.len() as u64,
+                hash: FileHash::from_chunks(data.len() as u64, chunks.iter().map(|c| &c.hash)),
+                chunks,
+            }),
+            mode,
+            mtime: Mtime { secs, nanos: 7 },
+        }
+    }
+
+    pub(crate) fn dir() -> Node {
+        Node {
+            kind: NodeKind::Dir,
+            mode: 0o755,
+            mtime: Mtime { secs: 1, nanos: 0 },
+        }
+    }
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_consistent_tree_validates() {
+        let m: Manifest = [(p("a"), dir()), (p("a/x.xml"), file(b"<x/>", 0o644, 5))]
+            .into_iter()
+            .collect();
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn orphans_and_files_as_parents_are_refused() {
+        let orphan: Manifest = [(p("a/x.xml"), file(b"x", 0o644, 5))].into_iter().collect();
+        assert!(matches!(orphan.validate(), Err(TreeError::Orphan { .. })));
+        let under_file: Manifest = [(p("a"), file(b"x", 0o644, 5)), (p("a/b"), dir())]
+            .into_iter()
+            .collect();
+        assert!(matches!(under_file.validate(), Err(TreeError::Orphan { .. })));
+    }
+
+    #[test]
+    fn lying_chunk_lists_are_refused() {
+        let mut node = file(b"hello", 0o644, 1);
+        if let NodeKind::File(f) = &mut node.kind {
+            f.size = 6;
+        }
+        let m: Manifest = [(p("x"), node)].into_iter().collect();
+        assert!(matches!(m.validate(), Err(TreeError::BadChunks { .. })));
+
+        let mut node = file(b"hello", 0o644, 1);
+        if let NodeKind::File(f) = &mut node.kind {
+            f.hash = FileHash([0; 32]);
+        }
+        let m: Manifest = [(p("x"), node)].into_iter().collect();
+        assert!(matches!(m.validate(), Err(TreeError::BadFileHash { .. })));
+    }
+
+    #[test]
+    fn escaping_symlinks_are_refused() {
+        let link = Node {
+            kind: NodeKind::Symlink(SymlinkTarget::new("../../etc").unwrap()),
+            mode: 0o777,
+            mtime: Mtime { secs: 0, nanos: 0 },
+        };
+        let m: Manifest = [(p("a"), dir()), (p("a/l"), link)].into_iter().collect();
+        assert!(matches!(m.validate(), Err(TreeError::Symlink(_))));
+    }
+
+    #[test]
+    fn digest_sees_every_field() {
+        let base: Manifest = [(p("a"), file(b"x", 0o644, 5))].into_iter().collect();
+        let variants = [
+            [(p("b"), file(b"x", 0o644, 5))],
+            [(p("a"), file(b"y", 0o644, 5))],
+            [(p("a"), file(b"x", 0o600, 5))],
+            [(p("a"), file(b"x", 0o644, 6))],
+            [(p("a"), dir())],
+        ];
+        for v in variants {
+            let m: Manifest = v.into_iter().collect();
+            assert_ne!(m.digest(), base.digest(), "{m:?}");
+        }
+        assert_eq!(base.digest(), base.clone().digest());
+    }
+
+    #[test]
+    fn subtree_stops_at_siblings_with_a_common_prefix() {
+        let m: Manifest = [
+            (p("a"), dir()),
+            (p("a/x"), dir()),
+            (p("a-b"), dir()),
+            (p("ab"), dir()),
+        ]
+        .into_iter()
+        .collect();
+        let a = p("a");
+        let sub: Vec<_> = m.subtree(&a).map(|(p, _)| p.as_str()).collect();
+        assert_eq!(sub, ["a", "a/x"]);
+    }
+}

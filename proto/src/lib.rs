@@ -1,1 +1,37 @@
-//! placeholder
+//! The wire contract between a syncd manager and its agents: the version handshake, framing, and
+//! every message. See `PROTOCOL.md` beside this crate for the prose description.
+//!
+//! This crate does no I/O. Bytes come in as slices and leave as `Vec<u8>`; the `transport` crate
+//! moves them over QUIC streams. The codec (bincode 2, standard configuration) is named only in
+//! `codec.rs`, guarded by golden vectors in `vectors/`, so it can be swapped without touching
+//! callers.
+
+mod codec;
+mod hello;
+mod messages;
+mod update;
+
+pub use codec::{
+    DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, decode,
+    encode_frame, encoded_len, frame_len,
+};
+pub use hello::{ALPN, HELLO_LEN, Hello, HelloError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+pub use messages::{
+    AgentMsg, Base, ChunkEncoding, FetchFile, FetchReply, FetchRequest, FolderState, Generation,
+    MAX_CHUNK_LEN, ManagerMsg,
+};
+pub use update::{AssembleError, MAX_UPDATE_ITEMS, PAGE_BUDGET, UpdateAssembler, paginate};
+
+/// QUIC application close codes, so each side can tell the other why a connection ended.
+pub mod close {
+    /// Normal shutdown of either daemon.
+    pub const SHUTDOWN: u32 = 0;
+    /// The peers speak no common protocol version.
+    pub const VERSION_MISMATCH: u32 = 1;
+    /// The peer is not who the configuration says it must be (name, identity).
+    pub const NOT_ALLOWED: u32 = 2;
+    /// The peer sent bytes that do not decode, or a message out of place.
+    pub const PROTOCOL_ERROR: u32 = 3;
+    /// Another connection from the same agent replaced this one.
+    pub const REPLACED: u32 = 4;
+}

@@ -85,7 +85,8 @@ impl Chunker {
     /// A chunker for `params`, which must be valid.
     pub fn new(params: ChunkParams) -> Result<Self, ChunkParamsError> {
         params.validate()?;
-        let (mask_s, mask_l) = v2020::select_masks(params.avg as usize, v2020::Normalization::Level1);
+        let (mask_s, mask_l) =
+            v2020::select_masks(params.avg as usize, v2020::Normalization::Level1);
         Ok(Chunker {
             params,
             mask_s,
@@ -279,15 +280,30 @@ mod tests {
         let b = chunk_reader(&chunker, &edited[..], |_, _| {}).unwrap();
         let old: std::collections::HashSet<_> = a.chunks.iter().map(|c| c.hash).collect();
         let new_chunks = b.chunks.iter().filter(|c| !old.contains(&c.hash)).count();
-        assert!(new_chunks <= 2, "{new_chunks} chunks changed after a front insertion");
+        assert!(
+            new_chunks <= 2,
+            "{new_chunks} chunks changed after a front insertion"
+        );
     }
 
     #[test]
     fn invalid_params_are_refused() {
         for bad in [
-            ChunkParams { min: 10, avg: 64, max: 256 },
-            ChunkParams { min: 65536, avg: 16384, max: 262144 },
-            ChunkParams { min: 16384, avg: 65535, max: 262144 },
+            ChunkParams {
+                min: 10,
+                avg: 64,
+                max: 256,
+            },
+            ChunkParams {
+                min: 65536,
+                avg: 16384,
+                max: 262144,
+            },
+            ChunkParams {
+                min: 16384,
+                avg: 65535,
+                max: 262144,
+            },
         ] {
             assert!(Chunker::new(bad).is_err(), "{bad:?}");
         }

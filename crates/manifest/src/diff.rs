@@ -98,7 +98,11 @@ mod tests {
             .prop_map(|parts| RelPath::new(parts.join("/")).unwrap());
         let node = prop_oneof![
             Just(dir()),
-            (any::<u8>(), prop::sample::select(vec![0o644u32, 0o600, 0o755]), 0i64..3)
+            (
+                any::<u8>(),
+                prop::sample::select(vec![0o644u32, 0o600, 0o755]),
+                0i64..3
+            )
                 .prop_map(|(b, mode, t)| file(&[b], mode, t)),
         ];
         prop::collection::btree_map(path, node, 0..24).prop_map(|m| m.into_iter().collect())

@@ -152,7 +152,10 @@ impl Manifest {
     }
 
     /// Entries at `dir` and beneath it, in path order.
-    pub fn subtree<'a>(&'a self, dir: &'a RelPath) -> impl Iterator<Item = (&'a RelPath, &'a Node)> {
+    pub fn subtree<'a>(
+        &'a self,
+        dir: &'a RelPath,
+    ) -> impl Iterator<Item = (&'a RelPath, &'a Node)> {
         self.nodes
             .range(dir.clone()..)
             .take_while(move |(p, _)| p.as_str().starts_with(dir.as_str()))
@@ -171,7 +174,11 @@ impl Manifest {
 
     /// Total bytes of regular files.
     pub fn total_bytes(&self) -> u64 {
-        self.nodes.values().filter_map(Node::file).map(|f| f.size).sum()
+        self.nodes
+            .values()
+            .filter_map(Node::file)
+            .map(|f| f.size)
+            .sum()
     }
 
     /// Checks that the entries form a tree a filesystem can hold and that every file's chunk list
@@ -180,10 +187,10 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), TreeError> {
         for (path, node) in &self.nodes {
             validate_node(self.params, path, node)?;
-            if let Some(parent) = path.parent() {
-                if !self.nodes.get(&parent).is_some_and(Node::is_dir) {
-                    return Err(TreeError::Orphan { path: path.clone() });
-                }
+            if let Some(parent) = path.parent()
+                && !self.nodes.get(&parent).is_some_and(Node::is_dir)
+            {
+                return Err(TreeError::Orphan { path: path.clone() });
             }
         }
         Ok(())
@@ -225,7 +232,11 @@ impl Manifest {
 }
 
 /// Checks one entry on its own (not its place in the tree).
-pub(crate) fn validate_node(params: ChunkParams, path: &RelPath, node: &Node) -> Result<(), TreeError> {
+pub(crate) fn validate_node(
+    params: ChunkParams,
+    path: &RelPath,
+    node: &Node,
+) -> Result<(), TreeError> {
     if node.mode & !0o7777 != 0 || node.mtime.nanos >= 1_000_000_000 {
         return Err(TreeError::BadMeta {
             path: path.clone(),
@@ -323,7 +334,10 @@ pub(crate) mod tests {
         let under_file: Manifest = [(p("a"), file(b"x", 0o644, 5)), (p("a/b"), dir())]
             .into_iter()
             .collect();
-        assert!(matches!(under_file.validate(), Err(TreeError::Orphan { .. })));
+        assert!(matches!(
+            under_file.validate(),
+            Err(TreeError::Orphan { .. })
+        ));
     }
 
     #[test]

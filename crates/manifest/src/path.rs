@@ -239,7 +239,15 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_paths() {
-        for ok in ["a", "a/b", "carbonapps/x.car", ".hidden", "a..b", "...", "a b/c"] {
+        for ok in [
+            "a",
+            "a/b",
+            "carbonapps/x.car",
+            ".hidden",
+            "a..b",
+            "...",
+            "a b/c",
+        ] {
             assert!(RelPath::new(ok).is_ok(), "{ok}");
         }
     }
@@ -259,8 +267,14 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(RelPath::new(input), Err(want), "{input:?}");
         }
-        assert!(matches!(RelPath::new("x".repeat(256)), Err(PathError::TooLong { .. })));
-        assert!(matches!(RelPath::new("a/".repeat(2048) + "b"), Err(PathError::TooLong { .. })));
+        assert!(matches!(
+            RelPath::new("x".repeat(256)),
+            Err(PathError::TooLong { .. })
+        ));
+        assert!(matches!(
+            RelPath::new("a/".repeat(2048) + "b"),
+            Err(PathError::TooLong { .. })
+        ));
     }
 
     #[test]
@@ -279,7 +293,11 @@ mod tests {
         assert_eq!(anc, ["a", "a/b"]);
         assert!(RelPath::new("a").unwrap().parent().is_none());
         assert!(p.starts_with(&RelPath::new("a/b").unwrap()));
-        assert!(!RelPath::new("a/bc").unwrap().starts_with(&RelPath::new("a/b").unwrap()));
+        assert!(
+            !RelPath::new("a/bc")
+                .unwrap()
+                .starts_with(&RelPath::new("a/b").unwrap())
+        );
     }
 
     #[test]
@@ -295,11 +313,19 @@ mod tests {
         let link = RelPath::new("webapps/lib").unwrap();
         for bad in ["../../x", "/etc", "a/../../../b", "../.."] {
             assert!(
-                SymlinkTarget::new(bad).unwrap().check_within(&link).is_err(),
+                SymlinkTarget::new(bad)
+                    .unwrap()
+                    .check_within(&link)
+                    .is_err(),
                 "{bad}"
             );
         }
-        assert!(SymlinkTarget::new("..").unwrap().check_within(&RelPath::new("top").unwrap()).is_err());
+        assert!(
+            SymlinkTarget::new("..")
+                .unwrap()
+                .check_within(&RelPath::new("top").unwrap())
+                .is_err()
+        );
         assert!(SymlinkTarget::new("").is_err());
     }
 }

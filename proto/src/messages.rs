@@ -1,0 +1,154 @@
+//! Every message of protocol version 1.
+
+use serde::{Deserialize, Serialize};
+use syncd_manifest::{Change, ChunkParams, ChunkRef, FileHash, ManifestDigest, RelPath};
+
+/// Largest chunk payload a fetch reply may carry (FastCDC's largest maximum).
+pub const MAX_CHUNK_LEN: u32 = 16 << 20;
+
+/// A generation: the number of a published set of changes. Generation 0 is "nothing yet".
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct Generation(pub u64);
+
+impl std::fmt::Display for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What an agent holds in one folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderState {
+    /// Folder name, as both configs name it.
+    pub folder: String,
+    /// Digest of the folder's actual content.
+    pub digest: ManifestDigest,
+}
+
+/// Messages an agent sends on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    /// First message after the hello: who the agent is and what it holds.
+    Join {
+        /// The agent's configured name; must match the manager's entry for its identity.
+        node_name: String,
+        /// The agent's software version, for logs and status.
+        software: String,
+        /// The last generation the agent applied completely.
+        applied: Generation,
+        /// What each folder actually holds now.
+        folders: Vec<FolderState>,
+    },
+    /// A generation was applied completely and durably.
+    Applied {
+        /// The generation.
+        generation: Generation,
+        /// What each folder holds now.
+        folders: Vec<FolderState>,
+    },
+    /// A generation could not be applied; nothing of it was renamed into place.
+    Failed {
+        /// The generation.
+        generation: Generation,
+        /// Why, for the manager's log and status.
+        reason: String,
+    },
+}
+
+/// What the changes of an [`ManagerMsg::Update`] apply to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Base {
+    /// The changes are the whole manifest: apply them to an empty one.
+    Full,
+    /// The changes apply to the manifest with this digest, which the agent reported holding.
+    Delta {
+        /// Digest of the manifest the changes apply to.
+        from: ManifestDigest,
+    },
+}
+
+/// Messages a manager sends on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ManagerMsg {
+    /// Reply to `Join`: the manager accepted the agent.
+    Welcome {
+        /// The manager's configured name.
+        manager_name: String,
+        /// The manager's software version.
+        software: String,
+        /// The folders the manager publishes.
+        folders: Vec<String>,
+    },
+    /// Starts the changes of one folder within a generation. `Changes` and `MoreChunks`
+    /// messages follow, then either another `Update` or `UpdateEnd`.
+    Update {
+        /// The generation being sent.
+        generation: Generation,
+        /// The folder the changes are for.
+        folder: String,
+        /// Chunk parameters of the target manifest.
+        params: ChunkParams,
+        /// What the changes apply to.
+        base: Base,
+        /// Digest the folder's manifest must have once the changes are applied.
+        target: ManifestDigest,
+    },
+    /// A page of changes, in path order.
+    Changes(Vec<Change>),
+    /// More chunks of the last file put by the previous `Changes` page (a file whose chunk list
+    /// would not fit in one frame).
+    MoreChunks(Vec<ChunkRef>),
+    /// The generation is complete: the agent may stage and apply it.
+    UpdateEnd {
+        /// The generation.
+        generation: Generation,
+    },
+}
+
+/// A request for chunk bytes, sent by an agent on a bidirectional stream of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    /// The folder the files are in.
+    pub folder: String,
+    /// The files and chunks wanted, answered in this order.
+    pub files: Vec<FetchFile>,
+}
+
+/// The chunks wanted of one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchFile {
+    /// The file's path.
+    pub path: RelPath,
+    /// The file version the chunk indices refer to.
+    pub hash: FileHash,
+    /// Indices into that version's chunk list, ascending.
+    pub chunks: Vec<u32>,
+}
+
+/// How a chunk's bytes are carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkEncoding {
+    /// As they are.
+    Raw,
+}
+
+/// Header of each item of a fetch reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FetchReply {
+    /// `len` bytes of the next requested chunk follow, unframed.
+    Chunk {
+        /// Bytes that follow.
+        len: u32,
+        /// How they are encoded.
+        encoding: ChunkEncoding,
+    },
+    /// The manager no longer has that version of the file; the reply ends here.
+    Gone {
+        /// The file.
+        path: RelPath,
+        /// Why (changed since, removed, unreadable).
+        reason: String,
+    },
+}

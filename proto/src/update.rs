@@ -1,0 +1,193 @@
+//! Splitting a generation's changes into frames, and putting them back together.
+//!
+//! A folder's changes can be far larger than one frame (a full manifest of 100,000 files, or one
+//! file with a chunk list of megabytes), so the sender pages them with [`paginate`] and the
+//! receiver rebuilds them with [`UpdateAssembler`], which also enforces the message order and
+//! the bounds that keep a misbehaving manager from making an agent allocate without limit.
+
+use syncd_manifest::{Change, ChunkRef, NodeKind};
+
+use crate::codec::encoded_len;
+use crate::messages::ManagerMsg;
+
+/// Target size of one `Changes` or `MoreChunks` payload: well under the frame limit, small
+/// enough that the first page of a large update leaves at once.
+pub const PAGE_BUDGET: usize = 256 * 1024;
+/// Most changes plus chunk references one update may carry (a sanity bound, about 600 MB of
+/// manifest; a million files of 16 chunks each is well inside it).
+pub const MAX_UPDATE_ITEMS: usize = 16 << 20;
+
+/// Chunk references that fit in one page. A `ChunkRef` encodes in at most 32 + 5 bytes.
+const CHUNKS_PER_PAGE: usize = PAGE_BUDGET / 37;
+
+/// Turns a folder's changes into `Changes` and `MoreChunks` messages, each within
+/// [`PAGE_BUDGET`] bytes (a single change with a long path may exceed it, never the frame limit).
+pub fn paginate(changes: impl IntoIterator<Item = Change>) -> Vec<ManagerMsg> {
+    let mut out = Vec::new();
+    let mut page: Vec<Change> = Vec::new();
+    let mut page_bytes = 0usize;
+    for mut change in changes {
+        // A long chunk list goes in pieces: the first with the change, the rest after it.
+        let mut rest: Vec<ChunkRef> = Vec::new();
+        if let Change::Put(_, node) = &mut change
+            && let NodeKind::File(f) = &mut node.kind
+            && f.chunks.len() > CHUNKS_PER_PAGE
+        {
+            rest = f.chunks.split_off(CHUNKS_PER_PAGE);
+        }
+        let len = encoded_len(&change);
+        if !page.is_empty() && page_bytes + len > PAGE_BUDGET {
+            out.push(ManagerMsg::Changes(std::mem::take(&mut page)));
+            page_bytes = 0;
+        }
+        page.push(change);
+        page_bytes += len;
+        if !rest.is_empty() {
+            out.push(ManagerMsg::Changes(std::mem::take(&mut page)));
+            page_bytes = 0;
+            let mut rest = rest.into_iter().peekable();
+            while rest.peek().is_some() {
+                out.push(ManagerMsg::MoreChunks(
+                    rest.by_ref().take(CHUNKS_PER_PAGE).collect(),
+                ));
+            }
+        }
+    }
+    if !page.is_empty() {
+        out.push(ManagerMsg::Changes(page));
+    }
+    out
+}
+
+/// Why a sequence of update messages is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssembleError {
+    /// `MoreChunks` did not follow a page ending in a file.
+    #[error("MoreChunks without a file to extend")]
+    OrphanChunks,
+    /// The update is larger than [`MAX_UPDATE_ITEMS`].
+    #[error("update exceeds {MAX_UPDATE_ITEMS} changes and chunk references")]
+    TooLarge,
+}
+
+/// Rebuilds one folder's changes from `Changes` and `MoreChunks` messages.
+#[derive(Debug, Default)]
+pub struct UpdateAssembler {
+    changes: Vec<Change>,
+    items: usize,
+}
+
+impl UpdateAssembler {
+    /// An empty assembler.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes a page of changes.
+    pub fn push_changes(&mut self, page: Vec<Change>) -> Result<(), AssembleError> {
+        self.count(
+            page.iter()
+                .map(|c| match c {
+                    Change::Put(_, n) => 1 + n.file().map_or(0, |f| f.chunks.len()),
+                    Change::Remove(_) => 1,
+                })
+                .sum(),
+        )?;
+        self.changes.extend(page);
+        Ok(())
+    }
+
+    /// Takes more chunks of the last file.
+    pub fn push_chunks(&mut self, chunks: Vec<ChunkRef>) -> Result<(), AssembleError> {
+        self.count(chunks.len())?;
+        match self.changes.last_mut() {
+            Some(Change::Put(_, node)) => match &mut node.kind {
+                NodeKind::File(f) => {
+                    f.chunks.extend(chunks);
+                    Ok(())
+                }
+                _ => Err(AssembleError::OrphanChunks),
+            },
+            _ => Err(AssembleError::OrphanChunks),
+        }
+    }
+
+    /// The changes received, in the order sent.
+    pub fn finish(self) -> Vec<Change> {
+        self.changes
+    }
+
+    fn count(&mut self, n: usize) -> Result<(), AssembleError> {
+        self.items = self.items.saturating_add(n);
+        if self.items > MAX_UPDATE_ITEMS {
+            return Err(AssembleError::TooLarge);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use syncd_manifest::{ChunkHash, FileContent, FileHash, Mtime, Node, RelPath};
+
+    use super::*;
+    use crate::codec::{MAX_CONTROL_FRAME, encode_frame};
+
+    fn big_file(path: &str, chunks: usize) -> Change {
+        let chunks: Vec<ChunkRef> = (0..chunks)
+            .map(|i| ChunkRef {
+                hash: ChunkHash::of(&i.to_le_bytes()),
+                len: 65536,
+            })
+            .collect();
+        let size = 65536 * chunks.len() as u64;
+        Change::Put(
+            RelPath::new(path).unwrap(),
+            Node {
+                kind: NodeKind::File(FileContent {
+                    size,
+                    hash: FileHash::from_chunks(size, chunks.iter().map(|c| &c.hash)),
+                    chunks,
+                }),
+                mode: 0o644,
+                mtime: Mtime { secs: 1, nanos: 2 },
+            },
+        )
+    }
+
+    fn reassemble(msgs: Vec<ManagerMsg>) -> Vec<Change> {
+        let mut asm = UpdateAssembler::new();
+        for m in msgs {
+            // Every page must fit in a frame.
+            encode_frame(&m, MAX_CONTROL_FRAME).unwrap();
+            match m {
+                ManagerMsg::Changes(c) => asm.push_changes(c).unwrap(),
+                ManagerMsg::MoreChunks(c) => asm.push_chunks(c).unwrap(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        asm.finish()
+    }
+
+    #[test]
+    fn many_small_and_a_few_huge_files_survive_paging() {
+        let mut changes: Vec<Change> = (0..5000)
+            .map(|i| big_file(&format!("synapse-configs/api-{i:05}.xml"), 1))
+            .collect();
+        changes.insert(10, big_file("webapps/huge.war", 40_000));
+        changes.push(Change::Remove(RelPath::new("old.car").unwrap()));
+        changes.push(big_file("zz.war", CHUNKS_PER_PAGE + 1));
+        let msgs = paginate(changes.clone());
+        assert!(msgs.len() > 5);
+        assert_eq!(reassemble(msgs), changes);
+    }
+
+    #[test]
+    fn chunks_without_a_file_are_refused() {
+        let mut asm = UpdateAssembler::new();
+        assert_eq!(asm.push_chunks(vec![]), Err(AssembleError::OrphanChunks));
+        asm.push_changes(vec![Change::Remove(RelPath::new("x").unwrap())])
+            .unwrap();
+        assert_eq!(asm.push_chunks(vec![]), Err(AssembleError::OrphanChunks));
+    }
+}

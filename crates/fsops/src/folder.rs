@@ -1,0 +1,481 @@
+//! `FolderRoot`: a synced folder opened once, and every operation that reads or changes it,
+//! performed relative to directory descriptors with symbolic links refused at every step.
+//!
+//! Resolution uses `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`: the kernel refuses a
+//! path that would leave the folder or pass through a link, so a link planted by a peer or a
+//! local user can never redirect a write.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use syncd_manifest::{Mtime, RelPath, SymlinkTarget};
+
+use crate::excludes::STAGING_DIR;
+
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// An open synced folder.
+#[derive(Debug)]
+pub struct FolderRoot {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl FolderRoot {
+    /// Opens the folder at `path`, which must be a directory.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(FolderRoot {
+            path: path.to_owned(),
+            fd,
+        })
+    }
+
+    /// The folder's path as configured.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The absolute path of `rel`, for messages and for read-only helpers.
+    pub fn abs(&self, rel: &RelPath) -> PathBuf {
+        self.path.join(rel.as_str())
+    }
+
+    /// Opens the directory that holds `rel` (the root for a top-level path).
+    pub fn parent_dir(&self, rel: &RelPath) -> io::Result<OwnedFd> {
+        self.open_dir(rel.parent().as_ref())
+    }
+
+    /// Opens directory `rel` (the root for `None`) without following any link.
+    pub fn open_dir(&self, rel: Option<&RelPath>) -> io::Result<OwnedFd> {
+        Ok(rustix::fs::openat2(
+            &self.fd,
+            rel.map_or(".", RelPath::as_str),
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        )?)
+    }
+
+    /// Opens regular file `rel` for reading without following any link.
+    pub fn open_file(&self, rel: &RelPath) -> io::Result<File> {
+        let fd = rustix::fs::openat2(
+            &self.fd,
+            rel.as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            RESOLVE,
+        )?;
+        let file = File::from(fd);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", self.abs(rel).display()),
+            ));
+        }
+        Ok(file)
+    }
+
+    /// What is at `rel`, without following a link there; `None` if nothing is.
+    pub fn lstat(&self, rel: &RelPath) -> io::Result<Option<rustix::fs::Stat>> {
+        let parent = match self.parent_dir(rel) {
+            Ok(fd) => fd,
+            Err(e) if is_absent(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::statat(&parent, rel.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes `rel` a directory. An existing directory is kept; anything else there is removed.
+    /// The new directory is owner-writable until [`FolderRoot::set_dir_meta`] sets its mode.
+    pub fn ensure_dir(&self, rel: &RelPath) -> io::Result<()> {
+        let parent = self.parent_dir(rel)?;
+        let name = rel.file_name();
+        match rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => return Ok(()),
+            Ok(_) => remove_at(&parent, name)?,
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+        rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o755))?;
+        Ok(())
+    }
+
+    /// Removes whatever is at `rel` (a directory with everything beneath it); nothing there is
+    /// not an error. Links are removed, never followed.
+    pub fn remove(&self, rel: &RelPath) -> io::Result<()> {
+        let parent = match self.parent_dir(rel) {
+            Ok(fd) => fd,
+            Err(e) if is_absent(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        remove_at(&parent, rel.file_name())
+    }
+
+    /// Creates or replaces `rel` with a symbolic link to `target`, atomically (a link under a
+    /// temporary name renamed over it), with the given mtime.
+    pub fn put_symlink(
+        &self,
+        rel: &RelPath,
+        target: &SymlinkTarget,
+        mtime: Mtime,
+    ) -> io::Result<()> {
+        let parent = self.parent_dir(rel)?;
+        let tmp = unique_name(".syncd-link");
+        rustix::fs::symlinkat(target.as_str(), &parent, tmp.as_str())?;
+        let times = timestamps(mtime);
+        let result =
+            rustix::fs::utimensat(&parent, tmp.as_str(), &times, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(io::Error::from)
+                .and_then(|()| self.replace_at(&parent, &tmp, &parent, rel.file_name()));
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(&parent, tmp.as_str(), AtFlags::empty());
+        }
+        result
+    }
+
+    /// Sets a directory's mode and mtime (after everything inside it has changed).
+    pub fn set_dir_meta(&self, rel: &RelPath, mode: u32, mtime: Mtime) -> io::Result<()> {
+        let fd = self.open_dir(Some(rel))?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o7777))?;
+        rustix::fs::futimens(&fd, &timestamps(mtime))?;
+        Ok(())
+    }
+
+    /// Flushes the whole filesystem holding the folder (`syncfs`): one call makes every staged
+    /// file durable, much cheaper than an fsync per file.
+    pub fn sync_filesystem(&self) -> io::Result<()> {
+        Ok(rustix::fs::syncfs(&self.fd)?)
+    }
+
+    /// Opens (creating if needed) the staging directory at the folder's root.
+    pub fn staging(&self) -> io::Result<Staging<'_>> {
+        match rustix::fs::mkdirat(&self.fd, STAGING_DIR, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let fd = rustix::fs::openat2(
+            &self.fd,
+            STAGING_DIR,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        )?;
+        Ok(Staging { root: self, fd })
+    }
+
+    /// Removes the staging directory and everything in it (left by an interrupted apply).
+    /// Returns how many entries it held.
+    pub fn clear_staging(&self) -> io::Result<usize> {
+        let fd = match rustix::fs::openat2(
+            &self.fd,
+            STAGING_DIR,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        let count = list_names(&fd)?.len();
+        drop(fd);
+        remove_at(&self.fd, STAGING_DIR)?;
+        Ok(count)
+    }
+
+    fn replace_at(
+        &self,
+        from_dir: &OwnedFd,
+        from: &str,
+        to_dir: &OwnedFd,
+        to: &str,
+    ) -> io::Result<()> {
+        match rustix::fs::renameat(from_dir, from, to_dir, to) {
+            Ok(()) => Ok(()),
+            // A directory (or a non-empty one) is in the way: it is being replaced by a file or a
+            // link, and its contents are deleted by the same generation.
+            Err(
+                rustix::io::Errno::ISDIR | rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST,
+            ) => {
+                remove_at(to_dir, to)?;
+                Ok(rustix::fs::renameat(from_dir, from, to_dir, to)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The staging directory of a folder, where files are written before they are renamed into place.
+#[derive(Debug)]
+pub struct Staging<'a> {
+    root: &'a FolderRoot,
+    fd: OwnedFd,
+}
+
+/// A file being written in the staging directory.
+#[derive(Debug)]
+pub struct StagedFile {
+    /// The open file, write-only until it is committed.
+    pub file: File,
+    name: String,
+}
+
+impl Staging<'_> {
+    /// Creates a new empty file in the staging directory, readable and writable by the owner only.
+    pub fn create(&self) -> io::Result<StagedFile> {
+        let name = unique_name("f");
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o600),
+        )?;
+        Ok(StagedFile {
+            file: File::from(fd),
+            name,
+        })
+    }
+
+    /// Renames a finished staged file to `rel`, replacing whatever is there (a directory in the
+    /// way is removed first: it is being replaced by this file).
+    pub fn commit(&self, staged: &StagedFile, rel: &RelPath) -> io::Result<()> {
+        let parent = self.root.parent_dir(rel)?;
+        self.root
+            .replace_at(&self.fd, &staged.name, &parent, rel.file_name())
+    }
+
+    /// Deletes a staged file that will not be committed.
+    pub fn discard(&self, staged: StagedFile) -> io::Result<()> {
+        drop(staged.file);
+        match rustix::fs::unlinkat(&self.fd, staged.name.as_str(), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the (now empty, or abandoned) staging directory.
+    pub fn remove(self) -> io::Result<()> {
+        drop(self.fd);
+        remove_at(&self.root.fd, STAGING_DIR)
+    }
+}
+
+impl StagedFile {
+    /// Sets the final mode and mtime before the rename, so the file appears complete.
+    pub fn finish(&self, mode: u32, mtime: Mtime) -> io::Result<()> {
+        rustix::fs::fchmod(&self.file, Mode::from_raw_mode(mode & 0o7777))?;
+        rustix::fs::futimens(&self.file, &timestamps(mtime))?;
+        Ok(())
+    }
+}
+
+/// Converts a manifest mtime into a `SystemTime`.
+pub fn to_system_time(m: Mtime) -> SystemTime {
+    if m.secs >= 0 {
+        UNIX_EPOCH + Duration::new(m.secs as u64, m.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(m.secs.unsigned_abs())
+            + Duration::from_nanos(m.nanos as u64)
+    }
+}
+
+/// The mtime recorded in a stat result.
+pub fn mtime_of(st: &rustix::fs::Stat) -> Mtime {
+    Mtime {
+        secs: st.st_mtime,
+        nanos: st.st_mtime_nsec as u32,
+    }
+}
+
+fn timestamps(m: Mtime) -> Timestamps {
+    let mtime = Timespec {
+        tv_sec: m.secs,
+        tv_nsec: m.nanos as _,
+    };
+    Timestamps {
+        last_access: mtime,
+        last_modification: mtime,
+    }
+}
+
+fn is_absent(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::NOENT.raw_os_error() || code == rustix::io::Errno::NOTDIR.raw_os_error())
+}
+
+/// A name no other writer in this process or another will pick: a counter and the process id,
+/// salted with the clock so a restarted agent does not reuse its predecessor's names.
+fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let salt = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{prefix}.{}.{salt:08x}.{n}", std::process::id())
+}
+
+fn list_names(dir: &OwnedFd) -> io::Result<Vec<std::ffi::CString>> {
+    let mut names = Vec::new();
+    for entry in Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// Removes `name` in `dir`: unlinks a file or link, removes a directory with its contents,
+/// descending only through directories opened without following links.
+fn remove_at(dir: &impl AsFd, name: &str) -> io::Result<()> {
+    remove_at_c(
+        dir,
+        &std::ffi::CString::new(name).map_err(io::Error::other)?,
+    )
+}
+
+fn remove_at_c(dir: &impl AsFd, name: &std::ffi::CStr) -> io::Result<()> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(rustix::io::Errno::ISDIR) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let sub = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )?;
+    // A read-only directory (mode 0555 synced from the manager) must become writable to be emptied.
+    let _ = rustix::fs::fchmod(&sub, Mode::from_raw_mode(0o700));
+    for child in list_names(&sub)? {
+        remove_at_c(&sub, &child)?;
+    }
+    drop(sub);
+    match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn writes_never_pass_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = dir.path().join("folder");
+        std::fs::create_dir(&root).unwrap();
+        symlink(outside.path(), root.join("evil")).unwrap();
+        let folder = FolderRoot::open(&root).unwrap();
+
+        assert!(folder.ensure_dir(&p("evil/sub")).is_err());
+        let staging = folder.staging().unwrap();
+        let mut f = staging.create().unwrap();
+        f.file.write_all(b"payload").unwrap();
+        assert!(staging.commit(&f, &p("evil/x")).is_err());
+        assert!(folder.open_file(&p("evil/x")).is_err());
+        assert!(
+            folder
+                .put_symlink(
+                    &p("evil/l"),
+                    &SymlinkTarget::new("y").unwrap(),
+                    Mtime { secs: 0, nanos: 0 }
+                )
+                .is_err()
+        );
+        assert_eq!(
+            std::fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "nothing written outside"
+        );
+
+        // Removing the link removes the link, not what it points to.
+        std::fs::write(outside.path().join("keep"), b"k").unwrap();
+        folder.remove(&p("evil")).unwrap();
+        assert!(outside.path().join("keep").exists());
+        staging.discard(f).unwrap();
+        staging.remove().unwrap();
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_file_replaces_a_directory_and_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = FolderRoot::open(dir.path()).unwrap();
+        folder.ensure_dir(&p("a")).unwrap();
+        folder.ensure_dir(&p("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/c"), b"c").unwrap();
+        let staging = folder.staging().unwrap();
+        let f = staging.create().unwrap();
+        f.finish(
+            0o640,
+            Mtime {
+                secs: 1000,
+                nanos: 5,
+            },
+        )
+        .unwrap();
+        staging.commit(&f, &p("a")).unwrap();
+        let meta = std::fs::symlink_metadata(dir.path().join("a")).unwrap();
+        assert!(meta.is_file());
+        folder.ensure_dir(&p("a")).unwrap();
+        assert!(
+            std::fs::symlink_metadata(dir.path().join("a"))
+                .unwrap()
+                .is_dir()
+        );
+        staging.remove().unwrap();
+    }
+
+    #[test]
+    fn clear_staging_removes_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = FolderRoot::open(dir.path()).unwrap();
+        let staging = folder.staging().unwrap();
+        let _a = staging.create().unwrap();
+        let _b = staging.create().unwrap();
+        drop(staging);
+        assert_eq!(folder.clear_staging().unwrap(), 2);
+        assert!(!dir.path().join(STAGING_DIR).exists());
+        assert_eq!(folder.clear_staging().unwrap(), 0);
+    }
+
+    #[test]
+    fn mtimes_before_the_epoch_round_trip() {
+        let m = Mtime {
+            secs: -5,
+            nanos: 250,
+        };
+        let t = to_system_time(m);
+        assert_eq!(
+            UNIX_EPOCH.duration_since(t).unwrap(),
+            Duration::new(4, 999_999_750)
+        );
+    }
+}

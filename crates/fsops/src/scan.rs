@@ -1,0 +1,479 @@
+//! Scanning a folder into a manifest, rehashing only files whose metadata changed.
+
+use std::collections::HashMap;
+use std::fs::{self, Metadata};
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::{Deserialize, Serialize};
+use syncd_manifest::{
+    Chunker, Manifest, Mtime, Node, NodeKind, RelPath, SymlinkTarget, chunk_reader,
+};
+
+use crate::excludes::Excludes;
+
+/// The metadata that decides whether a file must be rehashed: if all of it is unchanged, the
+/// content is assumed unchanged (as rsync, git and Syncthing assume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatKey {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time.
+    pub mtime: Mtime,
+    /// Inode change time: catches a rewrite that restored the mtime.
+    pub ctime: Mtime,
+    /// Inode number: catches a file replaced by a rename.
+    pub ino: u64,
+}
+
+/// The stat key of a file's metadata.
+pub fn stat_key(meta: &Metadata) -> StatKey {
+    StatKey {
+        size: meta.size(),
+        mtime: Mtime {
+            secs: meta.mtime(),
+            nanos: meta.mtime_nsec() as u32,
+        },
+        ctime: Mtime {
+            secs: meta.ctime(),
+            nanos: meta.ctime_nsec() as u32,
+        },
+        ino: meta.ino(),
+    }
+}
+
+/// A manifest together with the stat keys of its files, as a node keeps it for itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalManifest {
+    /// What the folder holds.
+    pub manifest: Manifest,
+    /// Stat key of each file in `manifest` when it was hashed.
+    pub stats: HashMap<RelPath, StatKey>,
+}
+
+/// Something the scan skipped, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScanWarning {
+    /// A name that is not UTF-8.
+    #[error("{dir}: skipped an entry whose name is not UTF-8: {name:?}")]
+    NonUtf8 {
+        /// Directory holding it.
+        dir: PathBuf,
+        /// The name, lossily decoded.
+        name: String,
+    },
+    /// A name that is not a valid relative path component.
+    #[error("skipped {path:?}: {reason}")]
+    BadName {
+        /// The full path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A socket, FIFO or device.
+    #[error("skipped {0}: not a file, directory or symlink")]
+    Special(PathBuf),
+    /// A symlink whose target is absolute or leaves the folder.
+    #[error("skipped symlink {path}: {reason}")]
+    Symlink {
+        /// The link.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// An entry that could not be read.
+    #[error("skipped {path}: {error}")]
+    Unreadable {
+        /// The entry.
+        path: PathBuf,
+        /// The error.
+        error: String,
+    },
+    /// A file that kept changing while it was read.
+    #[error("skipped {0}: it changed while being read")]
+    Unstable(PathBuf),
+}
+
+/// Why a folder could not be scanned at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The folder's root is missing, not a directory, or unreadable. A scan never reports a
+    /// missing root as an empty folder: that would publish a mass deletion.
+    #[error("folder {path} cannot be read: {source}")]
+    Root {
+        /// The root.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// Counters of one scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanStats {
+    /// Files hashed because they were new or their stat key changed.
+    pub hashed_files: usize,
+    /// Bytes read to hash them.
+    pub hashed_bytes: u64,
+    /// Files whose previous hash was reused.
+    pub reused_files: usize,
+}
+
+/// Scans `root` into a manifest cut with `chunker`, skipping `excludes`.
+///
+/// Files whose [`StatKey`] matches `previous` keep their previous hashes; the rest are hashed on
+/// up to `threads` threads. Links are recorded, never followed.
+pub fn scan(
+    root: &Path,
+    chunker: &Chunker,
+    excludes: &Excludes,
+    previous: Option<&LocalManifest>,
+    threads: usize,
+) -> Result<(LocalManifest, ScanStats, Vec<ScanWarning>), ScanError> {
+    let root_err = |source| ScanError::Root {
+        path: root.to_owned(),
+        source,
+    };
+    let meta = fs::metadata(root).map_err(root_err)?;
+    if !meta.is_dir() {
+        return Err(root_err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+    // An unreadable root is an error, not an empty folder.
+    fs::read_dir(root).map_err(root_err)?;
+
+    let params = chunker.params();
+    let reusable = previous.filter(|p| p.manifest.params == params);
+    let mut out = LocalManifest {
+        manifest: Manifest::new(params),
+        stats: HashMap::new(),
+    };
+    let mut warnings = Vec::new();
+    let mut stats = ScanStats::default();
+    let mut to_hash: Vec<(RelPath, PathBuf)> = Vec::new();
+
+    let mut stack: Vec<(Option<RelPath>, PathBuf)> = vec![(None, root.to_owned())];
+    while let Some((rel_dir, abs_dir)) = stack.pop() {
+        let entries = match fs::read_dir(&abs_dir) {
+            Ok(e) => e,
+            Err(e) => {
+                warnings.push(ScanWarning::Unreadable {
+                    path: abs_dir,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    warnings.push(ScanWarning::Unreadable {
+                        path: abs_dir.clone(),
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let abs = entry.path();
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                warnings.push(ScanWarning::NonUtf8 {
+                    dir: abs_dir.clone(),
+                    name: entry.file_name().to_string_lossy().into_owned(),
+                });
+                continue;
+            };
+            let rel = match &rel_dir {
+                None => RelPath::new(name),
+                Some(d) => d.join(&name),
+            };
+            let rel = match rel {
+                Ok(r) => r,
+                Err(e) => {
+                    warnings.push(ScanWarning::BadName {
+                        path: abs,
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let meta = match fs::symlink_metadata(&abs) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    warnings.push(ScanWarning::Unreadable {
+                        path: abs,
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let ft = meta.file_type();
+            if excludes.is_excluded(&rel, ft.is_dir()) {
+                continue;
+            }
+            let mode = meta.permissions().mode() & 0o7777;
+            let mtime = Mtime {
+                secs: meta.mtime(),
+                nanos: meta.mtime_nsec() as u32,
+            };
+            if ft.is_dir() {
+                out.manifest.insert(
+                    rel.clone(),
+                    Node {
+                        kind: NodeKind::Dir,
+                        mode,
+                        mtime,
+                    },
+                );
+                stack.push((Some(rel), abs));
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&abs)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| {
+                        let t = t
+                            .to_str()
+                            .ok_or_else(|| "target is not UTF-8".to_owned())?
+                            .to_owned();
+                        let t = SymlinkTarget::new(t).map_err(|e| e.to_string())?;
+                        t.check_within(&rel).map_err(|e| e.to_string())?;
+                        Ok(t)
+                    });
+                match target {
+                    Ok(t) => {
+                        out.manifest.insert(
+                            rel,
+                            Node {
+                                kind: NodeKind::Symlink(t),
+                                mode: 0o777,
+                                mtime,
+                            },
+                        );
+                    }
+                    Err(reason) => warnings.push(ScanWarning::Symlink { path: abs, reason }),
+                }
+            } else if ft.is_file() {
+                let key = stat_key(&meta);
+                let old = reusable.and_then(|p| {
+                    let node = p.manifest.get(&rel)?;
+                    (node.file().is_some() && p.stats.get(&rel) == Some(&key)).then_some(node)
+                });
+                match old {
+                    Some(node) => {
+                        out.manifest.insert(
+                            rel.clone(),
+                            Node {
+                                kind: node.kind.clone(),
+                                mode,
+                                mtime,
+                            },
+                        );
+                        out.stats.insert(rel, key);
+                        stats.reused_files += 1;
+                    }
+                    None => to_hash.push((rel, abs)),
+                }
+            } else {
+                warnings.push(ScanWarning::Special(abs));
+            }
+        }
+    }
+
+    for (rel, result) in hash_files(chunker, to_hash, threads) {
+        match result {
+            Ok((node, key)) => {
+                stats.hashed_files += 1;
+                stats.hashed_bytes += key.size;
+                out.manifest.insert(rel.clone(), node);
+                out.stats.insert(rel, key);
+            }
+            Err(w) => warnings.push(w),
+        }
+    }
+    // Entries under a skipped directory cannot exist, but a directory that vanished mid-scan can
+    // leave an orphan: drop anything whose parent is missing so the manifest stays a tree.
+    let orphans: Vec<RelPath> = out
+        .manifest
+        .iter()
+        .filter(|(p, _)| {
+            p.parent()
+                .is_some_and(|d| !out.manifest.get(&d).is_some_and(Node::is_dir))
+        })
+        .map(|(p, _)| p.clone())
+        .collect();
+    for p in orphans {
+        out.manifest.remove(&p);
+        out.stats.remove(&p);
+    }
+    Ok((out, stats, warnings))
+}
+
+type HashResult = Result<(Node, StatKey), ScanWarning>;
+
+/// Hashes files on up to `threads` threads; results come back in input order.
+fn hash_files(
+    chunker: &Chunker,
+    files: Vec<(RelPath, PathBuf)>,
+    threads: usize,
+) -> Vec<(RelPath, HashResult)> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<HashResult>>> =
+        Mutex::new((0..files.len()).map(|_| None).collect());
+    let threads = threads.clamp(1, files.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((_, abs)) = files.get(i) else { break };
+                    let r = hash_file(chunker, abs);
+                    results
+                        .lock()
+                        .expect("no hashing thread panics while holding the lock")[i] = Some(r);
+                }
+            });
+        }
+    });
+    let results = results.into_inner().expect("hashing threads have finished");
+    files
+        .into_iter()
+        .zip(results)
+        .map(|((rel, _), r)| (rel, r.expect("every index was processed")))
+        .collect()
+}
+
+/// Hashes one file, retrying if it changes while being read.
+pub(crate) fn hash_file(chunker: &Chunker, abs: &Path) -> HashResult {
+    let unreadable = |e: io::Error| ScanWarning::Unreadable {
+        path: abs.to_owned(),
+        error: e.to_string(),
+    };
+    for _ in 0..3 {
+        let file = open_nofollow(abs).map_err(unreadable)?;
+        let before = file.metadata().map_err(unreadable)?;
+        if !before.is_file() {
+            return Err(ScanWarning::Special(abs.to_owned()));
+        }
+        let content = chunk_reader(chunker, &file, |_, _| {}).map_err(unreadable)?;
+        let after = file.metadata().map_err(unreadable)?;
+        let key = stat_key(&after);
+        if stat_key(&before) != key || content.size != key.size {
+            continue;
+        }
+        let node = Node {
+            kind: NodeKind::File(content),
+            mode: after.permissions().mode() & 0o7777,
+            mtime: key.mtime,
+        };
+        return Ok((node, key));
+    }
+    Err(ScanWarning::Unstable(abs.to_owned()))
+}
+
+fn open_nofollow(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use syncd_manifest::ChunkParams;
+
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn scans_files_dirs_links_and_skips_what_it_must() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        fs::create_dir_all(r.join("carbonapps")).unwrap();
+        fs::create_dir_all(r.join("empty")).unwrap();
+        fs::create_dir_all(r.join("work/cache")).unwrap();
+        fs::write(r.join("carbonapps/a.car"), vec![7u8; 300_000]).unwrap();
+        fs::write(r.join("x.xml.back"), b"backup").unwrap();
+        fs::write(r.join("work/cache/junk"), b"j").unwrap();
+        symlink("carbonapps/a.car", r.join("link")).unwrap();
+        symlink("/etc/passwd", r.join("escape")).unwrap();
+        fs::set_permissions(
+            r.join("carbonapps/a.car"),
+            fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+
+        let chunker = Chunker::new(ChunkParams::DEFAULT).unwrap();
+        let ex = Excludes::new(&["**/*.back", "work/**"]).unwrap();
+        let (local, stats, warnings) = scan(r, &chunker, &ex, None, 2).unwrap();
+        let m = &local.manifest;
+        let paths: Vec<&str> = m.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["carbonapps", "carbonapps/a.car", "empty", "link"]);
+        let car = m.get(&p("carbonapps/a.car")).unwrap();
+        assert_eq!(car.mode, 0o640);
+        assert_eq!(car.file().unwrap().size, 300_000);
+        assert!(
+            matches!(&m.get(&p("link")).unwrap().kind, NodeKind::Symlink(t) if t.as_str() == "carbonapps/a.car")
+        );
+        assert_eq!(stats.hashed_files, 1);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(matches!(warnings[0], ScanWarning::Symlink { .. }));
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn a_rescan_rehashes_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        for i in 0..10 {
+            fs::write(r.join(format!("f{i}")), format!("content {i}")).unwrap();
+        }
+        let chunker = Chunker::new(ChunkParams::DEFAULT).unwrap();
+        let ex = Excludes::none();
+        let (first, _, _) = scan(r, &chunker, &ex, None, 2).unwrap();
+        fs::write(r.join("f3"), b"changed").unwrap();
+        let (second, stats, _) = scan(r, &chunker, &ex, Some(&first), 2).unwrap();
+        assert_eq!((stats.hashed_files, stats.reused_files), (1, 9));
+        assert_ne!(first.manifest.digest(), second.manifest.digest());
+        let (third, stats, _) = scan(r, &chunker, &ex, Some(&second), 2).unwrap();
+        assert_eq!((stats.hashed_files, stats.reused_files), (0, 10));
+        assert_eq!(third.manifest.digest(), second.manifest.digest());
+    }
+
+    #[test]
+    fn a_missing_root_is_an_error_not_an_empty_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunker = Chunker::new(ChunkParams::DEFAULT).unwrap();
+        assert!(
+            scan(
+                &dir.path().join("gone"),
+                &chunker,
+                &Excludes::none(),
+                None,
+                1
+            )
+            .is_err()
+        );
+        fs::write(dir.path().join("file"), b"x").unwrap();
+        assert!(
+            scan(
+                &dir.path().join("file"),
+                &chunker,
+                &Excludes::none(),
+                None,
+                1
+            )
+            .is_err()
+        );
+    }
+}

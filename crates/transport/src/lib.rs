@@ -1,1 +1,12 @@
-//! placeholder
+//! QUIC for syncd: node identities, pinned-identity TLS 1.3, endpoints, and framed messages on
+//! streams. This is the only crate that names quinn or rustls types; the roles see [`Conn`],
+//! [`SendStream`] and [`RecvStream`].
+
+mod conn;
+mod endpoint;
+mod identity;
+mod verify;
+
+pub use conn::{Conn, ConnStats, RecvStream, SendStream, TransportError};
+pub use endpoint::{Endpoint, Incoming, install_crypto_provider};
+pub use identity::{Identity, IdentityError, NodeId, NodeIdError};

@@ -1,0 +1,247 @@
+//! A QUIC connection to an authenticated peer, and framed messages on its streams.
+
+use std::net::SocketAddr;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use syncd_proto::{DecodeError, EncodeError, FRAME_HEADER_LEN, HelloError};
+
+use crate::identity::NodeId;
+
+/// Why a connection or a stream failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The TLS configuration could not be built from the identity.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// The connection could not be established (unreachable, refused identity, ...).
+    #[error("connection failed: {0}")]
+    Connect(String),
+    /// A side closed the connection on purpose.
+    #[error("connection closed by {}: {reason} (code {code})", if *.by_peer { "peer" } else { "us" })]
+    Closed {
+        /// Whether the peer closed it.
+        by_peer: bool,
+        /// Application close code (see `syncd_proto::close`).
+        code: u32,
+        /// The reason given.
+        reason: String,
+    },
+    /// The connection was lost (timeout, reset).
+    #[error("connection lost: {0}")]
+    Lost(String),
+    /// A stream failed.
+    #[error("stream error: {0}")]
+    Stream(String),
+    /// The stream ended in the middle of a message.
+    #[error("stream ended in the middle of a message")]
+    UnexpectedEnd,
+    /// The version handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] HelloError),
+    /// The peer sent a malformed or oversized message.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A message could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+}
+
+impl From<quinn::ConnectionError> for TransportError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        match e {
+            quinn::ConnectionError::ApplicationClosed(c) => TransportError::Closed {
+                by_peer: true,
+                code: c.error_code.into_inner() as u32,
+                reason: String::from_utf8_lossy(&c.reason).into_owned(),
+            },
+            quinn::ConnectionError::LocallyClosed => TransportError::Closed {
+                by_peer: false,
+                code: 0,
+                reason: "closed locally".into(),
+            },
+            other => TransportError::Lost(other.to_string()),
+        }
+    }
+}
+
+impl From<quinn::ReadExactError> for TransportError {
+    fn from(e: quinn::ReadExactError) -> Self {
+        match e {
+            quinn::ReadExactError::FinishedEarly(_) => TransportError::UnexpectedEnd,
+            quinn::ReadExactError::ReadError(e) => e.into(),
+        }
+    }
+}
+
+impl From<quinn::ReadError> for TransportError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::ConnectionLost(c) => c.into(),
+            other => TransportError::Stream(other.to_string()),
+        }
+    }
+}
+
+impl From<quinn::WriteError> for TransportError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(c) => c.into(),
+            other => TransportError::Stream(other.to_string()),
+        }
+    }
+}
+
+/// Byte counters of a connection, as UDP payload (QUIC headers, encryption and retransmissions
+/// included): what actually crossed the network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+}
+
+/// An established, mutually authenticated connection.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    inner: quinn::Connection,
+    peer: NodeId,
+}
+
+impl Conn {
+    pub(crate) fn new(inner: quinn::Connection) -> Result<Conn, TransportError> {
+        let certs = inner
+            .peer_identity()
+            .and_then(|any| {
+                any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .ok_or_else(|| TransportError::Connect("peer presented no certificate".into()))?;
+        let first = certs
+            .first()
+            .ok_or_else(|| TransportError::Connect("peer presented no certificate".into()))?;
+        let peer =
+            NodeId::of_certificate(first).map_err(|e| TransportError::Connect(e.to_string()))?;
+        Ok(Conn { inner, peer })
+    }
+
+    /// The verified ID of the peer.
+    pub fn peer_id(&self) -> NodeId {
+        self.peer
+    }
+
+    /// The peer's current address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.inner.remote_address()
+    }
+
+    /// Opens a bidirectional stream.
+    pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
+        let (s, r) = self.inner.open_bi().await?;
+        Ok((SendStream(s), RecvStream(r)))
+    }
+
+    /// Waits for the peer to open a bidirectional stream.
+    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
+        let (s, r) = self.inner.accept_bi().await?;
+        Ok((SendStream(s), RecvStream(r)))
+    }
+
+    /// Closes the connection, telling the peer why.
+    pub fn close(&self, code: u32, reason: &str) {
+        self.inner.close(code.into(), reason.as_bytes());
+    }
+
+    /// Resolves when the connection ends, with the reason.
+    pub async fn closed(&self) -> TransportError {
+        self.inner.closed().await.into()
+    }
+
+    /// Bytes that crossed the network on this connection so far.
+    pub fn stats(&self) -> ConnStats {
+        let s = self.inner.stats();
+        ConnStats {
+            tx_bytes: s.udp_tx.bytes,
+            rx_bytes: s.udp_rx.bytes,
+        }
+    }
+}
+
+/// The sending half of a stream.
+#[derive(Debug)]
+pub struct SendStream(quinn::SendStream);
+
+/// The receiving half of a stream.
+#[derive(Debug)]
+pub struct RecvStream(quinn::RecvStream);
+
+impl SendStream {
+    /// Sends `msg` as one frame; refuses a message over `limit` (the receiver's limit).
+    pub async fn send<T: Serialize>(
+        &mut self,
+        msg: &T,
+        limit: usize,
+    ) -> Result<(), TransportError> {
+        let frame = syncd_proto::encode_frame(msg, limit)?;
+        self.write_all(&frame).await
+    }
+
+    /// Writes raw bytes (the hello, chunk payloads).
+    pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        Ok(self.0.write_all(bytes).await?)
+    }
+
+    /// Ends the stream cleanly.
+    pub fn finish(&mut self) {
+        let _ = self.0.finish();
+    }
+
+    /// Abandons the stream.
+    pub fn reset(&mut self, code: u32) {
+        let _ = self.0.reset(code.into());
+    }
+}
+
+impl RecvStream {
+    /// Receives one frame of at most `limit` bytes and decodes it. `None` when the peer ended
+    /// the stream cleanly between frames.
+    pub async fn recv<T: DeserializeOwned>(
+        &mut self,
+        limit: usize,
+    ) -> Result<Option<T>, TransportError> {
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        match self.0.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let len = syncd_proto::frame_len(header, limit)?;
+        let mut payload = vec![0u8; len];
+        self.0.read_exact(&mut payload).await?;
+        Ok(Some(syncd_proto::decode(&payload)?))
+    }
+
+    /// Like [`RecvStream::recv`], but a clean end of stream is an error.
+    pub async fn expect<T: DeserializeOwned>(&mut self, limit: usize) -> Result<T, TransportError> {
+        self.recv(limit).await?.ok_or(TransportError::UnexpectedEnd)
+    }
+
+    /// Reads exactly `buf.len()` raw bytes.
+    pub async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        Ok(self.0.read_exact(buf).await?)
+    }
+
+    /// Tells the peer to stop sending on this stream.
+    pub fn stop(&mut self, code: u32) {
+        let _ = self.0.stop(code.into());
+    }
+}

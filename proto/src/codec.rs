@@ -19,6 +19,38 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ MAX_CONTROL_FRAME }>()
 }
 
+/// Largest local state file (a node's persisted manifests) the decoder accepts.
+pub const MAX_STATE_FILE: usize = 1 << 30;
+/// First bytes of a state file: what it is and the version of its layout.
+const STATE_MAGIC: &[u8; 8] = b"SYNCDST1";
+
+fn state_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_STATE_FILE }>()
+}
+
+/// Encodes a node's own persisted state (not a network message), behind a magic header.
+pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
+    let mut out = STATE_MAGIC.to_vec();
+    bincode::serde::encode_into_std_write(value, &mut out, state_config())
+        .map_err(|e| EncodeError::Codec(e.to_string()))?;
+    Ok(out)
+}
+
+/// Decodes what [`encode_state`] wrote.
+pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let body = bytes
+        .strip_prefix(STATE_MAGIC)
+        .ok_or_else(|| DecodeError::Malformed("not a syncd state file of this version".into()))?;
+    let (value, used) = bincode::serde::decode_from_slice(body, state_config())
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(DecodeError::TrailingBytes {
+            extra: body.len() - used,
+        });
+    }
+    Ok(value)
+}
+
 /// Why bytes from a peer were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

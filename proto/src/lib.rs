@@ -13,7 +13,7 @@ mod update;
 
 pub use codec::{
     DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, decode,
-    encode_frame, encoded_len, frame_len,
+    encode_frame, encoded_len, frame_len, MAX_STATE_FILE, encode_state, decode_state,
 };
 pub use hello::{ALPN, HELLO_LEN, Hello, HelloError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 pub use messages::{

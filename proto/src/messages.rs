@@ -54,6 +54,8 @@ pub enum AgentMsg {
         generation: Generation,
         /// Why, for the manager's log and status.
         reason: String,
+        /// What each folder holds now.
+        folders: Vec<FolderState>,
     },
 }
 

@@ -68,6 +68,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             frame(&AgentMsg::Failed {
                 generation: Generation(42),
                 reason: "disk full".into(),
+                folders: vec![],
             }),
         ),
         (
@@ -291,7 +292,7 @@ proptest! {
     fn agent_messages_round_trip(name in ".{0,40}", reason in ".{0,100}", g in any::<u64>()) {
         for msg in [
             AgentMsg::Join { node_name: name.clone(), software: "x".into(), applied: Generation(g), folders: vec![] },
-            AgentMsg::Failed { generation: Generation(g), reason },
+            AgentMsg::Failed { generation: Generation(g), reason, folders: vec![] },
         ] {
             let frame = encode_frame(&msg, MAX_REQUEST_FRAME).unwrap();
             let back: AgentMsg = decode(&frame[4..]).unwrap();

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -127,6 +128,36 @@ impl FolderRoot {
         remove_at(&parent, rel.file_name())
     }
 
+    /// Removes the file, link or *empty* directory at `rel`; nothing there is not an error.
+    ///
+    /// A directory that still holds something (a file syncd does not manage: excluded, or made
+    /// by hand since the last scan) is left in place with an error, never emptied by force.
+    pub fn remove_entry(&self, rel: &RelPath) -> io::Result<()> {
+        let parent = match self.parent_dir(rel) {
+            Ok(fd) => fd,
+            Err(e) if is_absent(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::unlinkat(&parent, rel.file_name(), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(rustix::io::Errno::ISDIR) => {
+                match rustix::fs::unlinkat(&parent, rel.file_name(), AtFlags::REMOVEDIR) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sets an existing regular file's mode and mtime, without following a link.
+    pub fn set_file_meta(&self, rel: &RelPath, mode: u32, mtime: Mtime) -> io::Result<()> {
+        let file = self.open_file(rel)?;
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & 0o7777))?;
+        rustix::fs::futimens(&file, &timestamps(mtime))?;
+        Ok(())
+    }
+
     /// Creates or replaces `rel` with a symbolic link to `target`, atomically (a link under a
     /// temporary name renamed over it), with the given mtime.
     pub fn put_symlink(
@@ -164,7 +195,7 @@ impl FolderRoot {
     }
 
     /// Opens (creating if needed) the staging directory at the folder's root.
-    pub fn staging(&self) -> io::Result<Staging<'_>> {
+    pub fn staging(self: &Arc<Self>) -> io::Result<Staging> {
         match rustix::fs::mkdirat(&self.fd, STAGING_DIR, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
@@ -176,7 +207,10 @@ impl FolderRoot {
             Mode::empty(),
             RESOLVE,
         )?;
-        Ok(Staging { root: self, fd })
+        Ok(Staging {
+            root: Arc::clone(self),
+            fd,
+        })
     }
 
     /// Removes the staging directory and everything in it (left by an interrupted apply).
@@ -208,12 +242,13 @@ impl FolderRoot {
     ) -> io::Result<()> {
         match rustix::fs::renameat(from_dir, from, to_dir, to) {
             Ok(()) => Ok(()),
-            // A directory (or a non-empty one) is in the way: it is being replaced by a file or a
-            // link, and its contents are deleted by the same generation.
+            // A directory is in the way: it is being replaced by a file or a link, and the
+            // caller has removed its contents. A directory that still holds something stays,
+            // and the rename fails.
             Err(
                 rustix::io::Errno::ISDIR | rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST,
             ) => {
-                remove_at(to_dir, to)?;
+                rustix::fs::unlinkat(to_dir, to, AtFlags::REMOVEDIR)?;
                 Ok(rustix::fs::renameat(from_dir, from, to_dir, to)?)
             }
             Err(e) => Err(e.into()),
@@ -223,8 +258,8 @@ impl FolderRoot {
 
 /// The staging directory of a folder, where files are written before they are renamed into place.
 #[derive(Debug)]
-pub struct Staging<'a> {
-    root: &'a FolderRoot,
+pub struct Staging {
+    root: Arc<FolderRoot>,
     fd: OwnedFd,
 }
 
@@ -236,7 +271,7 @@ pub struct StagedFile {
     name: String,
 }
 
-impl Staging<'_> {
+impl Staging {
     /// Creates a new empty file in the staging directory, readable and writable by the owner only.
     pub fn create(&self) -> io::Result<StagedFile> {
         let name = unique_name("f");
@@ -252,12 +287,22 @@ impl Staging<'_> {
         })
     }
 
-    /// Renames a finished staged file to `rel`, replacing whatever is there (a directory in the
-    /// way is removed first: it is being replaced by this file).
-    pub fn commit(&self, staged: &StagedFile, rel: &RelPath) -> io::Result<()> {
+    /// Renames a finished staged file (by its name) to `rel`, replacing a file or link there,
+    /// or an empty directory.
+    pub fn commit(&self, name: &str, rel: &RelPath) -> io::Result<()> {
         let parent = self.root.parent_dir(rel)?;
-        self.root
-            .replace_at(&self.fd, &staged.name, &parent, rel.file_name())
+        self.root.replace_at(&self.fd, name, &parent, rel.file_name())
+    }
+
+    /// Opens a finished staged file for reading (a chunk source for later files).
+    pub fn open_staged(&self, name: &str) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
     }
 
     /// Deletes a staged file that will not be committed.
@@ -277,6 +322,11 @@ impl Staging<'_> {
 }
 
 impl StagedFile {
+    /// The file's name in the staging directory.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Sets the final mode and mtime before the rename, so the file appears complete.
     pub fn finish(&self, mode: u32, mtime: Mtime) -> io::Result<()> {
         rustix::fs::fchmod(&self.file, Mode::from_raw_mode(mode & 0o7777))?;
@@ -392,13 +442,13 @@ mod tests {
         let root = dir.path().join("folder");
         std::fs::create_dir(&root).unwrap();
         symlink(outside.path(), root.join("evil")).unwrap();
-        let folder = FolderRoot::open(&root).unwrap();
+        let folder = Arc::new(FolderRoot::open(&root).unwrap());
 
         assert!(folder.ensure_dir(&p("evil/sub")).is_err());
         let staging = folder.staging().unwrap();
         let mut f = staging.create().unwrap();
         f.file.write_all(b"payload").unwrap();
-        assert!(staging.commit(&f, &p("evil/x")).is_err());
+        assert!(staging.commit(f.name(), &p("evil/x")).is_err());
         assert!(folder.open_file(&p("evil/x")).is_err());
         assert!(
             folder
@@ -425,38 +475,32 @@ mod tests {
     }
 
     #[test]
-    fn a_file_replaces_a_directory_and_back() {
+    fn a_file_replaces_an_emptied_directory_and_back() {
         let dir = tempfile::tempdir().unwrap();
-        let folder = FolderRoot::open(dir.path()).unwrap();
+        let folder = Arc::new(FolderRoot::open(dir.path()).unwrap());
         folder.ensure_dir(&p("a")).unwrap();
         folder.ensure_dir(&p("a/b")).unwrap();
         std::fs::write(dir.path().join("a/b/c"), b"c").unwrap();
         let staging = folder.staging().unwrap();
         let f = staging.create().unwrap();
-        f.finish(
-            0o640,
-            Mtime {
-                secs: 1000,
-                nanos: 5,
-            },
-        )
-        .unwrap();
-        staging.commit(&f, &p("a")).unwrap();
+        f.finish(0o640, Mtime { secs: 1000, nanos: 5 }).unwrap();
+        // A directory holding something is never emptied by force.
+        assert!(staging.commit(f.name(), &p("a")).is_err());
+        assert!(folder.remove_entry(&p("a")).is_err());
+        folder.remove_entry(&p("a/b/c")).unwrap();
+        folder.remove_entry(&p("a/b")).unwrap();
+        staging.commit(f.name(), &p("a")).unwrap();
         let meta = std::fs::symlink_metadata(dir.path().join("a")).unwrap();
         assert!(meta.is_file());
         folder.ensure_dir(&p("a")).unwrap();
-        assert!(
-            std::fs::symlink_metadata(dir.path().join("a"))
-                .unwrap()
-                .is_dir()
-        );
+        assert!(std::fs::symlink_metadata(dir.path().join("a")).unwrap().is_dir());
         staging.remove().unwrap();
     }
 
     #[test]
     fn clear_staging_removes_leftovers() {
         let dir = tempfile::tempdir().unwrap();
-        let folder = FolderRoot::open(dir.path()).unwrap();
+        let folder = Arc::new(FolderRoot::open(dir.path()).unwrap());
         let staging = folder.staging().unwrap();
         let _a = staging.create().unwrap();
         let _b = staging.create().unwrap();

@@ -13,3 +13,15 @@ pub use durable::write_atomic;
 pub use excludes::{ExcludeError, Excludes, STAGING_DIR};
 pub use folder::{FolderRoot, StagedFile, Staging, mtime_of, to_system_time};
 pub use scan::{LocalManifest, ScanError, ScanStats, ScanWarning, StatKey, scan, stat_key};
+
+/// A configured synced folder: its name (the same on every node), where it is on this node, and
+/// what in it is never synced.
+#[derive(Debug, Clone)]
+pub struct FolderSpec {
+    /// Name shared by the manager's and the agents' configs.
+    pub name: String,
+    /// Path on this node.
+    pub path: std::path::PathBuf,
+    /// Paths never read, sent, changed or deleted.
+    pub excludes: Excludes,
+}

@@ -200,6 +200,11 @@ impl SendStream {
         Ok(self.0.write_all(bytes).await?)
     }
 
+    /// Writes an owned buffer without copying it.
+    pub async fn write_bytes(&mut self, bytes: bytes::Bytes) -> Result<(), TransportError> {
+        Ok(self.0.write_chunk(bytes).await?)
+    }
+
     /// Ends the stream cleanly.
     pub fn finish(&mut self) {
         let _ = self.0.finish();

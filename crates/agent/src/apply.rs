@@ -1,0 +1,730 @@
+//! Applying one generation to this node's folders: plan, stage every changed file in full,
+//! make it durable, then rename into place, and only then delete.
+//!
+//! Staging fetches from the manager only the chunks not found locally: in the previous version
+//! of the file, in any other file the node holds, or in a file staged earlier in the same
+//! generation. Every chunk is checked against its BLAKE3 hash before it is written, and a file
+//! is renamed into place only when every one of its chunks has been written and checked.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use syncd_fsops::{FolderRoot, LocalManifest, Staging, stat_key};
+use syncd_manifest::{
+    Change, ChunkHash, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
+};
+use syncd_proto::{
+    ChunkEncoding, FetchFile, FetchReply, FetchRequest, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
+};
+use syncd_transport::{Conn, TransportError};
+use tokio::task::JoinSet;
+
+use crate::folder::Folder;
+
+/// Files staged together; bounds the number of open staged files.
+const BATCH_FILES: usize = 128;
+/// Bytes staged together before the next batch starts.
+const BATCH_BYTES: u64 = 256 << 20;
+/// Chunks asked for in one fetch request (one QUIC stream).
+const REQUEST_CHUNKS: usize = 512;
+/// Fetch requests in flight at once.
+const REQUESTS_IN_FLIGHT: usize = 4;
+
+/// Why a generation could not be applied. Nothing was renamed into place unless the error
+/// says so ([`ApplyError::Commit`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A delta was for another version of the folder than the one held here.
+    #[error("folder {folder}: update is based on a version this node does not hold")]
+    BaseMismatch {
+        /// The folder.
+        folder: String,
+    },
+    /// The target manifest is not a consistent tree, or escapes the folder.
+    #[error("folder {folder}: refusing the update: {source}")]
+    Invalid {
+        /// The folder.
+        folder: String,
+        /// What is wrong.
+        source: TreeError,
+    },
+    /// The manifest rebuilt from the update does not have the digest the manager announced.
+    #[error("folder {folder}: rebuilt manifest does not match the manager's digest")]
+    DigestMismatch {
+        /// The folder.
+        folder: String,
+    },
+    /// The connection failed while fetching.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The manager no longer has the file version being fetched (it changed since).
+    #[error("{path}: changed on the manager since it was published ({reason}); waiting for the next generation")]
+    Gone {
+        /// The file.
+        path: RelPath,
+        /// The manager's reason.
+        reason: String,
+    },
+    /// The manager sent bytes that do not hash to the chunk asked for.
+    #[error("{path}: received a chunk that does not match its hash")]
+    BadChunk {
+        /// The file being assembled.
+        path: RelPath,
+    },
+    /// The manager's reply did not follow the protocol.
+    #[error("fetch reply out of protocol: {0}")]
+    Protocol(String),
+    /// A disk operation failed while staging; nothing was renamed into place.
+    #[error("staging {path}: {source}")]
+    Stage {
+        /// What was being staged.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// A disk operation failed while renaming into place; some files of the generation may be
+    /// in place (each one complete), the rest not.
+    #[error("applying {path}: {source}")]
+    Commit {
+        /// The path.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// What one folder must become.
+#[derive(Debug)]
+pub(crate) struct Target {
+    /// Index of the folder.
+    pub folder: usize,
+    /// The manifest it must hold (already validated and stripped of local excludes).
+    pub manifest: Manifest,
+}
+
+/// Counters of one applied generation.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ApplyStats {
+    pub files_written: u64,
+    pub bytes_fetched: u64,
+    pub bytes_reused: u64,
+    pub removed: u64,
+    pub left_non_empty: u64,
+}
+
+struct StageJob {
+    folder: usize,
+    path: RelPath,
+    content: FileContent,
+    mode: u32,
+    mtime: syncd_manifest::Mtime,
+    staged: Option<String>,
+}
+
+/// Where a chunk already exists on this node.
+#[derive(Debug, Clone)]
+enum Source {
+    Live { folder: usize, path: RelPath, offset: u64 },
+    Staged { folder: usize, name: String, offset: u64 },
+}
+
+/// Applies `targets` to `folders`: stages everything, syncs, renames, deletes, and returns the
+/// folders' new local manifests.
+pub(crate) async fn apply(
+    conn: &Conn,
+    folders: &[Folder],
+    targets: Vec<Target>,
+    stats: &mut ApplyStats,
+) -> Result<Vec<(usize, LocalManifest)>, ApplyError> {
+    let mut jobs = Vec::new();
+    let mut plans = Vec::new();
+    for target in targets {
+        let folder = &folders[target.folder];
+        let changes = diff(&folder.local.manifest, &target.manifest);
+        for change in &changes {
+            if let Change::Put(path, node) = change
+                && let NodeKind::File(content) = &node.kind
+            {
+                let same_content = folder
+                    .local
+                    .manifest
+                    .get(path)
+                    .and_then(Node::file)
+                    .is_some_and(|f| f.hash == content.hash);
+                if !same_content {
+                    jobs.push(StageJob {
+                        folder: target.folder,
+                        path: path.clone(),
+                        content: content.clone(),
+                        mode: node.mode,
+                        mtime: node.mtime,
+                        staged: None,
+                    });
+                }
+            }
+        }
+        plans.push((target, changes));
+    }
+
+    let mut stagings: HashMap<usize, Arc<Staging>> = HashMap::new();
+    for job in &jobs {
+        if let std::collections::hash_map::Entry::Vacant(e) = stagings.entry(job.folder) {
+            let staging = folders[job.folder].root.staging().map_err(|source| ApplyError::Stage {
+                path: folders[job.folder].root.path().display().to_string(),
+                source,
+            })?;
+            e.insert(Arc::new(staging));
+        }
+    }
+
+    let staged = stage_all(conn, folders, &stagings, &mut jobs, stats).await;
+    if let Err(e) = staged {
+        discard_staging(folders, &stagings);
+        return Err(e);
+    }
+
+    // Everything staged is made durable before the first rename.
+    let roots: Vec<Arc<FolderRoot>> = stagings.keys().map(|&i| Arc::clone(&folders[i].root)).collect();
+    blocking(move || {
+        for root in roots {
+            root.sync_filesystem().map_err(|source| ApplyError::Stage {
+                path: root.path().display().to_string(),
+                source,
+            })?;
+        }
+        Ok(())
+    })
+    .await?;
+
+    let mut staged_names: HashMap<(usize, RelPath), String> = HashMap::new();
+    for job in jobs {
+        if let Some(name) = job.staged {
+            staged_names.insert((job.folder, job.path), name);
+        }
+    }
+
+    let mut results = Vec::new();
+    for (target, changes) in plans {
+        let folder = &folders[target.folder];
+        let root = Arc::clone(&folder.root);
+        let staging = stagings.get(&target.folder).cloned();
+        let names: HashMap<RelPath, String> = staged_names
+            .iter()
+            .filter(|((f, _), _)| *f == target.folder)
+            .map(|((_, p), n)| (p.clone(), n.clone()))
+            .collect();
+        let old = folder.local.clone();
+        let (local, commit_stats) = blocking(move || {
+            commit_folder(&root, staging.as_deref(), &old, target.manifest, &changes, &names)
+        })
+        .await?;
+        stats.files_written += commit_stats.files_written;
+        stats.removed += commit_stats.removed;
+        stats.left_non_empty += commit_stats.left_non_empty;
+        results.push((target.folder, local));
+    }
+    for (i, staging) in stagings {
+        drop(staging);
+        let root = Arc::clone(&folders[i].root);
+        blocking(move || {
+            root.clear_staging().map_err(|source| ApplyError::Commit {
+                path: root.path().display().to_string(),
+                source,
+            })?;
+            root.sync_filesystem().map_err(|source| ApplyError::Commit {
+                path: root.path().display().to_string(),
+                source,
+            })
+        })
+        .await?;
+    }
+    Ok(results)
+}
+
+/// Removes what staging left; failures only matter at the next start, which clears it again.
+fn discard_staging(folders: &[Folder], stagings: &HashMap<usize, Arc<Staging>>) {
+    for &i in stagings.keys() {
+        if let Err(e) = folders[i].root.clear_staging() {
+            tracing::warn!(folder = %folders[i].name, error = %e, "could not clear the staging directory");
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApplyError> + Send + 'static,
+) -> Result<T, ApplyError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// Chunks this node already holds, by hash.
+fn local_index(folders: &[Folder]) -> HashMap<ChunkHash, Source> {
+    let mut index = HashMap::new();
+    for (i, folder) in folders.iter().enumerate() {
+        for (path, node) in folder.local.manifest.iter() {
+            if let Some(f) = node.file() {
+                let mut offset = 0u64;
+                for c in &f.chunks {
+                    index.entry(c.hash).or_insert_with(|| Source::Live {
+                        folder: i,
+                        path: path.clone(),
+                        offset,
+                    });
+                    offset += c.len as u64;
+                }
+            }
+        }
+    }
+    index
+}
+
+/// One staged file being written, shared by the tasks that write its chunks.
+struct Dest {
+    file: File,
+    path: RelPath,
+    written: AtomicU64,
+}
+
+/// A fetch request with the chunk (hash, length) expected for each reply item, in order.
+struct Request {
+    folder_name: String,
+    request: FetchRequest,
+    expect: Vec<(ChunkHash, u32, RelPath)>,
+}
+
+async fn stage_all(
+    conn: &Conn,
+    folders: &[Folder],
+    stagings: &HashMap<usize, Arc<Staging>>,
+    jobs: &mut [StageJob],
+    stats: &mut ApplyStats,
+) -> Result<(), ApplyError> {
+    let mut index = local_index(folders);
+    let mut start = 0;
+    while start < jobs.len() {
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < jobs.len() && end - start < BATCH_FILES && (end == start || bytes < BATCH_BYTES) {
+            bytes += jobs[end].content.size;
+            end += 1;
+        }
+        stage_batch(conn, folders, stagings, &mut jobs[start..end], &index, stats).await?;
+        // Files staged in this batch are sources for the next ones.
+        for job in &jobs[start..end] {
+            let name = job.staged.clone().expect("a staged batch names every file");
+            let mut offset = 0u64;
+            for c in &job.content.chunks {
+                index.entry(c.hash).or_insert_with(|| Source::Staged {
+                    folder: job.folder,
+                    name: name.clone(),
+                    offset,
+                });
+                offset += c.len as u64;
+            }
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+async fn stage_batch(
+    conn: &Conn,
+    folders: &[Folder],
+    stagings: &HashMap<usize, Arc<Staging>>,
+    jobs: &mut [StageJob],
+    index: &HashMap<ChunkHash, Source>,
+    stats: &mut ApplyStats,
+) -> Result<(), ApplyError> {
+    let stage_err = |path: &RelPath| {
+        let path = path.to_string();
+        move |source| ApplyError::Stage { path, source }
+    };
+    // Create every file of the batch at its final size.
+    let mut dests = Vec::with_capacity(jobs.len());
+    for job in jobs.iter_mut() {
+        let staging = &stagings[&job.folder];
+        let staged = staging.create().map_err(stage_err(&job.path))?;
+        staged.file.set_len(job.content.size).map_err(stage_err(&job.path))?;
+        job.staged = Some(staged.name().to_owned());
+        dests.push(Dest {
+            file: staged.file,
+            path: job.path.clone(),
+            written: AtomicU64::new(0),
+        });
+    }
+    let dests = Arc::new(dests);
+
+    // Sort every chunk position into a local copy or a fetch; each distinct missing chunk is
+    // asked for once, and written to every position that needs it.
+    let mut local_copies: Vec<(usize, u64, u32, ChunkHash, Source)> = Vec::new();
+    let mut wanted: HashMap<ChunkHash, Vec<(usize, u64)>> = HashMap::new();
+    let mut fetch_lists: Vec<(usize, Vec<u32>)> = Vec::new();
+    for (d, job) in jobs.iter().enumerate() {
+        let mut offset = 0u64;
+        let mut indices = Vec::new();
+        for (i, c) in job.content.chunks.iter().enumerate() {
+            if let Some(src) = index.get(&c.hash) {
+                local_copies.push((d, offset, c.len, c.hash, src.clone()));
+            } else {
+                let positions = wanted.entry(c.hash).or_default();
+                if positions.is_empty() {
+                    indices.push(i as u32);
+                }
+                positions.push((d, offset));
+            }
+            offset += c.len as u64;
+        }
+        if !indices.is_empty() {
+            fetch_lists.push((d, indices));
+        }
+    }
+
+    // Local copies first (on the blocking pool); a local chunk that no longer matches its hash
+    // (the file changed since it was scanned) is fetched instead.
+    let copy_result = {
+        let dests = Arc::clone(&dests);
+        let roots: Vec<Arc<FolderRoot>> = folders.iter().map(|f| Arc::clone(&f.root)).collect();
+        let stagings: HashMap<usize, Arc<Staging>> = stagings.clone();
+        tokio::task::spawn_blocking(move || copy_local(&roots, &stagings, &dests, local_copies))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    };
+    let (reused, stale) = copy_result.map_err(|(path, source)| ApplyError::Stage { path, source })?;
+    stats.bytes_reused += reused;
+    for (d, offset, hash) in stale {
+        let job = &jobs[d];
+        let positions = wanted.entry(hash).or_default();
+        if positions.is_empty() {
+            let (i, _) = chunk_at(&job.content, offset);
+            match fetch_lists.iter_mut().find(|(dd, _)| *dd == d) {
+                Some((_, list)) => {
+                    list.push(i);
+                    list.sort_unstable();
+                }
+                None => fetch_lists.push((d, vec![i])),
+            }
+        }
+        positions.push((d, offset));
+    }
+
+    // Fetch what is missing, several requests at once.
+    let requests = build_requests(folders, jobs, fetch_lists);
+    let wanted = Arc::new(wanted);
+    let mut in_flight = JoinSet::new();
+    let mut requests = requests.into_iter();
+    let mut fetched = 0u64;
+    loop {
+        while in_flight.len() < REQUESTS_IN_FLIGHT {
+            let Some(req) = requests.next() else { break };
+            let conn = conn.clone();
+            let dests = Arc::clone(&dests);
+            let wanted = Arc::clone(&wanted);
+            in_flight.spawn(async move { fetch(&conn, req, &dests, &wanted).await });
+        }
+        let Some(done) = in_flight.join_next().await else { break };
+        match done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())) {
+            Ok(n) => fetched += n,
+            Err(e) => {
+                in_flight.abort_all();
+                return Err(e);
+            }
+        }
+    }
+    stats.bytes_fetched += fetched;
+
+    // Every byte of every file must have been written and checked.
+    for (job, dest) in jobs.iter().zip(dests.iter()) {
+        let written = dest.written.load(Ordering::Relaxed);
+        if written != job.content.size {
+            return Err(ApplyError::Protocol(format!(
+                "{}: assembled {written} of {} bytes",
+                job.path, job.content.size
+            )));
+        }
+    }
+    let dests = Arc::try_unwrap(dests).map_err(|_| ApplyError::Protocol("a fetch task outlived its batch".into()))?;
+    for (job, dest) in jobs.iter().zip(dests) {
+        let staged = finish_staged(&dest.file, job.mode, job.mtime);
+        staged.map_err(stage_err(&job.path))?;
+    }
+    Ok(())
+}
+
+/// Sets the final mode and mtime of a staged file, after its last write.
+fn finish_staged(file: &File, mode: u32, mtime: syncd_manifest::Mtime) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
+    file.set_times(std::fs::FileTimes::new().set_modified(syncd_fsops::to_system_time(mtime)))
+}
+
+/// The index and length of the chunk at `offset` of a file.
+fn chunk_at(content: &FileContent, offset: u64) -> (u32, u32) {
+    let mut at = 0u64;
+    for (i, c) in content.chunks.iter().enumerate() {
+        if at == offset {
+            return (i as u32, c.len);
+        }
+        at += c.len as u64;
+    }
+    unreachable!("offsets come from the same chunk list")
+}
+
+type CopyOutcome = Result<(u64, Vec<(usize, u64, ChunkHash)>), (String, io::Error)>;
+
+/// Copies chunks found on this node into staged files, checking each one's hash. Returns the
+/// bytes copied and the positions whose source no longer matched.
+fn copy_local(
+    roots: &[Arc<FolderRoot>],
+    stagings: &HashMap<usize, Arc<Staging>>,
+    dests: &[Dest],
+    copies: Vec<(usize, u64, u32, ChunkHash, Source)>,
+) -> CopyOutcome {
+    let mut open: HashMap<String, Option<File>> = HashMap::new();
+    let mut buf = Vec::new();
+    let mut reused = 0u64;
+    let mut stale = Vec::new();
+    for (d, offset, len, hash, src) in copies {
+        let (key, src_offset) = match &src {
+            Source::Live { folder, path, offset } => (format!("L{folder}/{path}"), *offset),
+            Source::Staged { folder, name, offset } => (format!("S{folder}/{name}"), *offset),
+        };
+        let file = open.entry(key).or_insert_with(|| match &src {
+            Source::Live { folder, path, .. } => roots[*folder].open_file(path).ok(),
+            Source::Staged { folder, name, .. } => stagings.get(folder).and_then(|s| s.open_staged(name).ok()),
+        });
+        buf.resize(len as usize, 0);
+        let ok = file
+            .as_ref()
+            .is_some_and(|f| f.read_exact_at(&mut buf, src_offset).is_ok() && ChunkHash::of(&buf) == hash);
+        if !ok {
+            stale.push((d, offset, hash));
+            continue;
+        }
+        let dest = &dests[d];
+        dest.file
+            .write_all_at(&buf, offset)
+            .map_err(|e| (dest.path.to_string(), e))?;
+        dest.written.fetch_add(len as u64, Ordering::Relaxed);
+        reused += len as u64;
+    }
+    Ok((reused, stale))
+}
+
+fn build_requests(folders: &[Folder], jobs: &[StageJob], lists: Vec<(usize, Vec<u32>)>) -> Vec<Request> {
+    let mut out: Vec<Request> = Vec::new();
+    let mut by_folder: HashMap<usize, Vec<(usize, Vec<u32>)>> = HashMap::new();
+    for (d, list) in lists {
+        by_folder.entry(jobs[d].folder).or_default().push((d, list));
+    }
+    let mut folder_ids: Vec<usize> = by_folder.keys().copied().collect();
+    folder_ids.sort_unstable();
+    for f in folder_ids {
+        let name = folders[f].name.clone();
+        let mut current = Request {
+            folder_name: name.clone(),
+            request: FetchRequest {
+                folder: name.clone(),
+                files: Vec::new(),
+            },
+            expect: Vec::new(),
+        };
+        for (d, list) in by_folder.remove(&f).unwrap_or_default() {
+            let job = &jobs[d];
+            for piece in list.chunks(REQUEST_CHUNKS) {
+                if current.expect.len() + piece.len() > REQUEST_CHUNKS && !current.expect.is_empty() {
+                    out.push(std::mem::replace(
+                        &mut current,
+                        Request {
+                            folder_name: name.clone(),
+                            request: FetchRequest {
+                                folder: name.clone(),
+                                files: Vec::new(),
+                            },
+                            expect: Vec::new(),
+                        },
+                    ));
+                }
+                for &i in piece {
+                    let c = job.content.chunks[i as usize];
+                    current.expect.push((c.hash, c.len, job.path.clone()));
+                }
+                current.request.files.push(FetchFile {
+                    path: job.path.clone(),
+                    hash: job.content.hash,
+                    chunks: piece.to_vec(),
+                });
+            }
+        }
+        if !current.expect.is_empty() {
+            out.push(current);
+        }
+    }
+    out
+}
+
+/// Runs one fetch request on its own stream, writing each verified chunk to every position that
+/// wants it. Returns the chunk bytes received.
+async fn fetch(
+    conn: &Conn,
+    req: Request,
+    dests: &[Dest],
+    wanted: &HashMap<ChunkHash, Vec<(usize, u64)>>,
+) -> Result<u64, ApplyError> {
+    let (mut tx, mut rx) = conn.open_bi().await?;
+    tx.send(&req.request, MAX_REQUEST_FRAME).await?;
+    tx.finish();
+    let mut buf = Vec::new();
+    let mut received = 0u64;
+    for (hash, len, path) in &req.expect {
+        match rx.expect::<FetchReply>(MAX_CONTROL_FRAME).await? {
+            FetchReply::Chunk {
+                len: got,
+                encoding: ChunkEncoding::Raw,
+            } => {
+                if got != *len {
+                    return Err(ApplyError::Protocol(format!(
+                        "{path}: chunk of {got} bytes where {len} were expected (folder {})",
+                        req.folder_name
+                    )));
+                }
+                buf.resize(*len as usize, 0);
+                rx.read_exact(&mut buf).await?;
+                if ChunkHash::of(&buf) != *hash {
+                    return Err(ApplyError::BadChunk { path: path.clone() });
+                }
+                received += *len as u64;
+                // Writes of one chunk into the page cache take microseconds; doing them here
+                // keeps the chunk buffer single and the stream flowing.
+                for &(d, offset) in wanted.get(hash).map(Vec::as_slice).unwrap_or(&[]) {
+                    let dest = &dests[d];
+                    dest.file.write_all_at(&buf, offset).map_err(|source| ApplyError::Stage {
+                        path: dest.path.to_string(),
+                        source,
+                    })?;
+                    dest.written.fetch_add(*len as u64, Ordering::Relaxed);
+                }
+            }
+            FetchReply::Gone { path, reason } => return Err(ApplyError::Gone { path, reason }),
+        }
+    }
+    rx.stop(0);
+    Ok(received)
+}
+
+#[derive(Debug, Default)]
+struct CommitStats {
+    files_written: u64,
+    removed: u64,
+    left_non_empty: u64,
+}
+
+/// Renames staged files into place and makes the rest of the folder match `target`.
+fn commit_folder(
+    root: &FolderRoot,
+    staging: Option<&Staging>,
+    old: &LocalManifest,
+    target: Manifest,
+    changes: &[Change],
+    staged: &HashMap<RelPath, String>,
+) -> Result<(LocalManifest, CommitStats), ApplyError> {
+    let err = |path: &RelPath| {
+        let path = root.abs(path).display().to_string();
+        move |source| ApplyError::Commit { path, source }
+    };
+    let mut stats = CommitStats::default();
+    let local = &old.manifest;
+
+    // 1. A directory replaced by a file or link is emptied of what it held, deepest first.
+    for change in changes {
+        if let Change::Put(path, node) = change
+            && !node.is_dir()
+            && local.get(path).is_some_and(Node::is_dir)
+        {
+            let inside: Vec<RelPath> = local.subtree(path).map(|(p, _)| p.clone()).collect();
+            for p in inside.iter().rev() {
+                root.remove_entry(p).map_err(err(p))?;
+            }
+        }
+    }
+    // 2. Directories, parents first (a file or link in the way is removed).
+    for change in changes {
+        if let Change::Put(path, node) = change
+            && node.is_dir()
+        {
+            root.ensure_dir(path).map_err(err(path))?;
+        }
+    }
+    // 3. Files: staged ones renamed in quick succession; unchanged content gets metadata only.
+    let mut touched: Vec<RelPath> = Vec::new();
+    for change in changes {
+        if let Change::Put(path, node) = change
+            && node.file().is_some()
+        {
+            match staged.get(path) {
+                Some(name) => {
+                    staging
+                        .expect("a staged file implies a staging directory")
+                        .commit(name, path)
+                        .map_err(err(path))?;
+                    stats.files_written += 1;
+                }
+                None => root.set_file_meta(path, node.mode, node.mtime).map_err(err(path))?,
+            }
+            touched.push(path.clone());
+        }
+    }
+    // 4. Symbolic links, each replaced atomically.
+    for change in changes {
+        if let Change::Put(path, node) = change
+            && let NodeKind::Symlink(t) = &node.kind
+        {
+            root.put_symlink(path, t, node.mtime).map_err(err(path))?;
+        }
+    }
+    // 5. Deletions last, deepest first. A directory still holding unmanaged files is left.
+    for change in changes.iter().rev() {
+        if let Change::Remove(path) = change {
+            match root.remove_entry(path) {
+                Ok(()) => stats.removed += 1,
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTEMPTY.raw_os_error()) => {
+                    tracing::warn!(path = %root.abs(path).display(), "directory removed on the manager still holds files syncd does not manage here; left in place");
+                    stats.left_non_empty += 1;
+                }
+                Err(e) => return Err(err(path)(e)),
+            }
+        }
+    }
+    // 6. Directory modes and mtimes, deepest first, once nothing inside them changes any more.
+    for (path, node) in target.iter().rev() {
+        if node.is_dir() {
+            let current = root.lstat(path).map_err(err(path))?;
+            let matches = current.is_some_and(|st| {
+                st.st_mode & 0o7777 == node.mode && syncd_fsops::mtime_of(&st) == node.mtime
+            });
+            if !matches {
+                root.set_dir_meta(path, node.mode, node.mtime).map_err(err(path))?;
+            }
+        }
+    }
+
+    let mut stats_map = old.stats.clone();
+    for change in changes {
+        stats_map.remove(change.path());
+    }
+    for path in touched {
+        let meta = std::fs::symlink_metadata(root.abs(&path)).map_err(err(&path))?;
+        stats_map.insert(path, stat_key(&meta));
+    }
+    Ok((
+        LocalManifest {
+            manifest: target,
+            stats: stats_map,
+        },
+        stats,
+    ))
+}

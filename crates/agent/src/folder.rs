@@ -1,0 +1,106 @@
+//! One synced folder as the agent holds it: where it is, what it excludes, what it contains.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use syncd_fsops::{Excludes, FolderRoot, FolderSpec, LocalManifest};
+use syncd_manifest::{Chunker, ManifestDigest};
+use syncd_proto::FolderState;
+
+/// A folder the agent keeps in sync.
+#[derive(Debug)]
+pub(crate) struct Folder {
+    /// The name both configs use.
+    pub name: String,
+    /// The open folder.
+    pub root: Arc<FolderRoot>,
+    /// What this node never touches.
+    pub excludes: Excludes,
+    /// What the folder holds, as of the last scan or apply.
+    pub local: LocalManifest,
+}
+
+/// Why a folder could not be prepared.
+#[derive(Debug, thiserror::Error)]
+#[error("folder {name} ({path}): {reason}")]
+pub struct FolderError {
+    /// The folder's name.
+    pub name: String,
+    /// Its path.
+    pub path: String,
+    /// What went wrong.
+    pub reason: String,
+}
+
+impl Folder {
+    /// Opens (creating if absent) the folder, clears what an interrupted apply left in its staging
+    /// directory, and scans it, reusing hashes from `previous` where files are unchanged.
+    pub(crate) fn open(spec: &FolderSpec, chunker: &Chunker, previous: Option<&LocalManifest>) -> Result<Folder, FolderError> {
+        let fail = |reason: String| FolderError {
+            name: spec.name.clone(),
+            path: spec.path.display().to_string(),
+            reason,
+        };
+        if !spec.path.exists() {
+            std::fs::create_dir_all(&spec.path).map_err(|e| fail(format!("cannot create it: {e}")))?;
+            tracing::info!(folder = %spec.name, path = %spec.path.display(), "created the folder");
+        }
+        let root = Arc::new(FolderRoot::open(&spec.path).map_err(|e| fail(e.to_string()))?);
+        let leftovers = root.clear_staging().map_err(|e| fail(format!("cannot clear staging: {e}")))?;
+        if leftovers > 0 {
+            tracing::info!(folder = %spec.name, leftovers, "removed files staged by an interrupted apply");
+        }
+        let local = scan(&spec.name, &spec.path, chunker, &spec.excludes, previous).map_err(fail)?;
+        Ok(Folder {
+            name: spec.name.clone(),
+            root,
+            excludes: spec.excludes.clone(),
+            local,
+        })
+    }
+
+    /// The state reported to the manager.
+    pub(crate) fn state(&self) -> FolderState {
+        FolderState {
+            folder: self.name.clone(),
+            digest: self.digest(),
+        }
+    }
+
+    /// Digest of what the folder holds.
+    pub(crate) fn digest(&self) -> ManifestDigest {
+        self.local.manifest.digest()
+    }
+
+    /// Rescans the folder (after a failed apply, whose effect on disk is partly unknown).
+    pub(crate) fn rescan(&mut self, chunker: &Chunker) -> Result<(), String> {
+        self.local = scan(&self.name, self.root.path(), chunker, &self.excludes, Some(&self.local))?;
+        Ok(())
+    }
+}
+
+fn scan(
+    name: &str,
+    path: &Path,
+    chunker: &Chunker,
+    excludes: &Excludes,
+    previous: Option<&LocalManifest>,
+) -> Result<LocalManifest, String> {
+    let started = std::time::Instant::now();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (local, stats, warnings) =
+        syncd_fsops::scan(path, chunker, excludes, previous, threads).map_err(|e| e.to_string())?;
+    for w in &warnings {
+        tracing::warn!(folder = %name, "{w}");
+    }
+    tracing::info!(
+        folder = %name,
+        entries = local.manifest.len(),
+        hashed_files = stats.hashed_files,
+        hashed_bytes = stats.hashed_bytes,
+        reused_files = stats.reused_files,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "scanned"
+    );
+    Ok(local)
+}

@@ -1,0 +1,281 @@
+//! The agent's side of a connection: handshake, join, then receive and apply generations;
+//! reconnect with backoff when anything fails.
+
+use std::time::{Duration, Instant};
+
+use syncd_manifest::{Chunker, Manifest};
+use syncd_proto::{
+    AgentMsg, Base, Generation, HELLO_LEN, Hello, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg,
+    UpdateAssembler, close,
+};
+use syncd_transport::{Conn, Endpoint, RecvStream, SendStream, TransportError};
+use tokio::sync::watch;
+
+use crate::apply::{self, ApplyError, ApplyStats, Target};
+use crate::{Agent, AgentError};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// How a session ended, other than by an error.
+enum End {
+    Shutdown,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("manager sent {0} out of place")]
+    Unexpected(&'static str),
+    #[error("manager ended the control stream")]
+    Ended,
+    #[error("{0}")]
+    Protocol(String),
+}
+
+pub(crate) async fn run(mut agent: Agent, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    let endpoint = Endpoint::client(&agent.identity, agent.config.manager_addr)?;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let started = Instant::now();
+        // The session watches `shutdown` itself, between frames: an apply in progress is
+        // finished, never cut off in the middle of its renames.
+        let result = session(&mut agent, &endpoint, &mut shutdown).await;
+        agent.status.send_modify(|s| s.connected = false);
+        match result {
+            Ok(End::Shutdown) => break,
+            Err(e) => {
+                tracing::warn!(manager = %agent.config.manager_addr, error = %e, "session with the manager ended; reconnecting");
+                agent.status.send_modify(|s| s.last_error = Some(e.to_string()));
+            }
+        }
+        if started.elapsed() > BACKOFF_MAX {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => break,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+    endpoint.close(close::SHUTDOWN, "agent shutting down");
+    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await.ok();
+    Ok(())
+}
+
+async fn session(agent: &mut Agent, endpoint: &Endpoint, shutdown: &mut watch::Receiver<bool>) -> Result<End, SessionError> {
+    let addr = agent.config.manager_addr;
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(&agent.identity, addr, agent.config.manager_id));
+    let conn = tokio::select! {
+        c = connect => c.map_err(|_| TransportError::Connect(format!("no answer from {addr} within {CONNECT_TIMEOUT:?}")))??,
+        _ = shutdown.changed() => return Ok(End::Shutdown),
+    };
+    let (mut tx, mut rx) = conn.open_bi().await?;
+    handshake(&conn, &mut tx, &mut rx).await?;
+
+    tx.send(
+        &AgentMsg::Join {
+            node_name: agent.config.node_name.clone(),
+            software: env!("CARGO_PKG_VERSION").to_owned(),
+            applied: agent.state.applied,
+            folders: agent.folders.iter().map(|f| f.state()).collect(),
+        },
+        MAX_REQUEST_FRAME,
+    )
+    .await?;
+    match rx.expect::<ManagerMsg>(MAX_CONTROL_FRAME).await {
+        Ok(ManagerMsg::Welcome { manager_name, software, folders }) => {
+            for f in &agent.folders {
+                if !folders.contains(&f.name) {
+                    tracing::warn!(folder = %f.name, manager = %manager_name, "the manager does not publish this folder; it will not be synced");
+                }
+            }
+            tracing::info!(manager = %manager_name, %addr, version = %software, "connected to the manager");
+        }
+        Ok(_) => return Err(protocol_violation(&conn, SessionError::Unexpected("a message before Welcome"))),
+        Err(e) => return Err(e.into()),
+    }
+    agent.status.send_modify(|s| {
+        s.connected = true;
+        s.last_error = None;
+    });
+
+    let mut updates: Vec<(syncd_proto::ManagerMsg, UpdateAssembler)> = Vec::new();
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv::<ManagerMsg>(MAX_CONTROL_FRAME) => m,
+            _ = shutdown.changed() => {
+                conn.close(close::SHUTDOWN, "agent shutting down");
+                return Ok(End::Shutdown);
+            }
+        };
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(SessionError::Ended),
+            Err(e @ TransportError::Decode(_)) => return Err(protocol_violation(&conn, e.into())),
+            Err(e) => return Err(e.into()),
+        };
+        match msg {
+            header @ ManagerMsg::Update { .. } => updates.push((header, UpdateAssembler::new())),
+            ManagerMsg::Changes(page) => {
+                let (_, asm) = updates
+                    .last_mut()
+                    .ok_or_else(|| protocol_violation(&conn, SessionError::Unexpected("Changes before Update")))?;
+                asm.push_changes(page)
+                    .map_err(|e| protocol_violation(&conn, SessionError::Protocol(e.to_string())))?;
+            }
+            ManagerMsg::MoreChunks(chunks) => {
+                let (_, asm) = updates
+                    .last_mut()
+                    .ok_or_else(|| protocol_violation(&conn, SessionError::Unexpected("MoreChunks before Update")))?;
+                asm.push_chunks(chunks)
+                    .map_err(|e| protocol_violation(&conn, SessionError::Protocol(e.to_string())))?;
+            }
+            ManagerMsg::UpdateEnd { generation } => {
+                let reply = apply_generation(agent, &conn, generation, std::mem::take(&mut updates)).await;
+                tx.send(&reply, MAX_REQUEST_FRAME).await?;
+            }
+            ManagerMsg::Welcome { .. } => {
+                return Err(protocol_violation(&conn, SessionError::Unexpected("a second Welcome")));
+            }
+        }
+    }
+}
+
+/// Closes the connection telling the manager why, and returns the error for the log.
+fn protocol_violation(conn: &Conn, e: SessionError) -> SessionError {
+    conn.close(close::PROTOCOL_ERROR, &e.to_string());
+    e
+}
+
+async fn handshake(conn: &Conn, tx: &mut SendStream, rx: &mut RecvStream) -> Result<u16, SessionError> {
+    tx.write_all(&Hello::OURS.encode()).await?;
+    let mut bytes = [0u8; HELLO_LEN];
+    rx.read_exact(&mut bytes).await?;
+    let theirs = Hello::decode(&bytes).map_err(TransportError::from)?;
+    match Hello::OURS.negotiate(&theirs) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot talk to this manager; upgrade one side");
+            conn.close(close::VERSION_MISMATCH, &e.to_string());
+            Err(TransportError::from(e).into())
+        }
+    }
+}
+
+/// Applies one generation and returns the reply for the manager.
+async fn apply_generation(
+    agent: &mut Agent,
+    conn: &Conn,
+    generation: Generation,
+    updates: Vec<(ManagerMsg, UpdateAssembler)>,
+) -> AgentMsg {
+    let started = Instant::now();
+    let mut stats = ApplyStats::default();
+    let result = match prepare(agent, updates) {
+        Ok(targets) if targets.is_empty() => Ok(Vec::new()),
+        Ok(targets) => apply::apply(conn, &agent.folders, targets, &mut stats).await,
+        Err(e) => Err(e),
+    };
+    agent.status.send_modify(|s| {
+        s.bytes_fetched += stats.bytes_fetched;
+        s.bytes_reused += stats.bytes_reused;
+        s.files_written += stats.files_written;
+    });
+    match result {
+        Ok(locals) => {
+            for (i, local) in locals {
+                agent.folders[i].local = local;
+            }
+            agent.state.applied = generation;
+            agent.state.folders = agent.folders.iter().map(|f| (f.name.clone(), f.local.clone())).collect();
+            if let Err(e) = agent.state.save(&agent.config.state_dir) {
+                // The folders are right; only the record is behind. A restart rescans.
+                tracing::error!(error = %e, "cannot record the applied generation");
+            }
+            agent.status.send_modify(|s| {
+                s.applied = generation;
+                s.last_error = None;
+            });
+            tracing::info!(
+                %generation,
+                files_written = stats.files_written,
+                removed = stats.removed,
+                bytes_fetched = stats.bytes_fetched,
+                bytes_reused = stats.bytes_reused,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "applied generation"
+            );
+            AgentMsg::Applied {
+                generation,
+                folders: agent.folders.iter().map(|f| f.state()).collect(),
+            }
+        }
+        Err(e) => {
+            tracing::error!(%generation, error = %e, "could not apply generation");
+            if matches!(e, ApplyError::Commit { .. }) {
+                // Part of the generation may be in place: learn what the folders hold now.
+                for f in &mut agent.folders {
+                    let chunker = Chunker::new(f.local.manifest.params).expect("params of a held manifest are valid");
+                    if let Err(e) = f.rescan(&chunker) {
+                        tracing::error!(folder = %f.name, error = %e, "rescan after a failed apply failed");
+                    }
+                }
+            }
+            agent.status.send_modify(|s| s.last_error = Some(e.to_string()));
+            AgentMsg::Failed {
+                generation,
+                reason: e.to_string(),
+                folders: agent.folders.iter().map(|f| f.state()).collect(),
+            }
+        }
+    }
+}
+
+/// Rebuilds each folder's target manifest from the update and checks it.
+fn prepare(agent: &mut Agent, updates: Vec<(ManagerMsg, UpdateAssembler)>) -> Result<Vec<Target>, ApplyError> {
+    let mut targets = Vec::new();
+    for (header, asm) in updates {
+        let ManagerMsg::Update { folder, params, base, target, .. } = header else {
+            unreachable!("only Update headers are collected")
+        };
+        let Some(i) = agent.folders.iter().position(|f| f.name == folder) else {
+            tracing::debug!(%folder, "ignoring an update for a folder this node does not sync");
+            continue;
+        };
+        let invalid = |source| ApplyError::Invalid { folder: folder.clone(), source };
+        let chunker = Chunker::new(params).map_err(|_| ApplyError::Protocol(format!("folder {folder}: invalid chunk parameters {params:?}")))?;
+        let local = &mut agent.folders[i];
+        if local.local.manifest.params != params {
+            tracing::info!(%folder, ?params, "manager uses other chunk parameters; rescanning to match");
+            local.rescan(&chunker).map_err(|e| ApplyError::Stage { path: folder.clone(), source: std::io::Error::other(e) })?;
+        }
+        let mut manifest = match base {
+            Base::Full => Manifest::new(params),
+            Base::Delta { from } if from == local.digest() => local.local.manifest.clone(),
+            Base::Delta { .. } => return Err(ApplyError::BaseMismatch { folder }),
+        };
+        manifest.apply(&asm.finish());
+        manifest.validate().map_err(invalid)?;
+        if manifest.digest() != target {
+            return Err(ApplyError::DigestMismatch { folder });
+        }
+        // What this node excludes is never touched, whatever the manager publishes.
+        let excluded: Vec<_> = manifest
+            .iter()
+            .filter(|(p, n)| local.excludes.is_excluded(p, n.is_dir()))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in excluded {
+            manifest.remove(&p);
+        }
+        targets.push(Target { folder: i, manifest });
+    }
+    Ok(targets)
+}

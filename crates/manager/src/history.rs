@@ -1,0 +1,123 @@
+//! Recent generations' changes per folder, so an agent a few generations behind receives only
+//! what changed since the version it holds instead of the whole manifest.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use syncd_manifest::{Change, ManifestDigest, RelPath};
+
+/// Generations remembered.
+const MAX_GENERATIONS: usize = 256;
+/// Changes remembered in all (a bound on memory; an agent further behind gets a full manifest).
+const MAX_CHANGES: usize = 500_000;
+
+/// One folder's step from one version to the next.
+#[derive(Debug, Clone)]
+pub(crate) struct Step {
+    pub from: ManifestDigest,
+    pub to: ManifestDigest,
+    pub changes: Arc<Vec<Change>>,
+}
+
+/// Steps of recent generations, oldest first.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct History {
+    entries: VecDeque<BTreeMap<String, Step>>,
+    changes: usize,
+}
+
+impl History {
+    /// Records one generation's steps.
+    pub(crate) fn push(&mut self, steps: BTreeMap<String, Step>) {
+        self.changes += steps.values().map(|s| s.changes.len()).sum::<usize>();
+        self.entries.push_back(steps);
+        while self.entries.len() > MAX_GENERATIONS || (self.changes > MAX_CHANGES && self.entries.len() > 1) {
+            if let Some(old) = self.entries.pop_front() {
+                self.changes -= old.values().map(|s| s.changes.len()).sum::<usize>();
+            }
+        }
+    }
+
+    /// The changes that turn `folder` from version `from` into version `to` (its current one),
+    /// merged so each path appears once, in path order; `None` if the history does not reach
+    /// back to `from`.
+    pub(crate) fn delta(&self, folder: &str, from: ManifestDigest, to: ManifestDigest) -> Option<Vec<Change>> {
+        if from == to {
+            return Some(Vec::new());
+        }
+        // Walk back from the current version until `from`, following the chain of digests.
+        let mut want = to;
+        let mut steps = Vec::new();
+        for entry in self.entries.iter().rev() {
+            let Some(step) = entry.get(folder) else { continue };
+            if step.to != want {
+                return None;
+            }
+            steps.push(step);
+            if step.from == from {
+                let mut merged: BTreeMap<RelPath, Change> = BTreeMap::new();
+                for step in steps.iter().rev() {
+                    for c in step.changes.iter() {
+                        merged.insert(c.path().clone(), c.clone());
+                    }
+                }
+                return Some(merged.into_values().collect());
+            }
+            want = step.from;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use syncd_manifest::{Manifest, Mtime, Node, NodeKind, diff};
+
+    use super::*;
+
+    fn dir(secs: i64) -> Node {
+        Node {
+            kind: NodeKind::Dir,
+            mode: 0o755,
+            mtime: Mtime { secs, nanos: 0 },
+        }
+    }
+
+    #[test]
+    fn a_delta_over_several_generations_equals_the_direct_diff() {
+        let p = |s: &str| RelPath::new(s).unwrap();
+        let mut versions = vec![Manifest::default()];
+        let mut m = Manifest::default();
+        m.insert(p("a"), dir(1));
+        versions.push(m.clone());
+        m.insert(p("b"), dir(2));
+        versions.push(m.clone());
+        m.remove(&p("a"));
+        m.insert(p("b"), dir(3));
+        versions.push(m.clone());
+
+        let mut h = History::default();
+        for w in versions.windows(2) {
+            let mut steps = BTreeMap::new();
+            steps.insert(
+                "f".to_owned(),
+                Step {
+                    from: w[0].digest(),
+                    to: w[1].digest(),
+                    changes: Arc::new(diff(&w[0], &w[1])),
+                },
+            );
+            h.push(steps);
+        }
+        let last = versions.last().unwrap();
+        for (i, v) in versions.iter().enumerate() {
+            let delta = h.delta("f", v.digest(), last.digest()).unwrap();
+            let mut rebuilt = v.clone();
+            rebuilt.apply(&delta);
+            assert_eq!(&rebuilt, last, "from version {i}");
+        }
+        let stranger = Manifest::from_iter([(p("zzz"), dir(9))]);
+        assert!(h.delta("f", stranger.digest(), last.digest()).is_none());
+        assert!(h.delta("other", versions[0].digest(), last.digest()).is_none());
+    }
+}

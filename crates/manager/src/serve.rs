@@ -1,0 +1,508 @@
+//! Serving agents: the accept loop, one task per agent connection (handshake, join, sending
+//! generations, receiving acknowledgements), and one task per fetch stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use syncd_manifest::{Change, ChunkHash, ManifestDigest};
+use syncd_proto::{
+    AgentMsg, Base, ChunkEncoding, FetchReply, FetchRequest, FolderState, Generation, HELLO_LEN,
+    Hello, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg, close, paginate,
+};
+use syncd_transport::{Conn, Endpoint, Incoming, NodeId, RecvStream, SendStream, TransportError};
+use tokio::sync::{mpsc, watch};
+
+use crate::control::{Command, Snapshot};
+use crate::{ManagerConfig, ManagerStatus};
+
+/// Time an agent has to complete the hello and join after connecting.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait before resending a generation an agent failed to apply.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Bytes read from disk per blocking call when serving chunks.
+const READ_BATCH: usize = 4 << 20;
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    config: Arc<ManagerConfig>,
+    names: HashMap<NodeId, String>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    status: Arc<watch::Sender<ManagerStatus>>,
+    commands: mpsc::Sender<Command>,
+    /// The live connection of each agent, so a reconnecting agent replaces its old one.
+    live: std::sync::Mutex<HashMap<NodeId, (u64, Conn)>>,
+    serial: AtomicU64,
+}
+
+impl Ctx {
+    pub(crate) fn new(
+        config: Arc<ManagerConfig>,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        status: Arc<watch::Sender<ManagerStatus>>,
+        commands: mpsc::Sender<Command>,
+    ) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            names: config.agents.iter().map(|a| (a.id, a.name.clone())).collect(),
+            config,
+            snapshots,
+            status,
+            commands,
+            live: Default::default(),
+            serial: AtomicU64::new(0),
+        })
+    }
+
+    fn update_agent(&self, name: &str, f: impl FnOnce(&mut crate::AgentView)) {
+        self.status.send_modify(|s| {
+            if let Some(v) = s.agents.get_mut(name) {
+                f(v);
+            }
+        });
+    }
+}
+
+/// Accepts connections until shutdown, then closes them all.
+pub(crate) async fn accept_loop(ctx: Arc<Ctx>, endpoint: Endpoint, mut shutdown: watch::Receiver<bool>) {
+    tracing::info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "manager listening");
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.changed() => None,
+        };
+        let Some(incoming) = incoming else { break };
+        let ctx = Arc::clone(&ctx);
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { serve_agent(ctx, incoming, shutdown).await });
+        // Reap finished tasks so the set does not grow with reconnections.
+        while tasks.try_join_next().is_some() {}
+    }
+    endpoint.close(close::SHUTDOWN, "manager shutting down");
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await.ok();
+}
+
+/// Why an agent's session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("agent did not complete its join within {JOIN_TIMEOUT:?}")]
+    JoinTimeout,
+}
+
+async fn serve_agent(ctx: Arc<Ctx>, incoming: Incoming, mut shutdown: watch::Receiver<bool>) {
+    let from = incoming.remote_addr();
+    let conn = match incoming.accept().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%from, error = %e, "refused a connection");
+            return;
+        }
+    };
+    let name = ctx.names.get(&conn.peer_id()).cloned().unwrap_or_default();
+    let serial = ctx.serial.fetch_add(1, Ordering::Relaxed);
+    let result = tokio::select! {
+        r = session(&ctx, &conn, &name, serial) => r,
+        _ = shutdown.changed() => {
+            conn.close(close::SHUTDOWN, "manager shutting down");
+            Ok(())
+        }
+    };
+    let mut live = ctx.live.lock().expect("the live map is never poisoned");
+    let current = live.get(&conn.peer_id()).is_some_and(|(s, _)| *s == serial);
+    if current {
+        live.remove(&conn.peer_id());
+    }
+    drop(live);
+    if current {
+        ctx.update_agent(&name, |v| {
+            v.connected = false;
+            v.syncing = false;
+            v.addr = None;
+        });
+    }
+    match result {
+        Ok(()) => tracing::info!(agent = %name, %from, "agent disconnected"),
+        Err(e) => {
+            tracing::warn!(agent = %name, %from, error = %e, "agent session ended");
+            if current || matches!(e, SessionError::Refused(_)) {
+                ctx.update_agent(&name, |v| v.last_error = Some(e.to_string()));
+            }
+        }
+    }
+}
+
+async fn session(ctx: &Arc<Ctx>, conn: &Conn, name: &str, serial: u64) -> Result<(), SessionError> {
+    let (mut tx, mut rx, join) = tokio::time::timeout(JOIN_TIMEOUT, handshake(conn, name))
+        .await
+        .map_err(|_| {
+            conn.close(close::PROTOCOL_ERROR, "no join within the time limit");
+            SessionError::JoinTimeout
+        })??;
+    let AgentMsg::Join { applied, folders, software, .. } = join else {
+        unreachable!("handshake returns a Join")
+    };
+    if let Some((_, old)) = ctx
+        .live
+        .lock()
+        .expect("the live map is never poisoned")
+        .insert(conn.peer_id(), (serial, conn.clone()))
+    {
+        old.close(close::REPLACED, "replaced by a newer connection from the same agent");
+    }
+    let snapshot = ctx.snapshots.borrow().clone();
+    tx.send(
+        &ManagerMsg::Welcome {
+            manager_name: ctx.config.node_name.clone(),
+            software: env!("CARGO_PKG_VERSION").to_owned(),
+            folders: snapshot.folders.keys().cloned().collect(),
+        },
+        MAX_CONTROL_FRAME,
+    )
+    .await?;
+    tracing::info!(agent = %name, addr = %conn.remote_addr(), version = %software, applied = %applied, "agent joined");
+    ctx.update_agent(name, |v| {
+        v.connected = true;
+        v.addr = Some(conn.remote_addr());
+        v.applied = applied;
+        v.last_seen = Some(SystemTime::now());
+    });
+
+    let fetches = tokio::spawn(serve_fetches(Arc::clone(ctx), conn.clone()));
+    let result = feed(ctx, conn, name, &mut tx, &mut rx, applied, folders).await;
+    fetches.abort();
+    result
+}
+
+/// Hello exchange and join; returns the control stream and the `Join`.
+async fn handshake(conn: &Conn, name: &str) -> Result<(SendStream, RecvStream, AgentMsg), SessionError> {
+    let (mut tx, mut rx) = conn.accept_bi().await?;
+    let mut bytes = [0u8; HELLO_LEN];
+    rx.read_exact(&mut bytes).await?;
+    // Our hello goes out whatever theirs says, so the agent can report both versions too.
+    tx.write_all(&Hello::OURS.encode()).await?;
+    let theirs = Hello::decode(&bytes).map_err(|e| refuse(conn, close::PROTOCOL_ERROR, e.to_string()))?;
+    if let Err(e) = Hello::OURS.negotiate(&theirs) {
+        return Err(refuse(conn, close::VERSION_MISMATCH, format!("agent {name}: {e}")));
+    }
+    let join = match rx.expect::<AgentMsg>(MAX_REQUEST_FRAME).await {
+        Ok(j @ AgentMsg::Join { .. }) => j,
+        Ok(_) => return Err(refuse(conn, close::PROTOCOL_ERROR, "expected Join".into())),
+        Err(TransportError::Decode(e)) => return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string())),
+        Err(e) => return Err(e.into()),
+    };
+    if let AgentMsg::Join { node_name, .. } = &join
+        && node_name != name
+    {
+        return Err(refuse(
+            conn,
+            close::NOT_ALLOWED,
+            format!("this node ID is configured as agent {name:?}, but the agent calls itself {node_name:?}"),
+        ));
+    }
+    Ok((tx, rx, join))
+}
+
+fn refuse(conn: &Conn, code: u32, reason: String) -> SessionError {
+    conn.close(code, &reason);
+    SessionError::Refused(reason)
+}
+
+/// Sends the agent every generation it lacks, one at a time, waiting for each to be applied.
+async fn feed(
+    ctx: &Ctx,
+    conn: &Conn,
+    name: &str,
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+    mut applied: Generation,
+    folders: Vec<FolderState>,
+) -> Result<(), SessionError> {
+    let mut held: BTreeMap<String, ManifestDigest> = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
+    let mut snapshots = ctx.snapshots.clone();
+    // On joining, folders are compared by content: an agent that reports the current generation
+    // but holds something else (changed while it was away) is sent the difference once.
+    let mut compare_content = true;
+    let mut retry = Duration::from_secs(1);
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        let differs = snap
+            .folders
+            .iter()
+            .any(|(f, s)| held.get(f).is_some_and(|d| *d != s.digest));
+        let due = retry_at.is_none_or(|t| t <= tokio::time::Instant::now());
+        if due && (applied != snap.generation || (compare_content && differs)) {
+            compare_content = false;
+            send_generation(tx, &snap, &held).await?;
+            ctx.update_agent(name, |v| v.syncing = true);
+            // Wait for the verdict; newer generations wait until then.
+            let reply = loop {
+                match rx.recv::<AgentMsg>(MAX_REQUEST_FRAME).await {
+                    Ok(Some(m)) => break m,
+                    Ok(None) => return Ok(()),
+                    Err(TransportError::Decode(e)) => return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string())),
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            match reply {
+                AgentMsg::Applied { generation, folders } => {
+                    applied = generation;
+                    held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
+                    retry = Duration::from_secs(1);
+                    retry_at = None;
+                    let mismatched: Vec<&String> = snap
+                        .folders
+                        .iter()
+                        .filter(|(f, s)| held.get(*f).is_some_and(|d| *d != s.digest))
+                        .map(|(f, _)| f)
+                        .collect();
+                    if !mismatched.is_empty() {
+                        tracing::warn!(agent = %name, folders = ?mismatched, "agent applied the generation but its folders differ from the manager's (different exclude patterns?)");
+                    }
+                    tracing::info!(agent = %name, %generation, "agent applied generation");
+                    ctx.update_agent(name, |v| {
+                        v.applied = generation;
+                        v.syncing = false;
+                        v.last_error = None;
+                        v.last_seen = Some(SystemTime::now());
+                    });
+                }
+                AgentMsg::Failed { generation, reason, folders } => {
+                    held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
+                    compare_content = true;
+                    tracing::warn!(agent = %name, %generation, %reason, retry_in = ?retry, "agent could not apply generation");
+                    retry_at = Some(tokio::time::Instant::now() + retry);
+                    retry = (retry * 2).min(RETRY_MAX);
+                    ctx.update_agent(name, |v| {
+                        v.syncing = false;
+                        v.last_error = Some(reason);
+                        v.last_seen = Some(SystemTime::now());
+                    });
+                }
+                AgentMsg::Join { .. } => return Err(refuse(conn, close::PROTOCOL_ERROR, "second Join".into())),
+            }
+            continue;
+        }
+        let wake = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                // A new generation supersedes a pending retry.
+                retry_at = None;
+            }
+            _ = wake => {}
+            msg = rx.recv::<AgentMsg>(MAX_REQUEST_FRAME) => match msg {
+                Ok(None) => return Ok(()),
+                Ok(Some(_)) => return Err(refuse(conn, close::PROTOCOL_ERROR, "message while no generation was pending".into())),
+                Err(TransportError::Decode(e)) => return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string())),
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
+}
+
+/// Sends one generation: for each folder the agent holds differently, the changes from what it
+/// holds (a delta when history reaches back to it, else the whole manifest).
+async fn send_generation(
+    tx: &mut SendStream,
+    snap: &Snapshot,
+    held: &BTreeMap<String, ManifestDigest>,
+) -> Result<(), TransportError> {
+    for (folder, fs) in &snap.folders {
+        let Some(&have) = held.get(folder) else { continue };
+        if have == fs.digest {
+            continue;
+        }
+        let manifest = &fs.local.manifest;
+        let (base, changes) = match snap.history.delta(folder, have, fs.digest) {
+            Some(delta) => (Base::Delta { from: have }, delta),
+            None => (
+                Base::Full,
+                manifest.iter().map(|(p, n)| Change::Put(p.clone(), n.clone())).collect(),
+            ),
+        };
+        tx.send(
+            &ManagerMsg::Update {
+                generation: snap.generation,
+                folder: folder.clone(),
+                params: manifest.params,
+                base,
+                target: fs.digest,
+            },
+            MAX_CONTROL_FRAME,
+        )
+        .await?;
+        for page in paginate(changes) {
+            tx.send(&page, MAX_CONTROL_FRAME).await?;
+        }
+    }
+    tx.send(
+        &ManagerMsg::UpdateEnd {
+            generation: snap.generation,
+        },
+        MAX_CONTROL_FRAME,
+    )
+    .await
+}
+
+/// Accepts the agent's fetch streams and serves each on its own task.
+async fn serve_fetches(ctx: Arc<Ctx>, conn: Conn) {
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Ok((tx, rx)) = conn.accept_bi().await {
+        let ctx = Arc::clone(&ctx);
+        let conn = conn.clone();
+        tasks.spawn(async move {
+            if let Err(e) = serve_fetch(&ctx, tx, rx).await {
+                if let FetchError::Protocol(reason) = &e {
+                    conn.close(close::PROTOCOL_ERROR, reason);
+                }
+                tracing::debug!(error = %e, "fetch stream ended");
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Answers one fetch request: each asked-for chunk, read from disk and checked against its hash,
+/// in the order asked; `Gone` (and the end of the reply) for a file that changed since.
+async fn serve_fetch(ctx: &Ctx, mut tx: SendStream, mut rx: RecvStream) -> Result<(), FetchError> {
+    let req: FetchRequest = match rx.expect(MAX_REQUEST_FRAME).await {
+        Ok(r) => r,
+        Err(TransportError::Decode(e)) => return Err(FetchError::Protocol(format!("bad fetch request: {e}"))),
+        Err(e) => return Err(e.into()),
+    };
+    let snap = ctx.snapshots.borrow().clone();
+    let Some(folder) = snap.folders.get(&req.folder) else {
+        return Err(FetchError::Protocol(format!("fetch from unknown folder {:?}", req.folder)));
+    };
+    let mut served = 0u64;
+    for file in req.files {
+        let content = folder
+            .local
+            .manifest
+            .get(&file.path)
+            .and_then(|n| n.file())
+            .filter(|f| f.hash == file.hash);
+        let Some(content) = content else {
+            tx.send(
+                &FetchReply::Gone {
+                    path: file.path.clone(),
+                    reason: "no longer published in that version".into(),
+                },
+                MAX_CONTROL_FRAME,
+            )
+            .await?;
+            tx.finish();
+            return Ok(());
+        };
+        let mut offsets = Vec::with_capacity(content.chunks.len());
+        let mut at = 0u64;
+        for c in &content.chunks {
+            offsets.push(at);
+            at += c.len as u64;
+        }
+        let mut wanted = Vec::with_capacity(file.chunks.len());
+        for &i in &file.chunks {
+            let c = content
+                .chunks
+                .get(i as usize)
+                .ok_or_else(|| FetchError::Protocol(format!("{}: no chunk {i}", file.path)))?;
+            wanted.push((offsets[i as usize], c.len, c.hash));
+        }
+        // Read in batches on the blocking pool; send as they come.
+        let root = Arc::clone(&folder.root);
+        let path = file.path.clone();
+        let source = match tokio::task::spawn_blocking(move || root.open_file(&path))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                return gone(ctx, &mut tx, file.path, format!("cannot open: {e}")).await;
+            }
+        };
+        let mut start = 0;
+        while start < wanted.len() {
+            let mut end = start;
+            let mut bytes = 0usize;
+            while end < wanted.len() && (end == start || bytes < READ_BATCH) {
+                bytes += wanted[end].1 as usize;
+                end += 1;
+            }
+            let batch: Vec<(u64, u32, ChunkHash)> = wanted[start..end].to_vec();
+            let source = Arc::clone(&source);
+            let read = tokio::task::spawn_blocking(move || read_chunks(&source, &batch))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            let chunks = match read {
+                Ok(c) => c,
+                Err(reason) => return gone(ctx, &mut tx, file.path, reason).await,
+            };
+            for data in chunks {
+                tx.send(
+                    &FetchReply::Chunk {
+                        len: data.len() as u32,
+                        encoding: ChunkEncoding::Raw,
+                    },
+                    MAX_CONTROL_FRAME,
+                )
+                .await?;
+                served += data.len() as u64;
+                tx.write_bytes(data).await?;
+            }
+            start = end;
+        }
+    }
+    tx.finish();
+    ctx.status.send_modify(|s| s.bytes_served += served);
+    Ok(())
+}
+
+/// Reads and checks chunks; an error names the first that no longer matches.
+fn read_chunks(file: &std::fs::File, batch: &[(u64, u32, ChunkHash)]) -> Result<Vec<Bytes>, String> {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::with_capacity(batch.len());
+    for &(offset, len, hash) in batch {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| format!("read at {offset}: {e}"))?;
+        if ChunkHash::of(&buf) != hash {
+            return Err(format!("changed on disk since it was scanned (chunk at {offset})"));
+        }
+        out.push(Bytes::from(buf));
+    }
+    Ok(out)
+}
+
+/// Tells the agent a file is gone, and asks for a rescan: the disk has moved on.
+async fn gone(ctx: &Ctx, tx: &mut SendStream, path: syncd_manifest::RelPath, reason: String) -> Result<(), FetchError> {
+    tracing::info!(%path, %reason, "file changed since it was published; rescanning");
+    let _ = ctx.commands.try_send(Command::Rescan(None));
+    tx.send(&FetchReply::Gone { path, reason }, MAX_CONTROL_FRAME).await?;
+    tx.finish();
+    Ok(())
+}

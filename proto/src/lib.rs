@@ -12,8 +12,8 @@ mod messages;
 mod update;
 
 pub use codec::{
-    DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, decode,
-    encode_frame, encoded_len, frame_len, MAX_STATE_FILE, encode_state, decode_state,
+    DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
+    MAX_STATE_FILE, decode, decode_state, encode_frame, encode_state, encoded_len, frame_len,
 };
 pub use hello::{ALPN, HELLO_LEN, Hello, HelloError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 pub use messages::{

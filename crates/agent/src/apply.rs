@@ -62,7 +62,9 @@ pub enum ApplyError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The manager no longer has the file version being fetched (it changed since).
-    #[error("{path}: changed on the manager since it was published ({reason}); waiting for the next generation")]
+    #[error(
+        "{path}: changed on the manager since it was published ({reason}); waiting for the next generation"
+    )]
     Gone {
         /// The file.
         path: RelPath,
@@ -128,8 +130,16 @@ struct StageJob {
 /// Where a chunk already exists on this node.
 #[derive(Debug, Clone)]
 enum Source {
-    Live { folder: usize, path: RelPath, offset: u64 },
-    Staged { folder: usize, name: String, offset: u64 },
+    Live {
+        folder: usize,
+        path: RelPath,
+        offset: u64,
+    },
+    Staged {
+        folder: usize,
+        name: String,
+        offset: u64,
+    },
 }
 
 /// Applies `targets` to `folders`: stages everything, syncs, renames, deletes, and returns the
@@ -173,10 +183,14 @@ pub(crate) async fn apply(
     let mut stagings: HashMap<usize, Arc<Staging>> = HashMap::new();
     for job in &jobs {
         if let std::collections::hash_map::Entry::Vacant(e) = stagings.entry(job.folder) {
-            let staging = folders[job.folder].root.staging().map_err(|source| ApplyError::Stage {
-                path: folders[job.folder].root.path().display().to_string(),
-                source,
-            })?;
+            let staging =
+                folders[job.folder]
+                    .root
+                    .staging()
+                    .map_err(|source| ApplyError::Stage {
+                        path: folders[job.folder].root.path().display().to_string(),
+                        source,
+                    })?;
             e.insert(Arc::new(staging));
         }
     }
@@ -188,7 +202,10 @@ pub(crate) async fn apply(
     }
 
     // Everything staged is made durable before the first rename.
-    let roots: Vec<Arc<FolderRoot>> = stagings.keys().map(|&i| Arc::clone(&folders[i].root)).collect();
+    let roots: Vec<Arc<FolderRoot>> = stagings
+        .keys()
+        .map(|&i| Arc::clone(&folders[i].root))
+        .collect();
     blocking(move || {
         for root in roots {
             root.sync_filesystem().map_err(|source| ApplyError::Stage {
@@ -219,7 +236,14 @@ pub(crate) async fn apply(
             .collect();
         let old = folder.local.clone();
         let (local, commit_stats) = blocking(move || {
-            commit_folder(&root, staging.as_deref(), &old, target.manifest, &changes, &names)
+            commit_folder(
+                &root,
+                staging.as_deref(),
+                &old,
+                target.manifest,
+                &changes,
+                &names,
+            )
         })
         .await?;
         stats.files_written += commit_stats.files_written;
@@ -309,11 +333,20 @@ async fn stage_all(
     while start < jobs.len() {
         let mut end = start;
         let mut bytes = 0u64;
-        while end < jobs.len() && end - start < BATCH_FILES && (end == start || bytes < BATCH_BYTES) {
+        while end < jobs.len() && end - start < BATCH_FILES && (end == start || bytes < BATCH_BYTES)
+        {
             bytes += jobs[end].content.size;
             end += 1;
         }
-        stage_batch(conn, folders, stagings, &mut jobs[start..end], &index, stats).await?;
+        stage_batch(
+            conn,
+            folders,
+            stagings,
+            &mut jobs[start..end],
+            &index,
+            stats,
+        )
+        .await?;
         // Files staged in this batch are sources for the next ones.
         for job in &jobs[start..end] {
             let name = job.staged.clone().expect("a staged batch names every file");
@@ -349,7 +382,10 @@ async fn stage_batch(
     for job in jobs.iter_mut() {
         let staging = &stagings[&job.folder];
         let staged = staging.create().map_err(stage_err(&job.path))?;
-        staged.file.set_len(job.content.size).map_err(stage_err(&job.path))?;
+        staged
+            .file
+            .set_len(job.content.size)
+            .map_err(stage_err(&job.path))?;
         job.staged = Some(staged.name().to_owned());
         dests.push(Dest {
             file: staged.file,
@@ -394,7 +430,8 @@ async fn stage_batch(
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     };
-    let (reused, stale) = copy_result.map_err(|(path, source)| ApplyError::Stage { path, source })?;
+    let (reused, stale) =
+        copy_result.map_err(|(path, source)| ApplyError::Stage { path, source })?;
     stats.bytes_reused += reused;
     for (d, offset, hash) in stale {
         let job = &jobs[d];
@@ -426,7 +463,9 @@ async fn stage_batch(
             let wanted = Arc::clone(&wanted);
             in_flight.spawn(async move { fetch(&conn, req, &dests, &wanted).await });
         }
-        let Some(done) = in_flight.join_next().await else { break };
+        let Some(done) = in_flight.join_next().await else {
+            break;
+        };
         match done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())) {
             Ok(n) => fetched += n,
             Err(e) => {
@@ -447,7 +486,8 @@ async fn stage_batch(
             )));
         }
     }
-    let dests = Arc::try_unwrap(dests).map_err(|_| ApplyError::Protocol("a fetch task outlived its batch".into()))?;
+    let dests = Arc::try_unwrap(dests)
+        .map_err(|_| ApplyError::Protocol("a fetch task outlived its batch".into()))?;
     for (job, dest) in jobs.iter().zip(dests) {
         let staged = finish_staged(&dest.file, job.mode, job.mtime);
         staged.map_err(stage_err(&job.path))?;
@@ -490,17 +530,27 @@ fn copy_local(
     let mut stale = Vec::new();
     for (d, offset, len, hash, src) in copies {
         let (key, src_offset) = match &src {
-            Source::Live { folder, path, offset } => (format!("L{folder}/{path}"), *offset),
-            Source::Staged { folder, name, offset } => (format!("S{folder}/{name}"), *offset),
+            Source::Live {
+                folder,
+                path,
+                offset,
+            } => (format!("L{folder}/{path}"), *offset),
+            Source::Staged {
+                folder,
+                name,
+                offset,
+            } => (format!("S{folder}/{name}"), *offset),
         };
         let file = open.entry(key).or_insert_with(|| match &src {
             Source::Live { folder, path, .. } => roots[*folder].open_file(path).ok(),
-            Source::Staged { folder, name, .. } => stagings.get(folder).and_then(|s| s.open_staged(name).ok()),
+            Source::Staged { folder, name, .. } => {
+                stagings.get(folder).and_then(|s| s.open_staged(name).ok())
+            }
         });
         buf.resize(len as usize, 0);
-        let ok = file
-            .as_ref()
-            .is_some_and(|f| f.read_exact_at(&mut buf, src_offset).is_ok() && ChunkHash::of(&buf) == hash);
+        let ok = file.as_ref().is_some_and(|f| {
+            f.read_exact_at(&mut buf, src_offset).is_ok() && ChunkHash::of(&buf) == hash
+        });
         if !ok {
             stale.push((d, offset, hash));
             continue;
@@ -515,7 +565,11 @@ fn copy_local(
     Ok((reused, stale))
 }
 
-fn build_requests(folders: &[Folder], jobs: &[StageJob], lists: Vec<(usize, Vec<u32>)>) -> Vec<Request> {
+fn build_requests(
+    folders: &[Folder],
+    jobs: &[StageJob],
+    lists: Vec<(usize, Vec<u32>)>,
+) -> Vec<Request> {
     let mut out: Vec<Request> = Vec::new();
     let mut by_folder: HashMap<usize, Vec<(usize, Vec<u32>)>> = HashMap::new();
     for (d, list) in lists {
@@ -536,7 +590,8 @@ fn build_requests(folders: &[Folder], jobs: &[StageJob], lists: Vec<(usize, Vec<
         for (d, list) in by_folder.remove(&f).unwrap_or_default() {
             let job = &jobs[d];
             for piece in list.chunks(REQUEST_CHUNKS) {
-                if current.expect.len() + piece.len() > REQUEST_CHUNKS && !current.expect.is_empty() {
+                if current.expect.len() + piece.len() > REQUEST_CHUNKS && !current.expect.is_empty()
+                {
                     out.push(std::mem::replace(
                         &mut current,
                         Request {
@@ -602,10 +657,12 @@ async fn fetch(
                 // keeps the chunk buffer single and the stream flowing.
                 for &(d, offset) in wanted.get(hash).map(Vec::as_slice).unwrap_or(&[]) {
                     let dest = &dests[d];
-                    dest.file.write_all_at(&buf, offset).map_err(|source| ApplyError::Stage {
-                        path: dest.path.to_string(),
-                        source,
-                    })?;
+                    dest.file
+                        .write_all_at(&buf, offset)
+                        .map_err(|source| ApplyError::Stage {
+                            path: dest.path.to_string(),
+                            source,
+                        })?;
                     dest.written.fetch_add(*len as u64, Ordering::Relaxed);
                 }
             }
@@ -673,7 +730,9 @@ fn commit_folder(
                         .map_err(err(path))?;
                     stats.files_written += 1;
                 }
-                None => root.set_file_meta(path, node.mode, node.mtime).map_err(err(path))?,
+                None => root
+                    .set_file_meta(path, node.mode, node.mtime)
+                    .map_err(err(path))?,
             }
             touched.push(path.clone());
         }
@@ -707,7 +766,8 @@ fn commit_folder(
                 st.st_mode & 0o7777 == node.mode && syncd_fsops::mtime_of(&st) == node.mtime
             });
             if !matches {
-                root.set_dir_meta(path, node.mode, node.mtime).map_err(err(path))?;
+                root.set_dir_meta(path, node.mode, node.mtime)
+                    .map_err(err(path))?;
             }
         }
     }

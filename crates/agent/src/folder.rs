@@ -35,22 +35,30 @@ pub struct FolderError {
 impl Folder {
     /// Opens (creating if absent) the folder, clears what an interrupted apply left in its staging
     /// directory, and scans it, reusing hashes from `previous` where files are unchanged.
-    pub(crate) fn open(spec: &FolderSpec, chunker: &Chunker, previous: Option<&LocalManifest>) -> Result<Folder, FolderError> {
+    pub(crate) fn open(
+        spec: &FolderSpec,
+        chunker: &Chunker,
+        previous: Option<&LocalManifest>,
+    ) -> Result<Folder, FolderError> {
         let fail = |reason: String| FolderError {
             name: spec.name.clone(),
             path: spec.path.display().to_string(),
             reason,
         };
         if !spec.path.exists() {
-            std::fs::create_dir_all(&spec.path).map_err(|e| fail(format!("cannot create it: {e}")))?;
+            std::fs::create_dir_all(&spec.path)
+                .map_err(|e| fail(format!("cannot create it: {e}")))?;
             tracing::info!(folder = %spec.name, path = %spec.path.display(), "created the folder");
         }
         let root = Arc::new(FolderRoot::open(&spec.path).map_err(|e| fail(e.to_string()))?);
-        let leftovers = root.clear_staging().map_err(|e| fail(format!("cannot clear staging: {e}")))?;
+        let leftovers = root
+            .clear_staging()
+            .map_err(|e| fail(format!("cannot clear staging: {e}")))?;
         if leftovers > 0 {
             tracing::info!(folder = %spec.name, leftovers, "removed files staged by an interrupted apply");
         }
-        let local = scan(&spec.name, &spec.path, chunker, &spec.excludes, previous).map_err(fail)?;
+        let local =
+            scan(&spec.name, &spec.path, chunker, &spec.excludes, previous).map_err(fail)?;
         Ok(Folder {
             name: spec.name.clone(),
             root,
@@ -74,7 +82,13 @@ impl Folder {
 
     /// Rescans the folder (after a failed apply, whose effect on disk is partly unknown).
     pub(crate) fn rescan(&mut self, chunker: &Chunker) -> Result<(), String> {
-        self.local = scan(&self.name, self.root.path(), chunker, &self.excludes, Some(&self.local))?;
+        self.local = scan(
+            &self.name,
+            self.root.path(),
+            chunker,
+            &self.excludes,
+            Some(&self.local),
+        )?;
         Ok(())
     }
 }

@@ -91,7 +91,8 @@ impl Agent {
     /// left behind.
     pub fn open(config: AgentConfig, identity: Identity) -> Result<Agent, AgentError> {
         let mut state = AgentState::load(&config.state_dir);
-        let chunker = Chunker::new(ChunkParams::DEFAULT).expect("default chunk parameters are valid");
+        let chunker =
+            Chunker::new(ChunkParams::DEFAULT).expect("default chunk parameters are valid");
         let mut folders = Vec::new();
         for spec in &config.folders {
             let previous = state.folders.get(&spec.name);
@@ -100,11 +101,16 @@ impl Agent {
                 .unwrap_or_else(|| chunker.clone());
             folders.push(Folder::open(spec, &folder_chunker, previous)?);
         }
-        state.folders = folders.iter().map(|f| (f.name.clone(), f.local.clone())).collect();
-        state.save(&config.state_dir).map_err(|source| AgentError::State {
-            dir: config.state_dir.clone(),
-            source,
-        })?;
+        state.folders = folders
+            .iter()
+            .map(|f| (f.name.clone(), f.local.clone()))
+            .collect();
+        state
+            .save(&config.state_dir)
+            .map_err(|source| AgentError::State {
+                dir: config.state_dir.clone(),
+                source,
+            })?;
         let (status, _) = watch::channel(AgentStatus {
             applied: state.applied,
             ..AgentStatus::default()

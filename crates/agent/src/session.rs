@@ -36,7 +36,10 @@ enum SessionError {
     Protocol(String),
 }
 
-pub(crate) async fn run(mut agent: Agent, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+pub(crate) async fn run(
+    mut agent: Agent,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
     let endpoint = Endpoint::client(&agent.identity, agent.config.manager_addr)?;
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -52,7 +55,9 @@ pub(crate) async fn run(mut agent: Agent, mut shutdown: watch::Receiver<bool>) -
             Ok(End::Shutdown) => break,
             Err(e) => {
                 tracing::warn!(manager = %agent.config.manager_addr, error = %e, "session with the manager ended; reconnecting");
-                agent.status.send_modify(|s| s.last_error = Some(e.to_string()));
+                agent
+                    .status
+                    .send_modify(|s| s.last_error = Some(e.to_string()));
             }
         }
         if started.elapsed() > BACKOFF_MAX {
@@ -65,13 +70,22 @@ pub(crate) async fn run(mut agent: Agent, mut shutdown: watch::Receiver<bool>) -
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
     endpoint.close(close::SHUTDOWN, "agent shutting down");
-    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await.ok();
+    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
+        .await
+        .ok();
     Ok(())
 }
 
-async fn session(agent: &mut Agent, endpoint: &Endpoint, shutdown: &mut watch::Receiver<bool>) -> Result<End, SessionError> {
+async fn session(
+    agent: &mut Agent,
+    endpoint: &Endpoint,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<End, SessionError> {
     let addr = agent.config.manager_addr;
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(&agent.identity, addr, agent.config.manager_id));
+    let connect = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        endpoint.connect(&agent.identity, addr, agent.config.manager_id),
+    );
     let conn = tokio::select! {
         c = connect => c.map_err(|_| TransportError::Connect(format!("no answer from {addr} within {CONNECT_TIMEOUT:?}")))??,
         _ = shutdown.changed() => return Ok(End::Shutdown),
@@ -90,7 +104,11 @@ async fn session(agent: &mut Agent, endpoint: &Endpoint, shutdown: &mut watch::R
     )
     .await?;
     match rx.expect::<ManagerMsg>(MAX_CONTROL_FRAME).await {
-        Ok(ManagerMsg::Welcome { manager_name, software, folders }) => {
+        Ok(ManagerMsg::Welcome {
+            manager_name,
+            software,
+            folders,
+        }) => {
             for f in &agent.folders {
                 if !folders.contains(&f.name) {
                     tracing::warn!(folder = %f.name, manager = %manager_name, "the manager does not publish this folder; it will not be synced");
@@ -98,7 +116,12 @@ async fn session(agent: &mut Agent, endpoint: &Endpoint, shutdown: &mut watch::R
             }
             tracing::info!(manager = %manager_name, %addr, version = %software, "connected to the manager");
         }
-        Ok(_) => return Err(protocol_violation(&conn, SessionError::Unexpected("a message before Welcome"))),
+        Ok(_) => {
+            return Err(protocol_violation(
+                &conn,
+                SessionError::Unexpected("a message before Welcome"),
+            ));
+        }
         Err(e) => return Err(e.into()),
     }
     agent.status.send_modify(|s| {
@@ -124,25 +147,31 @@ async fn session(agent: &mut Agent, endpoint: &Endpoint, shutdown: &mut watch::R
         match msg {
             header @ ManagerMsg::Update { .. } => updates.push((header, UpdateAssembler::new())),
             ManagerMsg::Changes(page) => {
-                let (_, asm) = updates
-                    .last_mut()
-                    .ok_or_else(|| protocol_violation(&conn, SessionError::Unexpected("Changes before Update")))?;
-                asm.push_changes(page)
-                    .map_err(|e| protocol_violation(&conn, SessionError::Protocol(e.to_string())))?;
+                let (_, asm) = updates.last_mut().ok_or_else(|| {
+                    protocol_violation(&conn, SessionError::Unexpected("Changes before Update"))
+                })?;
+                asm.push_changes(page).map_err(|e| {
+                    protocol_violation(&conn, SessionError::Protocol(e.to_string()))
+                })?;
             }
             ManagerMsg::MoreChunks(chunks) => {
-                let (_, asm) = updates
-                    .last_mut()
-                    .ok_or_else(|| protocol_violation(&conn, SessionError::Unexpected("MoreChunks before Update")))?;
-                asm.push_chunks(chunks)
-                    .map_err(|e| protocol_violation(&conn, SessionError::Protocol(e.to_string())))?;
+                let (_, asm) = updates.last_mut().ok_or_else(|| {
+                    protocol_violation(&conn, SessionError::Unexpected("MoreChunks before Update"))
+                })?;
+                asm.push_chunks(chunks).map_err(|e| {
+                    protocol_violation(&conn, SessionError::Protocol(e.to_string()))
+                })?;
             }
             ManagerMsg::UpdateEnd { generation } => {
-                let reply = apply_generation(agent, &conn, generation, std::mem::take(&mut updates)).await;
+                let reply =
+                    apply_generation(agent, &conn, generation, std::mem::take(&mut updates)).await;
                 tx.send(&reply, MAX_REQUEST_FRAME).await?;
             }
             ManagerMsg::Welcome { .. } => {
-                return Err(protocol_violation(&conn, SessionError::Unexpected("a second Welcome")));
+                return Err(protocol_violation(
+                    &conn,
+                    SessionError::Unexpected("a second Welcome"),
+                ));
             }
         }
     }
@@ -154,7 +183,11 @@ fn protocol_violation(conn: &Conn, e: SessionError) -> SessionError {
     e
 }
 
-async fn handshake(conn: &Conn, tx: &mut SendStream, rx: &mut RecvStream) -> Result<u16, SessionError> {
+async fn handshake(
+    conn: &Conn,
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+) -> Result<u16, SessionError> {
     tx.write_all(&Hello::OURS.encode()).await?;
     let mut bytes = [0u8; HELLO_LEN];
     rx.read_exact(&mut bytes).await?;
@@ -194,7 +227,11 @@ async fn apply_generation(
                 agent.folders[i].local = local;
             }
             agent.state.applied = generation;
-            agent.state.folders = agent.folders.iter().map(|f| (f.name.clone(), f.local.clone())).collect();
+            agent.state.folders = agent
+                .folders
+                .iter()
+                .map(|f| (f.name.clone(), f.local.clone()))
+                .collect();
             if let Err(e) = agent.state.save(&agent.config.state_dir) {
                 // The folders are right; only the record is behind. A restart rescans.
                 tracing::error!(error = %e, "cannot record the applied generation");
@@ -222,13 +259,16 @@ async fn apply_generation(
             if matches!(e, ApplyError::Commit { .. }) {
                 // Part of the generation may be in place: learn what the folders hold now.
                 for f in &mut agent.folders {
-                    let chunker = Chunker::new(f.local.manifest.params).expect("params of a held manifest are valid");
+                    let chunker = Chunker::new(f.local.manifest.params)
+                        .expect("params of a held manifest are valid");
                     if let Err(e) = f.rescan(&chunker) {
                         tracing::error!(folder = %f.name, error = %e, "rescan after a failed apply failed");
                     }
                 }
             }
-            agent.status.send_modify(|s| s.last_error = Some(e.to_string()));
+            agent
+                .status
+                .send_modify(|s| s.last_error = Some(e.to_string()));
             AgentMsg::Failed {
                 generation,
                 reason: e.to_string(),
@@ -239,22 +279,42 @@ async fn apply_generation(
 }
 
 /// Rebuilds each folder's target manifest from the update and checks it.
-fn prepare(agent: &mut Agent, updates: Vec<(ManagerMsg, UpdateAssembler)>) -> Result<Vec<Target>, ApplyError> {
+fn prepare(
+    agent: &mut Agent,
+    updates: Vec<(ManagerMsg, UpdateAssembler)>,
+) -> Result<Vec<Target>, ApplyError> {
     let mut targets = Vec::new();
     for (header, asm) in updates {
-        let ManagerMsg::Update { folder, params, base, target, .. } = header else {
+        let ManagerMsg::Update {
+            folder,
+            params,
+            base,
+            target,
+            ..
+        } = header
+        else {
             unreachable!("only Update headers are collected")
         };
         let Some(i) = agent.folders.iter().position(|f| f.name == folder) else {
             tracing::debug!(%folder, "ignoring an update for a folder this node does not sync");
             continue;
         };
-        let invalid = |source| ApplyError::Invalid { folder: folder.clone(), source };
-        let chunker = Chunker::new(params).map_err(|_| ApplyError::Protocol(format!("folder {folder}: invalid chunk parameters {params:?}")))?;
+        let invalid = |source| ApplyError::Invalid {
+            folder: folder.clone(),
+            source,
+        };
+        let chunker = Chunker::new(params).map_err(|_| {
+            ApplyError::Protocol(format!(
+                "folder {folder}: invalid chunk parameters {params:?}"
+            ))
+        })?;
         let local = &mut agent.folders[i];
         if local.local.manifest.params != params {
             tracing::info!(%folder, ?params, "manager uses other chunk parameters; rescanning to match");
-            local.rescan(&chunker).map_err(|e| ApplyError::Stage { path: folder.clone(), source: std::io::Error::other(e) })?;
+            local.rescan(&chunker).map_err(|e| ApplyError::Stage {
+                path: folder.clone(),
+                source: std::io::Error::other(e),
+            })?;
         }
         let mut manifest = match base {
             Base::Full => Manifest::new(params),
@@ -275,7 +335,10 @@ fn prepare(agent: &mut Agent, updates: Vec<(ManagerMsg, UpdateAssembler)>) -> Re
         for p in excluded {
             manifest.remove(&p);
         }
-        targets.push(Target { folder: i, manifest });
+        targets.push(Target {
+            folder: i,
+            manifest,
+        });
     }
     Ok(targets)
 }

@@ -291,7 +291,8 @@ impl Staging {
     /// or an empty directory.
     pub fn commit(&self, name: &str, rel: &RelPath) -> io::Result<()> {
         let parent = self.root.parent_dir(rel)?;
-        self.root.replace_at(&self.fd, name, &parent, rel.file_name())
+        self.root
+            .replace_at(&self.fd, name, &parent, rel.file_name())
     }
 
     /// Opens a finished staged file for reading (a chunk source for later files).
@@ -483,7 +484,14 @@ mod tests {
         std::fs::write(dir.path().join("a/b/c"), b"c").unwrap();
         let staging = folder.staging().unwrap();
         let f = staging.create().unwrap();
-        f.finish(0o640, Mtime { secs: 1000, nanos: 5 }).unwrap();
+        f.finish(
+            0o640,
+            Mtime {
+                secs: 1000,
+                nanos: 5,
+            },
+        )
+        .unwrap();
         // A directory holding something is never emptied by force.
         assert!(staging.commit(f.name(), &p("a")).is_err());
         assert!(folder.remove_entry(&p("a")).is_err());
@@ -493,7 +501,11 @@ mod tests {
         let meta = std::fs::symlink_metadata(dir.path().join("a")).unwrap();
         assert!(meta.is_file());
         folder.ensure_dir(&p("a")).unwrap();
-        assert!(std::fs::symlink_metadata(dir.path().join("a")).unwrap().is_dir());
+        assert!(
+            std::fs::symlink_metadata(dir.path().join("a"))
+                .unwrap()
+                .is_dir()
+        );
         staging.remove().unwrap();
     }
 

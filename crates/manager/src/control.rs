@@ -54,7 +54,9 @@ pub(crate) struct Control {
 
 impl Control {
     /// Loads the persisted state, scans, and publishes a new generation if anything changed.
-    pub(crate) async fn open(config: Arc<ManagerConfig>) -> Result<(Control, Arc<Snapshot>), ManagerError> {
+    pub(crate) async fn open(
+        config: Arc<ManagerConfig>,
+    ) -> Result<(Control, Arc<Snapshot>), ManagerError> {
         let state = ManagerState::load(&config.state_dir);
         let mut control = Control {
             generation: state.generation,
@@ -63,8 +65,11 @@ impl Control {
             publisher: None,
             config,
         };
-        let previous: BTreeMap<String, Arc<LocalManifest>> =
-            state.folders.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        let previous: BTreeMap<String, Arc<LocalManifest>> = state
+            .folders
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect();
         control.rescan_from(previous).await?;
         let snapshot = control.snapshot();
         Ok((control, snapshot))
@@ -95,7 +100,9 @@ impl Control {
                 c = commands.recv() => c,
                 _ = shutdown.changed() => None,
             };
-            let Some(Command::Rescan(reply)) = cmd else { break };
+            let Some(Command::Rescan(reply)) = cmd else {
+                break;
+            };
             let previous = self
                 .folders
                 .iter()
@@ -110,7 +117,9 @@ impl Control {
                     status.send_modify(|s| s.generation = self.generation);
                 }
                 Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "cannot record a new generation; it is not published"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record a new generation; it is not published")
+                }
             }
             if let Some(reply) = reply {
                 let _ = reply.send(self.generation);
@@ -120,7 +129,10 @@ impl Control {
 
     /// Scans every folder against `previous`; if anything changed, records and persists a new
     /// generation. Returns whether the published snapshot must change.
-    async fn rescan_from(&mut self, previous: BTreeMap<String, Arc<LocalManifest>>) -> Result<bool, ManagerError> {
+    async fn rescan_from(
+        &mut self,
+        previous: BTreeMap<String, Arc<LocalManifest>>,
+    ) -> Result<bool, ManagerError> {
         let started = Instant::now();
         let mut steps = BTreeMap::new();
         // A folder that cannot be read keeps its last published state: never an empty folder.
@@ -164,12 +176,17 @@ impl Control {
             let generation = Generation(self.generation.0 + 1);
             let state = ManagerState {
                 generation,
-                folders: next.iter().map(|(k, v)| (k.clone(), (*v.local).clone())).collect(),
+                folders: next
+                    .iter()
+                    .map(|(k, v)| (k.clone(), (*v.local).clone()))
+                    .collect(),
             };
-            state.save(&self.config.state_dir).map_err(|source| ManagerError::State {
-                dir: self.config.state_dir.clone(),
-                source,
-            })?;
+            state
+                .save(&self.config.state_dir)
+                .map_err(|source| ManagerError::State {
+                    dir: self.config.state_dir.clone(),
+                    source,
+                })?;
             self.generation = generation;
             self.history.push(steps);
             tracing::info!(%generation, elapsed_ms = started.elapsed().as_millis() as u64, "published generation");
@@ -180,7 +197,10 @@ impl Control {
 }
 
 fn log_changes(folder: &str, changes: &[Change]) {
-    let puts = changes.iter().filter(|c| matches!(c, Change::Put(..))).count();
+    let puts = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Put(..)))
+        .count();
     let removes = changes.len() - puts;
     tracing::info!(%folder, changed = puts, removed = removes, "folder changed");
     for c in changes.iter().take(20) {
@@ -192,16 +212,29 @@ fn log_changes(folder: &str, changes: &[Change]) {
 }
 
 /// Scans one folder on the blocking pool; `None` (logged) if its root cannot be read.
-async fn scan_folder(spec: FolderSpec, previous: Option<Arc<LocalManifest>>) -> Option<(Arc<FolderRoot>, LocalManifest)> {
+async fn scan_folder(
+    spec: FolderSpec,
+    previous: Option<Arc<LocalManifest>>,
+) -> Option<(Arc<FolderRoot>, LocalManifest)> {
     let name = spec.name.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let params = previous.as_ref().map_or(ChunkParams::DEFAULT, |p| p.manifest.params);
-        let chunker = Chunker::new(params).unwrap_or_else(|_| Chunker::new(ChunkParams::DEFAULT).expect("defaults are valid"));
+        let params = previous
+            .as_ref()
+            .map_or(ChunkParams::DEFAULT, |p| p.manifest.params);
+        let chunker = Chunker::new(params)
+            .unwrap_or_else(|_| Chunker::new(ChunkParams::DEFAULT).expect("defaults are valid"));
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let started = Instant::now();
-        let root = FolderRoot::open(&spec.path).map_err(|e| format!("folder {} cannot be read: {e}", spec.path.display()))?;
-        let (local, stats, warnings) = syncd_fsops::scan(&spec.path, &chunker, &spec.excludes, previous.as_deref(), threads)
-            .map_err(|e| e.to_string())?;
+        let root = FolderRoot::open(&spec.path)
+            .map_err(|e| format!("folder {} cannot be read: {e}", spec.path.display()))?;
+        let (local, stats, warnings) = syncd_fsops::scan(
+            &spec.path,
+            &chunker,
+            &spec.excludes,
+            previous.as_deref(),
+            threads,
+        )
+        .map_err(|e| e.to_string())?;
         for w in warnings {
             tracing::warn!(folder = %spec.name, "{w}");
         }

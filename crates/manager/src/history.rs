@@ -31,7 +31,9 @@ impl History {
     pub(crate) fn push(&mut self, steps: BTreeMap<String, Step>) {
         self.changes += steps.values().map(|s| s.changes.len()).sum::<usize>();
         self.entries.push_back(steps);
-        while self.entries.len() > MAX_GENERATIONS || (self.changes > MAX_CHANGES && self.entries.len() > 1) {
+        while self.entries.len() > MAX_GENERATIONS
+            || (self.changes > MAX_CHANGES && self.entries.len() > 1)
+        {
             if let Some(old) = self.entries.pop_front() {
                 self.changes -= old.values().map(|s| s.changes.len()).sum::<usize>();
             }
@@ -41,7 +43,12 @@ impl History {
     /// The changes that turn `folder` from version `from` into version `to` (its current one),
     /// merged so each path appears once, in path order; `None` if the history does not reach
     /// back to `from`.
-    pub(crate) fn delta(&self, folder: &str, from: ManifestDigest, to: ManifestDigest) -> Option<Vec<Change>> {
+    pub(crate) fn delta(
+        &self,
+        folder: &str,
+        from: ManifestDigest,
+        to: ManifestDigest,
+    ) -> Option<Vec<Change>> {
         if from == to {
             return Some(Vec::new());
         }
@@ -49,7 +56,9 @@ impl History {
         let mut want = to;
         let mut steps = Vec::new();
         for entry in self.entries.iter().rev() {
-            let Some(step) = entry.get(folder) else { continue };
+            let Some(step) = entry.get(folder) else {
+                continue;
+            };
             if step.to != want {
                 return None;
             }
@@ -118,6 +127,9 @@ mod tests {
         }
         let stranger = Manifest::from_iter([(p("zzz"), dir(9))]);
         assert!(h.delta("f", stranger.digest(), last.digest()).is_none());
-        assert!(h.delta("other", versions[0].digest(), last.digest()).is_none());
+        assert!(
+            h.delta("other", versions[0].digest(), last.digest())
+                .is_none()
+        );
     }
 }

@@ -124,7 +124,11 @@ impl Manager {
     pub async fn open(config: ManagerConfig, identity: Identity) -> Result<Manager, ManagerError> {
         let config = Arc::new(config);
         let (control, snapshot) = control::Control::open(Arc::clone(&config)).await?;
-        let allowed = config.agents.iter().map(|a| (a.id, a.name.clone())).collect();
+        let allowed = config
+            .agents
+            .iter()
+            .map(|a| (a.id, a.name.clone()))
+            .collect();
         let endpoint = Endpoint::server(&identity, allowed, config.listen)?;
         let status = ManagerStatus {
             generation: snapshot.generation,
@@ -176,8 +180,14 @@ impl Manager {
             commands_rx,
             config,
         } = self;
-        let control_task = tokio::spawn(control.run(commands_rx, Arc::clone(&status), shutdown.clone()));
-        serve::accept_loop(serve::Ctx::new(config, snapshots, status, commands), endpoint, shutdown).await;
+        let control_task =
+            tokio::spawn(control.run(commands_rx, Arc::clone(&status), shutdown.clone()));
+        serve::accept_loop(
+            serve::Ctx::new(config, snapshots, status, commands),
+            endpoint,
+            shutdown,
+        )
+        .await;
         let _ = control_task.await;
         Ok(())
     }

@@ -46,7 +46,11 @@ impl Ctx {
         commands: mpsc::Sender<Command>,
     ) -> Arc<Ctx> {
         Arc::new(Ctx {
-            names: config.agents.iter().map(|a| (a.id, a.name.clone())).collect(),
+            names: config
+                .agents
+                .iter()
+                .map(|a| (a.id, a.name.clone()))
+                .collect(),
             config,
             snapshots,
             status,
@@ -66,7 +70,11 @@ impl Ctx {
 }
 
 /// Accepts connections until shutdown, then closes them all.
-pub(crate) async fn accept_loop(ctx: Arc<Ctx>, endpoint: Endpoint, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn accept_loop(
+    ctx: Arc<Ctx>,
+    endpoint: Endpoint,
+    mut shutdown: watch::Receiver<bool>,
+) {
     tracing::info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "manager listening");
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -84,7 +92,9 @@ pub(crate) async fn accept_loop(ctx: Arc<Ctx>, endpoint: Endpoint, mut shutdown:
     endpoint.close(close::SHUTDOWN, "manager shutting down");
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await.ok();
+    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
+        .await
+        .ok();
 }
 
 /// Why an agent's session ended.
@@ -147,7 +157,13 @@ async fn session(ctx: &Arc<Ctx>, conn: &Conn, name: &str, serial: u64) -> Result
             conn.close(close::PROTOCOL_ERROR, "no join within the time limit");
             SessionError::JoinTimeout
         })??;
-    let AgentMsg::Join { applied, folders, software, .. } = join else {
+    let AgentMsg::Join {
+        applied,
+        folders,
+        software,
+        ..
+    } = join
+    else {
         unreachable!("handshake returns a Join")
     };
     if let Some((_, old)) = ctx
@@ -156,7 +172,10 @@ async fn session(ctx: &Arc<Ctx>, conn: &Conn, name: &str, serial: u64) -> Result
         .expect("the live map is never poisoned")
         .insert(conn.peer_id(), (serial, conn.clone()))
     {
-        old.close(close::REPLACED, "replaced by a newer connection from the same agent");
+        old.close(
+            close::REPLACED,
+            "replaced by a newer connection from the same agent",
+        );
     }
     let snapshot = ctx.snapshots.borrow().clone();
     tx.send(
@@ -183,20 +202,30 @@ async fn session(ctx: &Arc<Ctx>, conn: &Conn, name: &str, serial: u64) -> Result
 }
 
 /// Hello exchange and join; returns the control stream and the `Join`.
-async fn handshake(conn: &Conn, name: &str) -> Result<(SendStream, RecvStream, AgentMsg), SessionError> {
+async fn handshake(
+    conn: &Conn,
+    name: &str,
+) -> Result<(SendStream, RecvStream, AgentMsg), SessionError> {
     let (mut tx, mut rx) = conn.accept_bi().await?;
     let mut bytes = [0u8; HELLO_LEN];
     rx.read_exact(&mut bytes).await?;
     // Our hello goes out whatever theirs says, so the agent can report both versions too.
     tx.write_all(&Hello::OURS.encode()).await?;
-    let theirs = Hello::decode(&bytes).map_err(|e| refuse(conn, close::PROTOCOL_ERROR, e.to_string()))?;
+    let theirs =
+        Hello::decode(&bytes).map_err(|e| refuse(conn, close::PROTOCOL_ERROR, e.to_string()))?;
     if let Err(e) = Hello::OURS.negotiate(&theirs) {
-        return Err(refuse(conn, close::VERSION_MISMATCH, format!("agent {name}: {e}")));
+        return Err(refuse(
+            conn,
+            close::VERSION_MISMATCH,
+            format!("agent {name}: {e}"),
+        ));
     }
     let join = match rx.expect::<AgentMsg>(MAX_REQUEST_FRAME).await {
         Ok(j @ AgentMsg::Join { .. }) => j,
         Ok(_) => return Err(refuse(conn, close::PROTOCOL_ERROR, "expected Join".into())),
-        Err(TransportError::Decode(e)) => return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string())),
+        Err(TransportError::Decode(e)) => {
+            return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string()));
+        }
         Err(e) => return Err(e.into()),
     };
     if let AgentMsg::Join { node_name, .. } = &join
@@ -205,7 +234,9 @@ async fn handshake(conn: &Conn, name: &str) -> Result<(SendStream, RecvStream, A
         return Err(refuse(
             conn,
             close::NOT_ALLOWED,
-            format!("this node ID is configured as agent {name:?}, but the agent calls itself {node_name:?}"),
+            format!(
+                "this node ID is configured as agent {name:?}, but the agent calls itself {node_name:?}"
+            ),
         ));
     }
     Ok((tx, rx, join))
@@ -226,7 +257,8 @@ async fn feed(
     mut applied: Generation,
     folders: Vec<FolderState>,
 ) -> Result<(), SessionError> {
-    let mut held: BTreeMap<String, ManifestDigest> = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
+    let mut held: BTreeMap<String, ManifestDigest> =
+        folders.into_iter().map(|f| (f.folder, f.digest)).collect();
     let mut snapshots = ctx.snapshots.clone();
     // On joining, folders are compared by content: an agent that reports the current generation
     // but holds something else (changed while it was away) is sent the difference once.
@@ -249,12 +281,17 @@ async fn feed(
                 match rx.recv::<AgentMsg>(MAX_REQUEST_FRAME).await {
                     Ok(Some(m)) => break m,
                     Ok(None) => return Ok(()),
-                    Err(TransportError::Decode(e)) => return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string())),
+                    Err(TransportError::Decode(e)) => {
+                        return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string()));
+                    }
                     Err(e) => return Err(e.into()),
                 }
             };
             match reply {
-                AgentMsg::Applied { generation, folders } => {
+                AgentMsg::Applied {
+                    generation,
+                    folders,
+                } => {
                     applied = generation;
                     held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
                     retry = Duration::from_secs(1);
@@ -276,7 +313,11 @@ async fn feed(
                         v.last_seen = Some(SystemTime::now());
                     });
                 }
-                AgentMsg::Failed { generation, reason, folders } => {
+                AgentMsg::Failed {
+                    generation,
+                    reason,
+                    folders,
+                } => {
                     held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
                     compare_content = true;
                     tracing::warn!(agent = %name, %generation, %reason, retry_in = ?retry, "agent could not apply generation");
@@ -288,7 +329,9 @@ async fn feed(
                         v.last_seen = Some(SystemTime::now());
                     });
                 }
-                AgentMsg::Join { .. } => return Err(refuse(conn, close::PROTOCOL_ERROR, "second Join".into())),
+                AgentMsg::Join { .. } => {
+                    return Err(refuse(conn, close::PROTOCOL_ERROR, "second Join".into()));
+                }
             }
             continue;
         }
@@ -325,7 +368,9 @@ async fn send_generation(
     held: &BTreeMap<String, ManifestDigest>,
 ) -> Result<(), TransportError> {
     for (folder, fs) in &snap.folders {
-        let Some(&have) = held.get(folder) else { continue };
+        let Some(&have) = held.get(folder) else {
+            continue;
+        };
         if have == fs.digest {
             continue;
         }
@@ -334,7 +379,10 @@ async fn send_generation(
             Some(delta) => (Base::Delta { from: have }, delta),
             None => (
                 Base::Full,
-                manifest.iter().map(|(p, n)| Change::Put(p.clone(), n.clone())).collect(),
+                manifest
+                    .iter()
+                    .map(|(p, n)| Change::Put(p.clone(), n.clone()))
+                    .collect(),
             ),
         };
         tx.send(
@@ -392,12 +440,17 @@ enum FetchError {
 async fn serve_fetch(ctx: &Ctx, mut tx: SendStream, mut rx: RecvStream) -> Result<(), FetchError> {
     let req: FetchRequest = match rx.expect(MAX_REQUEST_FRAME).await {
         Ok(r) => r,
-        Err(TransportError::Decode(e)) => return Err(FetchError::Protocol(format!("bad fetch request: {e}"))),
+        Err(TransportError::Decode(e)) => {
+            return Err(FetchError::Protocol(format!("bad fetch request: {e}")));
+        }
         Err(e) => return Err(e.into()),
     };
     let snap = ctx.snapshots.borrow().clone();
     let Some(folder) = snap.folders.get(&req.folder) else {
-        return Err(FetchError::Protocol(format!("fetch from unknown folder {:?}", req.folder)));
+        return Err(FetchError::Protocol(format!(
+            "fetch from unknown folder {:?}",
+            req.folder
+        )));
     };
     let mut served = 0u64;
     for file in req.files {
@@ -483,7 +536,10 @@ async fn serve_fetch(ctx: &Ctx, mut tx: SendStream, mut rx: RecvStream) -> Resul
 }
 
 /// Reads and checks chunks; an error names the first that no longer matches.
-fn read_chunks(file: &std::fs::File, batch: &[(u64, u32, ChunkHash)]) -> Result<Vec<Bytes>, String> {
+fn read_chunks(
+    file: &std::fs::File,
+    batch: &[(u64, u32, ChunkHash)],
+) -> Result<Vec<Bytes>, String> {
     use std::os::unix::fs::FileExt;
     let mut out = Vec::with_capacity(batch.len());
     for &(offset, len, hash) in batch {
@@ -491,7 +547,9 @@ fn read_chunks(file: &std::fs::File, batch: &[(u64, u32, ChunkHash)]) -> Result<
         file.read_exact_at(&mut buf, offset)
             .map_err(|e| format!("read at {offset}: {e}"))?;
         if ChunkHash::of(&buf) != hash {
-            return Err(format!("changed on disk since it was scanned (chunk at {offset})"));
+            return Err(format!(
+                "changed on disk since it was scanned (chunk at {offset})"
+            ));
         }
         out.push(Bytes::from(buf));
     }
@@ -499,10 +557,16 @@ fn read_chunks(file: &std::fs::File, batch: &[(u64, u32, ChunkHash)]) -> Result<
 }
 
 /// Tells the agent a file is gone, and asks for a rescan: the disk has moved on.
-async fn gone(ctx: &Ctx, tx: &mut SendStream, path: syncd_manifest::RelPath, reason: String) -> Result<(), FetchError> {
+async fn gone(
+    ctx: &Ctx,
+    tx: &mut SendStream,
+    path: syncd_manifest::RelPath,
+    reason: String,
+) -> Result<(), FetchError> {
     tracing::info!(%path, %reason, "file changed since it was published; rescanning");
     let _ = ctx.commands.try_send(Command::Rescan(None));
-    tx.send(&FetchReply::Gone { path, reason }, MAX_CONTROL_FRAME).await?;
+    tx.send(&FetchReply::Gone { path, reason }, MAX_CONTROL_FRAME)
+        .await?;
     tx.finish();
     Ok(())
 }

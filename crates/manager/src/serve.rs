@@ -217,7 +217,7 @@ async fn handshake(
         return Err(refuse(
             conn,
             close::VERSION_MISMATCH,
-            format!("agent {name}: {e}"),
+            format!("agent {name:?}: {e}"),
         ));
     }
     let join = match rx.expect::<AgentMsg>(MAX_REQUEST_FRAME).await {
@@ -277,15 +277,13 @@ async fn feed(
             send_generation(tx, &snap, &held).await?;
             ctx.update_agent(name, |v| v.syncing = true);
             // Wait for the verdict; newer generations wait until then.
-            let reply = loop {
-                match rx.recv::<AgentMsg>(MAX_REQUEST_FRAME).await {
-                    Ok(Some(m)) => break m,
-                    Ok(None) => return Ok(()),
-                    Err(TransportError::Decode(e)) => {
-                        return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string()));
-                    }
-                    Err(e) => return Err(e.into()),
+            let reply = match rx.recv::<AgentMsg>(MAX_REQUEST_FRAME).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(()),
+                Err(TransportError::Decode(e)) => {
+                    return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string()));
                 }
+                Err(e) => return Err(e.into()),
             };
             match reply {
                 AgentMsg::Applied {

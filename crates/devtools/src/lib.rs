@@ -1,0 +1,143 @@
+//! Deterministic generation of WSO2-like deployment trees for tests, the demo and benchmarks.
+//!
+//! A tree has the layout of `<CARBON_HOME>/repository/deployment/server`: Synapse XML under
+//! `synapse-configs/default/*`, CAR files under `carbonapps`, WAR files and an exploded webapp
+//! under `webapps`, plus an empty directory and a symlink. The same seed gives the same bytes.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::Path;
+
+/// A small, fast, seedable pseudo-random generator (xorshift64*), so trees are reproducible.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo).max(1)
+    }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `len` random bytes to `path`, streaming in 1 MiB blocks.
+pub fn write_random(path: &Path, len: u64, rng: &mut Rng) -> io::Result<()> {
+    let mut f = io::BufWriter::new(fs::File::create(path)?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()
+}
+
+/// A Synapse-like XML document of about `len` bytes.
+pub fn synapse_xml(name: &str, len: usize, rng: &mut Rng) -> String {
+    let mut s = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<api xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{name}\" context=\"/{name}\">\n"
+    );
+    let mut i = 0;
+    while s.len() < len {
+        s.push_str(&format!(
+            "  <resource methods=\"GET\" uri-template=\"/r{i}/{{id}}\">\n    <inSequence><log level=\"custom\"><property name=\"id\" value=\"{}\"/></log><send/></inSequence>\n  </resource>\n",
+            rng.next_u64()
+        ));
+        i += 1;
+    }
+    s.push_str("</api>\n");
+    s
+}
+
+/// How big a generated tree is.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    /// Synapse XML files (1-20 KB each).
+    pub xml_files: usize,
+    /// CAR files and their size range in bytes.
+    pub car_files: usize,
+    /// Smallest and largest CAR.
+    pub car_size: (u64, u64),
+    /// WAR files.
+    pub war_files: usize,
+    /// Smallest and largest WAR.
+    pub war_size: (u64, u64),
+    /// Files in the exploded webapp.
+    pub exploded_files: usize,
+}
+
+impl Scale {
+    /// A few MB: quick tests and the demo.
+    pub const SMALL: Scale = Scale {
+        xml_files: 40,
+        car_files: 4,
+        car_size: (100_000, 2_000_000),
+        war_files: 1,
+        war_size: (3_000_000, 5_000_000),
+        exploded_files: 30,
+    };
+}
+
+/// Generates a tree under `root` (created if absent).
+pub fn generate(root: &Path, scale: Scale, seed: u64) -> io::Result<()> {
+    let mut rng = Rng::new(seed);
+    let api = root.join("synapse-configs/default/api");
+    let seq = root.join("synapse-configs/default/sequences");
+    let cars = root.join("carbonapps");
+    let webapps = root.join("webapps");
+    let exploded = webapps.join("console/WEB-INF/lib");
+    for d in [&api, &seq, &cars, &exploded, &root.join("jaggeryapps")] {
+        fs::create_dir_all(d)?;
+    }
+    for i in 0..scale.xml_files {
+        let dir = if i % 4 == 0 { &seq } else { &api };
+        let len = rng.range(1_000, 20_000) as usize;
+        fs::write(
+            dir.join(format!("service-{i:04}.xml")),
+            synapse_xml(&format!("service{i}"), len, &mut rng),
+        )?;
+    }
+    for i in 0..scale.car_files {
+        let len = rng.range(scale.car_size.0, scale.car_size.1);
+        write_random(&cars.join(format!("app-{i:03}_1.0.0.car")), len, &mut rng)?;
+    }
+    for i in 0..scale.war_files {
+        let len = rng.range(scale.war_size.0, scale.war_size.1);
+        write_random(&webapps.join(format!("service-{i:03}.war")), len, &mut rng)?;
+    }
+    for i in 0..scale.exploded_files {
+        let len = rng.range(500, 50_000);
+        write_random(&exploded.join(format!("lib-{i:03}.jar")), len, &mut rng)?;
+    }
+    fs::write(
+        webapps.join("console/index.html"),
+        b"<html>console</html>\n",
+    )?;
+    let link = root.join("carbonapps/latest.car");
+    if fs::symlink_metadata(&link).is_err() && scale.car_files > 0 {
+        std::os::unix::fs::symlink("app-000_1.0.0.car", link)?;
+    }
+    Ok(())
+}

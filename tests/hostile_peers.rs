@@ -1,0 +1,455 @@
+//! Peers with valid credentials that misbehave: paths that escape, links to follow, lying
+//! chunks, oversized frames, other protocol versions, borrowed names. Each is refused with a
+//! clear reason, nothing is written outside a folder, and the daemon stays up.
+
+mod support;
+
+use std::collections::HashMap;
+use std::fs;
+use std::time::Duration;
+
+use serde::Serialize;
+use support::*;
+use syncd_manifest::{
+    ChunkHash, ChunkParams, ChunkRef, FileContent, FileHash, Manifest, Mtime, Node, NodeKind,
+    RelPath, SymlinkTarget,
+};
+use syncd_proto::*;
+use syncd_transport::{Conn, Endpoint, Identity, RecvStream, SendStream, TransportError};
+
+/// A manager impostor with a real identity that the agent under test is configured to trust.
+struct FakeManager {
+    endpoint: Endpoint,
+    identity: Identity,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeManager {
+    fn new(agent: &Identity) -> FakeManager {
+        syncd_transport::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let identity = Identity::create(dir.path()).unwrap();
+        let allowed = HashMap::from([(agent.id(), "worker-1".to_owned())]);
+        let endpoint =
+            Endpoint::server(&identity, allowed, "127.0.0.1:0".parse().unwrap()).unwrap();
+        FakeManager {
+            endpoint,
+            identity,
+            _dir: dir,
+        }
+    }
+
+    /// Accepts the agent, completes hello and join, sends Welcome.
+    async fn accept(&self, hello: Hello) -> (Conn, SendStream, RecvStream) {
+        let conn = self
+            .endpoint
+            .accept()
+            .await
+            .unwrap()
+            .accept()
+            .await
+            .unwrap();
+        let (mut tx, mut rx) = conn.accept_bi().await.unwrap();
+        let mut theirs = [0u8; HELLO_LEN];
+        rx.read_exact(&mut theirs).await.unwrap();
+        tx.write_all(&hello.encode()).await.unwrap();
+        if hello != Hello::OURS {
+            return (conn, tx, rx);
+        }
+        let join: AgentMsg = rx.expect(MAX_REQUEST_FRAME).await.unwrap();
+        assert!(matches!(join, AgentMsg::Join { .. }));
+        tx.send(
+            &ManagerMsg::Welcome {
+                manager_name: "fake".into(),
+                software: "0".into(),
+                folders: vec![FOLDER.into()],
+            },
+            MAX_CONTROL_FRAME,
+        )
+        .await
+        .unwrap();
+        (conn, tx, rx)
+    }
+}
+
+async fn agent_of(fake: &FakeManager, dirs: NodeDirs) -> TestAgent {
+    TestAgent::start_with(
+        "worker-1",
+        dirs,
+        fake.endpoint.local_addr().unwrap(),
+        fake.identity.id(),
+    )
+    .await
+}
+
+/// A test layout: the agent's folder sits inside `outer`, which must stay untouched.
+fn agent_dirs() -> NodeDirs {
+    let dirs = NodeDirs::new();
+    fs::write(dirs.tmp.path().join("outside-marker"), b"untouched").unwrap();
+    dirs
+}
+
+fn assert_nothing_written(dirs: &NodeDirs) {
+    assert_eq!(
+        fs::read_dir(&dirs.data).unwrap().count(),
+        0,
+        "the folder must stay empty"
+    );
+    let outer: Vec<String> = fs::read_dir(dirs.tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut outer = outer;
+    outer.sort();
+    assert_eq!(
+        outer,
+        ["data", "outside-marker", "state"],
+        "nothing written beside the folder"
+    );
+    assert_eq!(
+        fs::read(dirs.tmp.path().join("outside-marker")).unwrap(),
+        b"untouched"
+    );
+}
+
+fn update_header(target: syncd_manifest::ManifestDigest) -> ManagerMsg {
+    ManagerMsg::Update {
+        generation: Generation(1),
+        folder: FOLDER.into(),
+        params: ChunkParams::DEFAULT,
+        base: Base::Full,
+        target,
+    }
+}
+
+/// Mirrors of the wire enums with plain strings where `RelPath`s go: what a hostile peer can send.
+#[derive(Serialize)]
+enum RawChange {
+    Put(String, Node),
+}
+
+#[derive(Serialize)]
+enum RawManagerMsg {
+    _Welcome,
+    _Update,
+    Changes(Vec<RawChange>),
+}
+
+fn file_node(data: &[u8]) -> Node {
+    let chunks = vec![ChunkRef {
+        hash: ChunkHash::of(data),
+        len: data.len() as u32,
+    }];
+    Node {
+        kind: NodeKind::File(FileContent {
+            size: data.len() as u64,
+            hash: FileHash::from_chunks(data.len() as u64, chunks.iter().map(|c| &c.hash)),
+            chunks,
+        }),
+        mode: 0o644,
+        mtime: Mtime { secs: 1, nanos: 0 },
+    }
+}
+
+async fn closed_reason(conn: &Conn) -> (u32, String) {
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap()
+    {
+        TransportError::Closed { code, reason, .. } => (code, reason),
+        other => panic!("expected an application close, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_that_escape_are_refused_and_the_connection_closed() {
+    for bad in [
+        "../escape",
+        "/etc/passwd-syncd-test",
+        "a/../../x",
+        "a//b",
+        "evil\0name",
+    ] {
+        let dirs = agent_dirs();
+        let fake = FakeManager::new(&dirs.identity());
+        let mut agent = agent_of(&fake, dirs).await;
+        let (conn, mut tx, _rx) = fake.accept(Hello::OURS).await;
+        tx.send(
+            &update_header(Manifest::default().digest()),
+            MAX_CONTROL_FRAME,
+        )
+        .await
+        .unwrap();
+        let crafted =
+            RawManagerMsg::Changes(vec![RawChange::Put(bad.into(), file_node(b"payload"))]);
+        tx.send(&crafted, MAX_CONTROL_FRAME).await.unwrap();
+        let (code, reason) = closed_reason(&conn).await;
+        assert_eq!(code, close::PROTOCOL_ERROR, "{bad}: {reason}");
+        assert!(reason.contains("malformed"), "{bad}: {reason}");
+        assert!(!std::path::Path::new("/etc/passwd-syncd-test").exists());
+        let dirs = {
+            let st = wait_for(&mut agent.status, Duration::from_secs(5), |s| {
+                s.last_error.is_some()
+            })
+            .await
+            .unwrap();
+            assert_eq!(st.applied.0, 0);
+            agent.stop().await
+        };
+        assert_nothing_written(&dirs);
+    }
+}
+
+/// Sends a whole (well-formed) generation and returns the agent's verdict.
+async fn send_generation(
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+    manifest: &Manifest,
+) -> AgentMsg {
+    tx.send(&update_header(manifest.digest()), MAX_CONTROL_FRAME)
+        .await
+        .unwrap();
+    let changes: Vec<RawChange> = manifest
+        .iter()
+        .map(|(p, n)| RawChange::Put(p.as_str().to_owned(), n.clone()))
+        .collect();
+    tx.send(&RawManagerMsg::Changes(changes), MAX_CONTROL_FRAME)
+        .await
+        .unwrap();
+    tx.send(
+        &ManagerMsg::UpdateEnd {
+            generation: Generation(1),
+        },
+        MAX_CONTROL_FRAME,
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), rx.expect(MAX_REQUEST_FRAME))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn p(s: &str) -> RelPath {
+    RelPath::new(s).unwrap()
+}
+
+fn dir_node() -> Node {
+    Node {
+        kind: NodeKind::Dir,
+        mode: 0o755,
+        mtime: Mtime { secs: 1, nanos: 0 },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_out_of_the_folder_and_files_through_links_are_refused() {
+    let link = |t: &str| Node {
+        kind: NodeKind::Symlink(SymlinkTarget::new(t).unwrap()),
+        mode: 0o777,
+        mtime: Mtime { secs: 1, nanos: 0 },
+    };
+    let cases: Vec<(&str, Manifest)> = vec![
+        (
+            "absolute link target",
+            [(p("lib"), link("/etc"))].into_iter().collect(),
+        ),
+        (
+            "relative link climbing out",
+            [(p("a"), dir_node()), (p("a/lib"), link("../../outside"))]
+                .into_iter()
+                .collect(),
+        ),
+        (
+            "a file through a link",
+            [
+                (p("lib"), link("sub")),
+                (p("sub"), dir_node()),
+                (p("lib/x.car"), file_node(b"x")),
+            ]
+            .into_iter()
+            .collect(),
+        ),
+        ("a file whose chunk list lies about its size", {
+            let mut n = file_node(b"hello");
+            if let NodeKind::File(f) = &mut n.kind {
+                f.size = 1 << 40;
+            }
+            [(p("x.car"), n)].into_iter().collect()
+        }),
+    ];
+    for (what, manifest) in cases {
+        let dirs = agent_dirs();
+        let fake = FakeManager::new(&dirs.identity());
+        let agent = agent_of(&fake, dirs).await;
+        let (_conn, mut tx, mut rx) = fake.accept(Hello::OURS).await;
+        let verdict = send_generation(&mut tx, &mut rx, &manifest).await;
+        let AgentMsg::Failed { reason, .. } = verdict else {
+            panic!("{what}: accepted: {verdict:?}")
+        };
+        assert!(reason.contains("refusing the update"), "{what}: {reason}");
+        let dirs = agent.stop().await;
+        assert_nothing_written(&dirs);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_does_not_match_its_hash_is_never_written() {
+    let dirs = agent_dirs();
+    let fake = FakeManager::new(&dirs.identity());
+    let agent = agent_of(&fake, dirs).await;
+    let (conn, mut tx, mut rx) = fake.accept(Hello::OURS).await;
+    let manifest: Manifest = [(p("a.xml"), file_node(b"hello"))].into_iter().collect();
+    let serve = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let (mut ftx, mut frx) = conn.accept_bi().await.unwrap();
+            let req: FetchRequest = frx.expect(MAX_REQUEST_FRAME).await.unwrap();
+            assert_eq!(req.files[0].path.as_str(), "a.xml");
+            ftx.send(
+                &FetchReply::Chunk {
+                    len: 5,
+                    encoding: ChunkEncoding::Raw,
+                },
+                MAX_CONTROL_FRAME,
+            )
+            .await
+            .unwrap();
+            ftx.write_all(b"HELLO").await.unwrap();
+            ftx.finish();
+        })
+    };
+    let verdict = send_generation(&mut tx, &mut rx, &manifest).await;
+    serve.await.unwrap();
+    let AgentMsg::Failed { reason, .. } = verdict else {
+        panic!("accepted: {verdict:?}")
+    };
+    assert!(reason.contains("does not match its hash"), "{reason}");
+    let dirs = agent.stop().await;
+    assert_nothing_written(&dirs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_length_prefix_closes_the_connection_before_any_allocation() {
+    // Against the agent.
+    let dirs = agent_dirs();
+    let fake = FakeManager::new(&dirs.identity());
+    let agent = agent_of(&fake, dirs).await;
+    let (conn, mut tx, _rx) = fake.accept(Hello::OURS).await;
+    tx.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+    let (code, reason) = closed_reason(&conn).await;
+    assert_eq!(code, close::PROTOCOL_ERROR);
+    assert!(reason.contains("exceeds the limit"), "{reason}");
+    let dirs = agent.stop().await;
+    assert_nothing_written(&dirs);
+
+    // Against the manager, which then keeps serving a well-behaved agent.
+    let mdirs = NodeDirs::new();
+    fs::write(mdirs.data.join("x.xml"), b"<x/>").unwrap();
+    let good = NodeDirs::new();
+    let bad = NodeDirs::new();
+    let bad_identity = bad.identity();
+    let manager = TestManager::start(
+        mdirs,
+        &[
+            ("worker-1", good.identity().id()),
+            ("worker-2", bad_identity.id()),
+        ],
+    )
+    .await;
+    let client = Endpoint::client(&bad_identity, manager.addr).unwrap();
+    let conn = client
+        .connect(&bad_identity, manager.addr, manager.id)
+        .await
+        .unwrap();
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&Hello::OURS.encode()).await.unwrap();
+    let mut hello = [0u8; HELLO_LEN];
+    rx.read_exact(&mut hello).await.unwrap();
+    tx.write_all(&0xFFFF_FFF0u32.to_le_bytes()).await.unwrap();
+    let (code, reason) = closed_reason(&conn).await;
+    assert_eq!(code, close::PROTOCOL_ERROR);
+    assert!(reason.contains("exceeds the limit"), "{reason}");
+    let mut agent = TestAgent::start("worker-1", good, &manager).await;
+    agent.wait_applied(manager.generation()).await;
+    assert_same_tree(&manager.dirs.data, &agent.dirs.data);
+    agent.stop().await;
+    manager.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_version_mismatch_is_refused_naming_both_versions() {
+    // A manager from the future.
+    let dirs = agent_dirs();
+    let fake = FakeManager::new(&dirs.identity());
+    let mut agent = agent_of(&fake, dirs).await;
+    let (conn, _tx, _rx) = fake.accept(Hello { min: 9, max: 9 }).await;
+    let (code, reason) = closed_reason(&conn).await;
+    assert_eq!(code, close::VERSION_MISMATCH);
+    assert_eq!(
+        reason,
+        "protocol version mismatch: we speak 1..=1, the peer speaks 9..=9"
+    );
+    let st = wait_for(&mut agent.status, Duration::from_secs(5), |s| {
+        s.last_error.is_some()
+    })
+    .await
+    .unwrap();
+    assert!(st.last_error.unwrap().contains("version mismatch"));
+    let dirs = agent.stop().await;
+    assert_nothing_written(&dirs);
+
+    // An agent from the future.
+    let mdirs = NodeDirs::new();
+    let adirs = NodeDirs::new();
+    let identity = adirs.identity();
+    let manager = TestManager::start(mdirs, &[("worker-1", identity.id())]).await;
+    let client = Endpoint::client(&identity, manager.addr).unwrap();
+    let conn = client
+        .connect(&identity, manager.addr, manager.id)
+        .await
+        .unwrap();
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&Hello { min: 2, max: 2 }.encode())
+        .await
+        .unwrap();
+    // The manager's own hello may or may not arrive before its close; the close says it all.
+    let mut hello = [0u8; HELLO_LEN];
+    if rx.read_exact(&mut hello).await.is_ok() {
+        assert_eq!(Hello::decode(&hello).unwrap(), Hello::OURS);
+    }
+    let (code, reason) = closed_reason(&conn).await;
+    assert_eq!(code, close::VERSION_MISMATCH);
+    assert_eq!(
+        reason,
+        "agent \"worker-1\": protocol version mismatch: we speak 1..=1, the peer speaks 2..=2"
+    );
+    manager.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_claiming_another_agents_name_is_refused() {
+    let mdirs = NodeDirs::new();
+    let w1 = NodeDirs::new();
+    let w2 = NodeDirs::new();
+    let manager = TestManager::start(
+        mdirs,
+        &[
+            ("worker-1", w1.identity().id()),
+            ("worker-2", w2.identity().id()),
+        ],
+    )
+    .await;
+    // worker-2's identity, calling itself worker-1.
+    let mut agent = TestAgent::start("worker-1", w2, &manager).await;
+    let st = wait_for(&mut agent.status, Duration::from_secs(10), |s| {
+        s.last_error.is_some()
+    })
+    .await
+    .unwrap();
+    let err = st.last_error.unwrap();
+    assert!(err.contains("configured as agent \"worker-2\""), "{err}");
+    assert!(!manager.status.borrow().agents["worker-1"].connected);
+    agent.stop().await;
+    manager.stop().await;
+}

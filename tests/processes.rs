@@ -1,0 +1,195 @@
+//! Real `syncd` processes: command-line behaviour, exit codes, and memory that does not grow
+//! with file size.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SYNCD: &str = env!("CARGO_BIN_EXE_syncd");
+
+fn syncd(args: &[&str]) -> Output {
+    Command::new(SYNCD).args(args).output().unwrap()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn init(state: &Path) -> String {
+    let o = syncd(&["init", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn init_and_id_print_the_same_node_id_on_the_last_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let first = init(&state);
+    assert_eq!(first.len(), 55, "{first}");
+    assert_eq!(init(&state), first, "init keeps an existing identity");
+    let o = syncd(&["id", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(String::from_utf8(o.stdout).unwrap().trim(), first);
+    let o = syncd(&[
+        "id",
+        "--state-dir",
+        dir.path().join("none").to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 4, "missing identity");
+    assert!(stderr(&o).contains("syncd init"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_bad_config_lists_every_problem_and_exits_3_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[node]\nname = \"w 1\"\n[agent]\nmanager = \"nowhere\"\nmanager_id = \"short\"\ncolor = 1\n",
+    )
+    .unwrap();
+    for sub in ["check-config", "agent", "manager"] {
+        let o = syncd(&[sub, "--config", cfg.to_str().unwrap()]);
+        assert_eq!(code(&o), 3, "{sub}: {}", stderr(&o));
+        let err = stderr(&o);
+        for key in ["node.name", "agent.manager_id", "agent.color", "folders"] {
+            assert!(err.contains(key), "{sub}: {key} not named in:\n{err}");
+        }
+    }
+    let o = syncd(&[
+        "check-config",
+        "--config",
+        dir.path().join("missing.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 3);
+    let o = syncd(&["manager", "--bogus"]);
+    assert_eq!(code(&o), 2, "usage errors exit 2");
+}
+
+fn write_configs(root: &Path, port: u16, manager_id: &str, agent_id: &str) -> (PathBuf, PathBuf) {
+    let m = root.join("manager.toml");
+    let a = root.join("agent.toml");
+    std::fs::write(
+        &m,
+        format!(
+            "[node]\nname = \"mgr-1\"\nstate_dir = \"m/state\"\n[manager]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[manager.agents]]\nname = \"worker-1\"\nid = \"{agent_id}\"\n\
+             [[folders]]\nname = \"deployment\"\npath = \"m/data\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &a,
+        format!(
+            "[node]\nname = \"worker-1\"\nstate_dir = \"a/state\"\n[agent]\nmanager = \"127.0.0.1:{port}\"\n\
+             manager_id = \"{manager_id}\"\n[[folders]]\nname = \"deployment\"\npath = \"a/data\"\n"
+        ),
+    )
+    .unwrap();
+    (m, a)
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(role: &str, cfg: &Path, log: &Path) -> Child {
+    Command::new(SYNCD)
+        .args([role, "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Peak resident set size of a live process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_second_manager_on_the_same_port_exits_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("m/data")).unwrap();
+    let mid = init(&root.join("m/state"));
+    let aid = init(&root.join("a/state"));
+    let port = free_udp_port();
+    let (m, _) = write_configs(root, port, &mid, &aid);
+    let first = spawn("manager", &m, &root.join("m1.log"));
+    std::thread::sleep(Duration::from_millis(500));
+    let o = Command::new(SYNCD)
+        .args(["manager", "--config", m.to_str().unwrap()])
+        .output()
+        .unwrap();
+    stop(first);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot bind"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_1_gib_file_crosses_with_both_daemons_under_100_mib_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("m/data/webapps")).unwrap();
+    let big = root.join("m/data/webapps/huge.war");
+    let mut rng = syncd_devtools::Rng::new(11);
+    syncd_devtools::write_random(&big, 1 << 30, &mut rng).unwrap();
+    let mid = init(&root.join("m/state"));
+    let aid = init(&root.join("a/state"));
+    let (m, a) = write_configs(root, free_udp_port(), &mid, &aid);
+    let manager = spawn("manager", &m, &root.join("manager.log"));
+    let agent = spawn("agent", &a, &root.join("agent.log"));
+
+    let target = root.join("a/data/webapps/huge.war");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    // The file appears under its final name only once complete (it is renamed into place).
+    while !target.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "not synced in time; see {}",
+            root.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (m_rss, a_rss) = (peak_rss(manager.id()), peak_rss(agent.id()));
+    stop(agent);
+    stop(manager);
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), 1 << 30);
+    support::assert_same_tree(&root.join("m/data"), &root.join("a/data"));
+    let limit = 100 << 20;
+    assert!(m_rss < limit, "manager peak RSS {} MiB", m_rss >> 20);
+    assert!(a_rss < limit, "agent peak RSS {} MiB", a_rss >> 20);
+    eprintln!(
+        "peak RSS: manager {} MiB, agent {} MiB",
+        m_rss >> 20,
+        a_rss >> 20
+    );
+}

@@ -122,44 +122,127 @@ pub struct ScanStats {
     pub reused_files: usize,
 }
 
-/// Scans `root` into a manifest cut with `chunker`, skipping `excludes`.
-///
-/// Files whose [`StatKey`] matches `previous` keep their previous hashes; the rest are hashed on
-/// up to `threads` threads. Links are recorded, never followed.
-pub fn scan(
-    root: &Path,
-    chunker: &Chunker,
-    excludes: &Excludes,
-    previous: Option<&LocalManifest>,
-    threads: usize,
-) -> Result<(LocalManifest, ScanStats, Vec<ScanWarning>), ScanError> {
-    let root_err = |source| ScanError::Root {
-        path: root.to_owned(),
-        source,
-    };
-    let meta = fs::metadata(root).map_err(root_err)?;
-    if !meta.is_dir() {
-        return Err(root_err(io::Error::new(
-            io::ErrorKind::NotADirectory,
-            "not a directory",
-        )));
+/// What a path is, from its metadata alone (no content read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// A directory.
+    Dir {
+        /// Permission bits.
+        mode: u32,
+        /// Modification time.
+        mtime: Mtime,
+    },
+    /// A symbolic link whose target stays inside the folder.
+    Symlink {
+        /// The target.
+        target: SymlinkTarget,
+        /// Modification time of the link itself.
+        mtime: Mtime,
+    },
+    /// A regular file.
+    File {
+        /// Size, times and inode.
+        key: StatKey,
+        /// Permission bits.
+        mode: u32,
+    },
+}
+
+impl Seen {
+    /// The manifest node for a directory or link (files need their content hashed).
+    pub fn node(&self) -> Option<Node> {
+        match self {
+            Seen::Dir { mode, mtime } => Some(Node {
+                kind: NodeKind::Dir,
+                mode: *mode,
+                mtime: *mtime,
+            }),
+            Seen::Symlink { target, mtime } => Some(Node {
+                kind: NodeKind::Symlink(target.clone()),
+                mode: 0o777,
+                mtime: *mtime,
+            }),
+            Seen::File { .. } => None,
+        }
     }
-    // An unreadable root is an error, not an empty folder.
-    fs::read_dir(root).map_err(root_err)?;
+}
 
-    let params = chunker.params();
-    let reusable = previous.filter(|p| p.manifest.params == params);
-    let mut out = LocalManifest {
-        manifest: Manifest::new(params),
-        stats: HashMap::new(),
+/// Looks at one path without following a link. `Ok(None)` if nothing is there; an error for
+/// something that cannot be synced (a socket, a link out of the folder, unreadable metadata).
+pub fn observe(root: &Path, rel: &RelPath) -> Result<Option<Seen>, ScanWarning> {
+    let abs = root.join(rel.as_str());
+    let meta = match fs::symlink_metadata(&abs) {
+        Ok(m) => m,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(ScanWarning::Unreadable {
+                path: abs,
+                error: e.to_string(),
+            });
+        }
     };
-    let mut warnings = Vec::new();
-    let mut stats = ScanStats::default();
-    let mut to_hash: Vec<(RelPath, PathBuf)> = Vec::new();
+    seen_of(&abs, rel, &meta).map(Some)
+}
 
-    let mut stack: Vec<(Option<RelPath>, PathBuf)> = vec![(None, root.to_owned())];
-    while let Some((rel_dir, abs_dir)) = stack.pop() {
-        let entries = match fs::read_dir(&abs_dir) {
+fn seen_of(abs: &Path, rel: &RelPath, meta: &Metadata) -> Result<Seen, ScanWarning> {
+    let ft = meta.file_type();
+    let mode = meta.permissions().mode() & 0o7777;
+    let mtime = Mtime {
+        secs: meta.mtime(),
+        nanos: meta.mtime_nsec() as u32,
+    };
+    if ft.is_dir() {
+        Ok(Seen::Dir { mode, mtime })
+    } else if ft.is_symlink() {
+        let target = fs::read_link(abs).map_err(|e| e.to_string()).and_then(|t| {
+            let t = t
+                .to_str()
+                .ok_or_else(|| "target is not UTF-8".to_owned())?
+                .to_owned();
+            let t = SymlinkTarget::new(t).map_err(|e| e.to_string())?;
+            t.check_within(rel).map_err(|e| e.to_string())?;
+            Ok(t)
+        });
+        match target {
+            Ok(target) => Ok(Seen::Symlink { target, mtime }),
+            Err(reason) => Err(ScanWarning::Symlink {
+                path: abs.to_owned(),
+                reason,
+            }),
+        }
+    } else if ft.is_file() {
+        Ok(Seen::File {
+            key: stat_key(meta),
+            mode,
+        })
+    } else {
+        Err(ScanWarning::Special(abs.to_owned()))
+    }
+}
+
+/// Walks everything beneath `start` (the root for `None`), skipping `excludes`, without reading
+/// any file's content. Entries come in no particular order. Fails only if `start` itself cannot
+/// be read; anything beneath it that cannot be read is a warning.
+pub fn walk(
+    root: &Path,
+    start: Option<&RelPath>,
+    excludes: &Excludes,
+    seen: &mut Vec<(RelPath, Seen)>,
+    warnings: &mut Vec<ScanWarning>,
+) -> io::Result<()> {
+    let start_abs = start.map_or_else(|| root.to_owned(), |s| root.join(s.as_str()));
+    let first = fs::read_dir(&start_abs)?;
+    let mut stack: Vec<(Option<RelPath>, PathBuf, Option<fs::ReadDir>)> =
+        vec![(start.cloned(), start_abs, Some(first))];
+    while let Some((rel_dir, abs_dir, entries)) = stack.pop() {
+        let entries = match entries.map_or_else(|| fs::read_dir(&abs_dir), Ok) {
             Ok(e) => e,
             Err(e) => {
                 warnings.push(ScanWarning::Unreadable {
@@ -213,73 +296,81 @@ pub fn scan(
                     continue;
                 }
             };
-            let ft = meta.file_type();
-            if excludes.is_excluded(&rel, ft.is_dir()) {
+            if excludes.is_excluded(&rel, meta.is_dir()) {
                 continue;
             }
-            let mode = meta.permissions().mode() & 0o7777;
-            let mtime = Mtime {
-                secs: meta.mtime(),
-                nanos: meta.mtime_nsec() as u32,
-            };
-            if ft.is_dir() {
-                out.manifest.insert(
-                    rel.clone(),
-                    Node {
-                        kind: NodeKind::Dir,
-                        mode,
-                        mtime,
-                    },
-                );
-                stack.push((Some(rel), abs));
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&abs)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| {
-                        let t = t
-                            .to_str()
-                            .ok_or_else(|| "target is not UTF-8".to_owned())?
-                            .to_owned();
-                        let t = SymlinkTarget::new(t).map_err(|e| e.to_string())?;
-                        t.check_within(&rel).map_err(|e| e.to_string())?;
-                        Ok(t)
-                    });
-                match target {
-                    Ok(t) => {
-                        out.manifest.insert(
-                            rel,
-                            Node {
-                                kind: NodeKind::Symlink(t),
-                                mode: 0o777,
-                                mtime,
-                            },
-                        );
+            match seen_of(&abs, &rel, &meta) {
+                Ok(s) => {
+                    if matches!(s, Seen::Dir { .. }) {
+                        stack.push((Some(rel.clone()), abs, None));
                     }
-                    Err(reason) => warnings.push(ScanWarning::Symlink { path: abs, reason }),
+                    seen.push((rel, s));
                 }
-            } else if ft.is_file() {
-                let key = stat_key(&meta);
-                let old = reusable.and_then(|p| {
-                    let node = p.manifest.get(&rel)?;
-                    (node.file().is_some() && p.stats.get(&rel) == Some(&key)).then_some(node)
-                });
-                match old {
-                    Some(node) => {
-                        out.manifest.insert(
-                            rel.clone(),
-                            Node {
-                                kind: node.kind.clone(),
-                                mode,
-                                mtime,
-                            },
-                        );
-                        out.stats.insert(rel, key);
-                        stats.reused_files += 1;
-                    }
-                    None => to_hash.push((rel, abs)),
+                Err(w) => warnings.push(w),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Scans `root` into a manifest cut with `chunker`, skipping `excludes`.
+///
+/// Files whose [`StatKey`] matches `previous` keep their previous hashes; the rest are hashed on
+/// up to `threads` threads. Links are recorded, never followed.
+pub fn scan(
+    root: &Path,
+    chunker: &Chunker,
+    excludes: &Excludes,
+    previous: Option<&LocalManifest>,
+    threads: usize,
+) -> Result<(LocalManifest, ScanStats, Vec<ScanWarning>), ScanError> {
+    let root_err = |source| ScanError::Root {
+        path: root.to_owned(),
+        source,
+    };
+    let meta = fs::metadata(root).map_err(root_err)?;
+    if !meta.is_dir() {
+        return Err(root_err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+    let mut seen = Vec::new();
+    let mut warnings = Vec::new();
+    // An unreadable root is an error, not an empty folder.
+    walk(root, None, excludes, &mut seen, &mut warnings).map_err(root_err)?;
+
+    let params = chunker.params();
+    let reusable = previous.filter(|p| p.manifest.params == params);
+    let mut out = LocalManifest {
+        manifest: Manifest::new(params),
+        stats: HashMap::new(),
+    };
+    let mut stats = ScanStats::default();
+    let mut to_hash: Vec<(RelPath, PathBuf)> = Vec::new();
+    for (rel, s) in seen {
+        match s {
+            Seen::File { key, mode } => match reusable.and_then(|p| p.reusable(&rel, &key)) {
+                Some(node) => {
+                    out.manifest.insert(
+                        rel.clone(),
+                        Node {
+                            kind: node.kind.clone(),
+                            mode,
+                            mtime: key.mtime,
+                        },
+                    );
+                    out.stats.insert(rel, key);
+                    stats.reused_files += 1;
                 }
-            } else {
-                warnings.push(ScanWarning::Special(abs));
+                None => {
+                    let abs = root.join(rel.as_str());
+                    to_hash.push((rel, abs));
+                }
+            },
+            other => {
+                let node = other.node().expect("directories and links have nodes");
+                out.manifest.insert(rel, node);
             }
         }
     }
@@ -295,28 +386,41 @@ pub fn scan(
             Err(w) => warnings.push(w),
         }
     }
-    // Entries under a skipped directory cannot exist, but a directory that vanished mid-scan can
-    // leave an orphan: drop anything whose parent is missing so the manifest stays a tree.
-    let orphans: Vec<RelPath> = out
-        .manifest
-        .iter()
-        .filter(|(p, _)| {
-            p.parent()
-                .is_some_and(|d| !out.manifest.get(&d).is_some_and(Node::is_dir))
-        })
-        .map(|(p, _)| p.clone())
-        .collect();
-    for p in orphans {
-        out.manifest.remove(&p);
-        out.stats.remove(&p);
-    }
+    out.drop_orphans();
     Ok((out, stats, warnings))
 }
 
-type HashResult = Result<(Node, StatKey), ScanWarning>;
+impl LocalManifest {
+    /// The previous node of a file whose stat key is unchanged, if any.
+    pub fn reusable(&self, rel: &RelPath, key: &StatKey) -> Option<&Node> {
+        let node = self.manifest.get(rel)?;
+        (node.file().is_some() && self.stats.get(rel) == Some(key)).then_some(node)
+    }
+
+    /// Drops entries whose parent is missing (a directory that vanished mid-scan) so the
+    /// manifest stays a tree.
+    pub fn drop_orphans(&mut self) {
+        let orphans: Vec<RelPath> = self
+            .manifest
+            .iter()
+            .filter(|(p, _)| {
+                p.parent()
+                    .is_some_and(|d| !self.manifest.get(&d).is_some_and(Node::is_dir))
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in orphans {
+            self.manifest.remove(&p);
+            self.stats.remove(&p);
+        }
+    }
+}
+
+/// A hashed file's node and the stat key it had, or why it was skipped.
+pub type HashResult = Result<(Node, StatKey), ScanWarning>;
 
 /// Hashes files on up to `threads` threads; results come back in input order.
-fn hash_files(
+pub fn hash_files(
     chunker: &Chunker,
     files: Vec<(RelPath, PathBuf)>,
     threads: usize,
@@ -348,7 +452,7 @@ fn hash_files(
 }
 
 /// Hashes one file, retrying if it changes while being read.
-pub(crate) fn hash_file(chunker: &Chunker, abs: &Path) -> HashResult {
+pub fn hash_file(chunker: &Chunker, abs: &Path) -> HashResult {
     let unreadable = |e: io::Error| ScanWarning::Unreadable {
         path: abs.to_owned(),
         error: e.to_string(),

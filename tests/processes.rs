@@ -159,7 +159,7 @@ fn a_1_gib_file_crosses_with_both_daemons_under_100_mib_of_memory() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     std::fs::create_dir_all(root.join("m/data/webapps")).unwrap();
-    let big = root.join("m/data/webapps/huge.war");
+    let big = root.join("m/data/webapps/huge.bin");
     let mut rng = syncd_devtools::Rng::new(11);
     syncd_devtools::write_random(&big, 1 << 30, &mut rng).unwrap();
     let mid = init(&root.join("m/state"));
@@ -168,7 +168,7 @@ fn a_1_gib_file_crosses_with_both_daemons_under_100_mib_of_memory() {
     let manager = spawn("manager", &m, &root.join("manager.log"));
     let agent = spawn("agent", &a, &root.join("agent.log"));
 
-    let target = root.join("a/data/webapps/huge.war");
+    let target = root.join("a/data/webapps/huge.bin");
     let deadline = Instant::now() + Duration::from_secs(240);
     // The file appears under its final name only once complete (it is renamed into place).
     while !target.exists() {

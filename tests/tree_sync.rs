@@ -8,7 +8,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::time::{Duration, SystemTime};
 
 use support::*;
-use syncd_devtools::{Rng, Scale, generate, write_random};
+use syncd_devtools::{Archive, Rng, Scale, generate, write_archive, write_random};
 
 fn set_mtime(path: &std::path::Path, secs: u64, nanos: u32) {
     let t = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos);
@@ -65,7 +65,7 @@ async fn an_agent_holding_an_older_copy_receives_only_the_difference() {
     let adirs = NodeDirs::new();
     let mut rng = Rng::new(7);
     // The old tree, present on both.
-    let big = "webapps/big.war";
+    let big = "webapps/big.bin";
     write_random(&mdirs.data.join("big.tmp"), 20 << 20, &mut rng).unwrap();
     fs::create_dir_all(mdirs.data.join("webapps")).unwrap();
     fs::rename(mdirs.data.join("big.tmp"), mdirs.data.join(big)).unwrap();
@@ -84,13 +84,9 @@ async fn an_agent_holding_an_older_copy_receives_only_the_difference() {
     let mut text = fs::read_to_string(&xml).unwrap();
     text = text.replacen("GET", "POST", 1);
     fs::write(&xml, &text).unwrap();
-    let fresh_len = 300_000u64;
-    write_random(
-        &mdirs.data.join("carbonapps/new_1.0.0.car"),
-        fresh_len,
-        &mut rng,
-    )
-    .unwrap();
+    let fresh = mdirs.data.join("carbonapps/new_1.0.0.car");
+    write_archive(&fresh, Archive::Car, 300_000, &mut rng, 2).unwrap();
+    let fresh_len = fs::metadata(&fresh).unwrap().len();
     fs::remove_file(mdirs.data.join("carbonapps/app-002_1.0.0.car")).unwrap();
 
     let manager = TestManager::start(mdirs, &[("worker-1", adirs.identity().id())]).await;

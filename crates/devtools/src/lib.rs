@@ -2,7 +2,9 @@
 //!
 //! A tree has the layout of `<CARBON_HOME>/repository/deployment/server`: Synapse XML under
 //! `synapse-configs/default/*`, CAR files under `carbonapps`, WAR files and an exploded webapp
-//! under `webapps`, plus an empty directory and a symlink. The same seed gives the same bytes.
+//! under `webapps`, plus an empty directory and a symlink. CARs and WARs are real ZIP archives
+//! (deflated XML and classes, stored JARs), as a build would produce them. The same seed gives
+//! the same bytes.
 
 use std::fs;
 use std::io::{self, Write};
@@ -71,6 +73,85 @@ pub fn synapse_xml(name: &str, len: usize, rng: &mut Rng) -> String {
     s
 }
 
+/// Which kind of archive to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Archive {
+    /// A Carbon application: artifact XML and bundled JARs.
+    Car,
+    /// A web application: `WEB-INF/web.xml`, classes and library JARs.
+    War,
+}
+
+/// Writes a real ZIP archive of about `len` bytes to `path`. `build` stands for the build that
+/// made it: entry timestamps come from it, as with a real, non-reproducible build.
+pub fn write_archive(
+    path: &Path,
+    kind: Archive,
+    len: u64,
+    rng: &mut Rng,
+    build: u32,
+) -> io::Result<()> {
+    use zip::write::SimpleFileOptions;
+    use zip::{CompressionMethod, DateTime};
+    let file = fs::File::create(path)?;
+    let mut zip = zip::ZipWriter::new(io::BufWriter::new(file));
+    let time = DateTime::from_date_and_time(
+        2024,
+        1 + (build % 12) as u8,
+        1 + (build % 28) as u8,
+        12,
+        (build % 60) as u8,
+        0,
+    )
+    .map_err(|e| io::Error::other(e.to_string()))?;
+    let deflated = SimpleFileOptions::default()
+        .compression_method(CompressionMethod::Deflated)
+        .last_modified_time(time);
+    let stored = SimpleFileOptions::default()
+        .compression_method(CompressionMethod::Stored)
+        .last_modified_time(time)
+        .large_file(len > u32::MAX as u64 / 2);
+    let err = |e: zip::result::ZipError| io::Error::other(e.to_string());
+    zip.start_file("META-INF/MANIFEST.MF", deflated)
+        .map_err(err)?;
+    zip.write_all(b"Manifest-Version: 1.0\nCreated-By: syncd-devtools\n")?;
+    let (descriptor, dir) = match kind {
+        Archive::Car => ("artifacts.xml", "lib"),
+        Archive::War => ("WEB-INF/web.xml", "WEB-INF/lib"),
+    };
+    zip.start_file(descriptor, deflated).map_err(err)?;
+    zip.write_all(synapse_xml("descriptor", 4_000, rng).as_bytes())?;
+    for i in 0..(rng.range(3, 12)) {
+        let name = match kind {
+            Archive::Car => format!("api_{i}/api_{i}.xml"),
+            Archive::War => format!("WEB-INF/classes/org/example/Service{i}.class"),
+        };
+        zip.start_file(name, deflated).map_err(err)?;
+        let body = synapse_xml(&format!("entry{i}"), rng.range(1_000, 8_000) as usize, rng);
+        zip.write_all(body.as_bytes())?;
+    }
+    // Library JARs (already compressed, so stored) make up the size.
+    let mut written = 20_000u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut i = 0;
+    while written < len {
+        let jar = (len - written).min(rng.range(50_000, 8_000_000));
+        zip.start_file(format!("{dir}/lib-{i:03}.jar"), stored)
+            .map_err(err)?;
+        let mut left = jar;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            rng.fill(&mut buf[..n]);
+            zip.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        written += jar + 80;
+        i += 1;
+    }
+    let out = zip.finish().map_err(err)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()
+}
+
 /// How big a generated tree is.
 #[derive(Debug, Clone, Copy)]
 pub struct Scale {
@@ -121,15 +202,33 @@ pub fn generate(root: &Path, scale: Scale, seed: u64) -> io::Result<()> {
     }
     for i in 0..scale.car_files {
         let len = rng.range(scale.car_size.0, scale.car_size.1);
-        write_random(&cars.join(format!("app-{i:03}_1.0.0.car")), len, &mut rng)?;
+        write_archive(
+            &cars.join(format!("app-{i:03}_1.0.0.car")),
+            Archive::Car,
+            len,
+            &mut rng,
+            1,
+        )?;
     }
     for i in 0..scale.war_files {
         let len = rng.range(scale.war_size.0, scale.war_size.1);
-        write_random(&webapps.join(format!("service-{i:03}.war")), len, &mut rng)?;
+        write_archive(
+            &webapps.join(format!("service-{i:03}.war")),
+            Archive::War,
+            len,
+            &mut rng,
+            1,
+        )?;
     }
     for i in 0..scale.exploded_files {
         let len = rng.range(500, 50_000);
-        write_random(&exploded.join(format!("lib-{i:03}.jar")), len, &mut rng)?;
+        write_archive(
+            &exploded.join(format!("lib-{i:03}.jar")),
+            Archive::Car,
+            len,
+            &mut rng,
+            1,
+        )?;
     }
     fs::write(
         webapps.join("console/index.html"),

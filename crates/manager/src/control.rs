@@ -1,23 +1,39 @@
-//! The control task: owns the folders' manifests and the generation counter, rescans on
-//! request, persists each generation before publishing it, and publishes immutable snapshots.
+//! The control task: owns the folders' live state and the generation counter. It takes watcher
+//! hints, looks at what they point to, waits for changed files to be complete, and publishes
+//! what settled together as one generation: persisted first, then published as an immutable
+//! snapshot.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use syncd_fsops::{FolderRoot, FolderSpec, LocalManifest};
-use syncd_manifest::{Change, ChunkParams, Chunker, ManifestDigest, diff};
+use syncd_fsops::{FolderRoot, LocalManifest};
+use syncd_manifest::{ChunkParams, Chunker, ManifestDigest, diff};
 use syncd_proto::Generation;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::history::{History, Step};
+use crate::inotify::{CHANNEL, FolderWatch, Signal, WatchMsg};
+use crate::live::LiveFolder;
 use crate::state::ManagerState;
-use crate::{ManagerConfig, ManagerError, ManagerStatus};
+use crate::{HeldFile, ManagerConfig, ManagerError, ManagerStatus};
+
+/// Quiet time after the last hint before paths are looked at (events of one write come together).
+const DEBOUNCE: Duration = Duration::from_millis(5);
+/// Longest a steady stream of hints can postpone looking.
+const DEBOUNCE_MAX: Duration = Duration::from_millis(50);
+/// Full walk of every folder, to catch anything the watcher missed.
+const PERIODIC_RESCAN: Duration = Duration::from_secs(600);
+/// How often a folder without a working watch is walked, and roots are checked for replacement.
+const UNWATCHED_RESCAN: Duration = Duration::from_secs(5);
+/// Longest start-up waits for changed files to become complete before publishing without them.
+const STARTUP_SETTLE: Duration = Duration::from_secs(10);
 
 /// What the control task is asked to do.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// Rescan every folder and publish what changed; reply with the generation afterwards.
+    /// Walk every folder and publish what changed; reply with the generation once settled.
     Rescan(Option<oneshot::Sender<Generation>>),
 }
 
@@ -47,30 +63,54 @@ pub struct Snapshot {
 pub(crate) struct Control {
     config: Arc<ManagerConfig>,
     generation: Generation,
-    folders: BTreeMap<String, FolderSnap>,
+    folders: Vec<LiveFolder>,
     history: History,
     publisher: Option<watch::Sender<Arc<Snapshot>>>,
+    chunker: Chunker,
+    threads: usize,
+    first_hint: Option<Instant>,
+    last_hint: Option<Instant>,
+    waiting: Vec<oneshot::Sender<Generation>>,
 }
 
 impl Control {
-    /// Loads the persisted state, scans, and publishes a new generation if anything changed.
+    /// Loads the persisted state, walks every folder, waits (a bounded time) for changed files
+    /// to be complete, and publishes a new generation if anything changed.
     pub(crate) async fn open(
         config: Arc<ManagerConfig>,
     ) -> Result<(Control, Arc<Snapshot>), ManagerError> {
-        let state = ManagerState::load(&config.state_dir);
+        let mut state = ManagerState::load(&config.state_dir);
+        let folders = config
+            .folders
+            .iter()
+            .map(|spec| LiveFolder::new(spec.clone(), state.folders.remove(&spec.name)))
+            .collect();
         let mut control = Control {
             generation: state.generation,
-            folders: BTreeMap::new(),
+            folders,
             history: History::default(),
             publisher: None,
+            chunker: Chunker::new(ChunkParams::DEFAULT)
+                .expect("default chunk parameters are valid"),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            first_hint: None,
+            last_hint: None,
+            waiting: Vec::new(),
             config,
         };
-        let previous: BTreeMap<String, Arc<LocalManifest>> = state
-            .folders
-            .into_iter()
-            .map(|(k, v)| (k, Arc::new(v)))
-            .collect();
-        control.rescan_from(previous).await?;
+        let deadline = Instant::now() + STARTUP_SETTLE;
+        loop {
+            control.step(true).await;
+            let settling = control.folders.iter().any(LiveFolder::settling);
+            if !settling || Instant::now() >= deadline {
+                break;
+            }
+            let next = control
+                .next_ready()
+                .unwrap_or_else(|| Instant::now() + DEBOUNCE);
+            tokio::time::sleep_until(next.min(deadline).into()).await;
+        }
+        control.publish(control.generation == Generation(0))?;
         let snapshot = control.snapshot();
         Ok((control, snapshot))
     }
@@ -81,122 +121,289 @@ impl Control {
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
+        let folders = self
+            .folders
+            .iter()
+            .filter_map(|f| {
+                let local = f.published.clone()?;
+                let root = f.root.clone()?;
+                Some((
+                    f.spec.name.clone(),
+                    FolderSnap {
+                        digest: local.manifest.digest(),
+                        root,
+                        local,
+                    },
+                ))
+            })
+            .collect();
         Arc::new(Snapshot {
             generation: self.generation,
-            folders: self.folders.clone(),
+            folders,
             history: Arc::new(self.history.clone()),
         })
     }
 
-    /// Handles commands until shutdown.
+    fn next_ready(&self) -> Option<Instant> {
+        self.folders.iter().filter_map(LiveFolder::next_ready).min()
+    }
+
+    /// When the loop must act next without new input.
+    fn deadline(&self) -> Option<Instant> {
+        let hints = self
+            .last_hint
+            .zip(self.first_hint)
+            .map(|(last, first)| (last + DEBOUNCE).min(first + DEBOUNCE_MAX));
+        let dirty = self
+            .folders
+            .iter()
+            .any(LiveFolder::has_dirty)
+            .then(|| hints.unwrap_or_else(Instant::now));
+        [dirty, self.next_ready()].into_iter().flatten().min()
+    }
+
+    /// Handles hints and commands until shutdown.
     pub(crate) async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
         status: Arc<watch::Sender<ManagerStatus>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let (tx, mut hints) = mpsc::channel(CHANNEL);
+        let signal = Signal {
+            overflowed: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new(Notify::new()),
+        };
+        let mut watches: Vec<Option<FolderWatch>> = (0..self.folders.len()).map(|_| None).collect();
+        self.rewatch(&mut watches, &tx, &signal);
+        let mut periodic = tokio::time::interval(PERIODIC_RESCAN);
+        periodic.tick().await;
+        let mut unwatched = tokio::time::interval(UNWATCHED_RESCAN);
         loop {
-            let cmd = tokio::select! {
-                c = commands.recv() => c,
-                _ = shutdown.changed() => None,
+            let deadline = self.deadline();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
             };
-            let Some(Command::Rescan(reply)) = cmd else {
-                break;
-            };
-            let previous = self
-                .folders
-                .iter()
-                .map(|(k, v)| (k.clone(), Arc::clone(&v.local)))
-                .collect();
-            match self.rescan_from(previous).await {
-                Ok(true) => {
-                    let snap = self.snapshot();
-                    if let Some(p) = &self.publisher {
-                        p.send_replace(snap);
+            tokio::select! {
+                msg = hints.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.take(msg);
+                    // Drain what is queued without waking up for each hint.
+                    while let Ok(msg) = hints.try_recv() {
+                        self.take(msg);
                     }
-                    status.send_modify(|s| s.generation = self.generation);
                 }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot record a new generation; it is not published")
+                _ = signal.wake.notified() => {}
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Rescan(reply)) => {
+                        self.folders.iter_mut().for_each(LiveFolder::rescan);
+                        self.waiting.extend(reply);
+                    }
+                    None => break,
+                },
+                _ = sleep => {
+                    self.step(false).await;
+                    match self.publish(false) {
+                        Ok(true) => {
+                            if let Some(p) = &self.publisher {
+                                p.send_replace(self.snapshot());
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(error = %e, "cannot record a new generation; it is not published"),
+                    }
+                    let held = self.held();
+                    let generation = self.generation;
+                    status.send_if_modified(|s| {
+                        let changed = s.generation != generation || s.held != held;
+                        s.generation = generation;
+                        s.held = held;
+                        changed
+                    });
+                    if !self.folders.iter().any(LiveFolder::settling) {
+                        for reply in self.waiting.drain(..) {
+                            let _ = reply.send(generation);
+                        }
+                    }
                 }
+                _ = periodic.tick() => {
+                    tracing::debug!("periodic full rescan");
+                    self.folders.iter_mut().for_each(LiveFolder::rescan);
+                }
+                _ = unwatched.tick() => self.rewatch(&mut watches, &tx, &signal),
+                _ = shutdown.changed() => break,
             }
-            if let Some(reply) = reply {
-                let _ = reply.send(self.generation);
+            if signal.overflowed.swap(false, Ordering::AcqRel) {
+                tracing::warn!("too many watcher events at once; rescanning every folder");
+                self.folders.iter_mut().for_each(LiveFolder::rescan);
             }
         }
     }
 
-    /// Scans every folder against `previous`; if anything changed, records and persists a new
-    /// generation. Returns whether the published snapshot must change.
-    async fn rescan_from(
+    /// (Re)creates watches that are missing or whose root was replaced; a folder without a
+    /// working watch is walked every few seconds instead.
+    fn rewatch(
         &mut self,
-        previous: BTreeMap<String, Arc<LocalManifest>>,
-    ) -> Result<bool, ManagerError> {
+        watches: &mut [Option<FolderWatch>],
+        tx: &mpsc::Sender<WatchMsg>,
+        signal: &Signal,
+    ) {
+        use std::os::unix::fs::MetadataExt;
+        for (i, folder) in self.folders.iter_mut().enumerate() {
+            let ino = std::fs::metadata(&folder.spec.path)
+                .ok()
+                .filter(|m| m.is_dir())
+                .map(|m| m.ino());
+            let current = watches[i].as_ref().map(|w| w.root_ino);
+            if ino.is_some() && ino == current {
+                continue;
+            }
+            if current.is_some() {
+                tracing::warn!(folder = %folder.spec.name, "folder root was replaced or removed; watching it again");
+            }
+            watches[i] = None;
+            folder.rescan();
+            if ino.is_none() {
+                continue;
+            }
+            match crate::inotify::watch(i, &folder.spec.path, tx.clone(), signal.clone()) {
+                Ok(w) => watches[i] = Some(w),
+                Err(e) => tracing::error!(
+                    folder = %folder.spec.name,
+                    error = %e,
+                    every = ?UNWATCHED_RESCAN,
+                    "cannot watch the folder (raise fs.inotify.max_user_watches?); walking it periodically instead"
+                ),
+            }
+        }
+    }
+
+    fn take(&mut self, msg: WatchMsg) {
+        let now = Instant::now();
+        self.first_hint.get_or_insert(now);
+        self.last_hint = Some(now);
+        match msg {
+            WatchMsg::Hint { folder, path, hint } => self.folders[folder].hint(path, hint),
+            WatchMsg::Rescan { folder, reason } => {
+                tracing::warn!(folder = %self.folders[folder].spec.name, %reason, "rescanning the folder");
+                self.folders[folder].rescan();
+            }
+        }
+    }
+
+    /// Looks at hinted paths and settles ready candidates, on the blocking pool.
+    async fn step(&mut self, force: bool) {
+        let now = Instant::now();
+        let hints_due = force || self.deadline().is_some_and(|d| d <= now);
+        if hints_due {
+            self.first_hint = None;
+            self.last_hint = None;
+        }
+        let mut folders = std::mem::take(&mut self.folders);
+        let chunker = self.chunker.clone();
+        let threads = self.threads;
+        self.folders = tokio::task::spawn_blocking(move || {
+            for f in &mut folders {
+                if hints_due && f.has_dirty() {
+                    f.examine(now);
+                }
+                f.settle(now, &chunker, threads);
+            }
+            folders
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    }
+
+    /// Publishes what changed as one new generation (or a new generation regardless, if
+    /// `force`): persisted before anyone sees it. Returns whether a generation was published.
+    fn publish(&mut self, force: bool) -> Result<bool, ManagerError> {
         let started = Instant::now();
         let mut steps = BTreeMap::new();
-        // A folder that cannot be read keeps its last published state: never an empty folder.
-        let mut next = self.folders.clone();
-        for spec in &self.config.folders {
-            let old = previous.get(&spec.name).cloned();
-            let Some((root, local)) = scan_folder(spec.clone(), old.clone()).await else {
+        let mut next: Vec<Option<LocalManifest>> = Vec::with_capacity(self.folders.len());
+        for f in &self.folders {
+            let Some(candidate) = f.publishable() else {
+                next.push(None);
                 continue;
             };
-            let digest = local.manifest.digest();
-            let old_digest = old.as_ref().map(|o| o.manifest.digest());
-            if old_digest != Some(digest) {
-                let empty = LocalManifest {
-                    manifest: syncd_manifest::Manifest::new(local.manifest.params),
-                    ..LocalManifest::default()
-                };
-                let before = old.as_deref().unwrap_or(&empty);
-                let changes = diff(&before.manifest, &local.manifest);
-                log_changes(&spec.name, &changes);
-                steps.insert(
-                    spec.name.clone(),
-                    Step {
-                        from: before.manifest.digest(),
-                        to: digest,
-                        changes: Arc::new(changes),
-                    },
-                );
+            let before = f.published.as_deref();
+            if before.is_some_and(|b| b.manifest == candidate.manifest) {
+                next.push(None);
+                continue;
             }
-            next.insert(
-                spec.name.clone(),
-                FolderSnap {
-                    root,
-                    local: Arc::new(local),
-                    digest,
+            let empty = syncd_manifest::Manifest::new(candidate.manifest.params);
+            let old = before.map_or(&empty, |b| &b.manifest);
+            let changes = diff(old, &candidate.manifest);
+            log_changes(&f.spec.name, &changes);
+            steps.insert(
+                f.spec.name.clone(),
+                Step {
+                    from: old.digest(),
+                    to: candidate.manifest.digest(),
+                    changes: Arc::new(changes),
                 },
             );
+            next.push(Some(candidate));
         }
-        let folder_set_changed = !next.keys().eq(self.folders.keys());
-        let new_generation = !steps.is_empty() || self.generation == Generation(0);
-        if new_generation {
-            let generation = Generation(self.generation.0 + 1);
-            let state = ManagerState {
-                generation,
-                folders: next
-                    .iter()
-                    .map(|(k, v)| (k.clone(), (*v.local).clone()))
-                    .collect(),
-            };
-            state
-                .save(&self.config.state_dir)
-                .map_err(|source| ManagerError::State {
-                    dir: self.config.state_dir.clone(),
-                    source,
-                })?;
-            self.generation = generation;
-            self.history.push(steps);
-            tracing::info!(%generation, elapsed_ms = started.elapsed().as_millis() as u64, "published generation");
+        // A folder published for the first time with no content also counts as a change.
+        let first_time = self
+            .folders
+            .iter()
+            .zip(&next)
+            .any(|(f, n)| f.published.is_none() && n.is_some());
+        if steps.is_empty() && !force && !first_time {
+            return Ok(false);
         }
-        self.folders = next;
-        Ok(new_generation || folder_set_changed)
+        let generation = Generation(self.generation.0 + 1);
+        let state = ManagerState {
+            generation,
+            folders: self
+                .folders
+                .iter()
+                .zip(&next)
+                .filter_map(|(f, n)| {
+                    let local = n.clone().or_else(|| f.published.as_deref().cloned())?;
+                    Some((f.spec.name.clone(), local))
+                })
+                .collect(),
+        };
+        state
+            .save(&self.config.state_dir)
+            .map_err(|source| ManagerError::State {
+                dir: self.config.state_dir.clone(),
+                source,
+            })?;
+        for (f, n) in self.folders.iter_mut().zip(next) {
+            if let Some(n) = n {
+                f.set_published(Arc::new(n));
+            }
+        }
+        self.generation = generation;
+        self.history.push(steps);
+        tracing::info!(%generation, elapsed_ms = started.elapsed().as_millis() as u64, "published generation");
+        Ok(true)
+    }
+
+    fn held(&self) -> Vec<HeldFile> {
+        self.folders
+            .iter()
+            .flat_map(|f| {
+                f.held.iter().map(|(path, h)| HeldFile {
+                    folder: f.spec.name.clone(),
+                    path: path.to_string(),
+                    reason: h.reason.clone(),
+                    since: h.since,
+                })
+            })
+            .collect()
     }
 }
 
-fn log_changes(folder: &str, changes: &[Change]) {
+fn log_changes(folder: &str, changes: &[syncd_manifest::Change]) {
+    use syncd_manifest::Change;
     let puts = changes
         .iter()
         .filter(|c| matches!(c, Change::Put(..)))
@@ -207,55 +414,6 @@ fn log_changes(folder: &str, changes: &[Change]) {
         match c {
             Change::Put(p, _) => tracing::debug!(%folder, path = %p, "put"),
             Change::Remove(p) => tracing::debug!(%folder, path = %p, "remove"),
-        }
-    }
-}
-
-/// Scans one folder on the blocking pool; `None` (logged) if its root cannot be read.
-async fn scan_folder(
-    spec: FolderSpec,
-    previous: Option<Arc<LocalManifest>>,
-) -> Option<(Arc<FolderRoot>, LocalManifest)> {
-    let name = spec.name.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let params = previous
-            .as_ref()
-            .map_or(ChunkParams::DEFAULT, |p| p.manifest.params);
-        let chunker = Chunker::new(params)
-            .unwrap_or_else(|_| Chunker::new(ChunkParams::DEFAULT).expect("defaults are valid"));
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let started = Instant::now();
-        let root = FolderRoot::open(&spec.path)
-            .map_err(|e| format!("folder {} cannot be read: {e}", spec.path.display()))?;
-        let (local, stats, warnings) = syncd_fsops::scan(
-            &spec.path,
-            &chunker,
-            &spec.excludes,
-            previous.as_deref(),
-            threads,
-        )
-        .map_err(|e| e.to_string())?;
-        for w in warnings {
-            tracing::warn!(folder = %spec.name, "{w}");
-        }
-        tracing::debug!(
-            folder = %spec.name,
-            entries = local.manifest.len(),
-            hashed_files = stats.hashed_files,
-            hashed_bytes = stats.hashed_bytes,
-            reused_files = stats.reused_files,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "scanned"
-        );
-        Ok::<_, String>((Arc::new(root), local))
-    })
-    .await
-    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-    match result {
-        Ok(r) => Some(r),
-        Err(e) => {
-            tracing::error!(folder = %name, error = %e, "cannot scan; keeping the folder's last published state");
-            None
         }
     }
 }

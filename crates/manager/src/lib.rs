@@ -2,12 +2,15 @@
 //! and serves agents: each receives what differs from what it holds, and fetches the chunks it
 //! lacks.
 //!
-//! One control task owns the folders' manifests and the generation counter; it publishes an
-//! immutable [`Snapshot`] through a watch channel that every agent connection reads. Scans run
-//! on the blocking pool and report back to the control task.
+//! One control task owns the folders' live state and the generation counter: it takes inotify
+//! hints, waits until changed files are complete, and publishes what settled together as one
+//! generation, as an immutable [`Snapshot`] through a watch channel that every agent connection
+//! reads. Disk work runs on the blocking pool.
 
 mod control;
 mod history;
+mod inotify;
+mod live;
 mod serve;
 mod state;
 
@@ -65,11 +68,26 @@ pub struct AgentView {
     pub syncing: bool,
 }
 
+/// A file on the manager that is not published yet, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldFile {
+    /// Its folder.
+    pub folder: String,
+    /// Its path in the folder.
+    pub path: String,
+    /// Why it is held ("being written", "incomplete archive: ...").
+    pub reason: String,
+    /// Since when.
+    pub since: SystemTime,
+}
+
 /// The manager's state for status displays and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ManagerStatus {
     /// The latest published generation.
     pub generation: Generation,
+    /// Files not published yet because they are not complete.
+    pub held: Vec<HeldFile>,
     /// Every configured agent by name.
     pub agents: BTreeMap<String, AgentView>,
     /// Chunk bytes served to agents since start.
@@ -104,13 +122,14 @@ pub struct Manager {
     config: Arc<ManagerConfig>,
 }
 
-/// Asks a running manager to rescan its folders and publish what changed.
+/// Asks a running manager to walk its folders again and publish what changed (the watcher does
+/// this by itself; this is for tests and for operators' tools).
 #[derive(Debug, Clone)]
 pub struct RescanHandle(mpsc::Sender<control::Command>);
 
 impl RescanHandle {
-    /// Requests a rescan; returns the generation published afterwards (unchanged if nothing
-    /// changed), or `None` if the manager has stopped.
+    /// Requests a rescan; returns the generation once every changed file has settled (held
+    /// files aside), or `None` if the manager has stopped.
     pub async fn rescan(&self) -> Option<Generation> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.0.send(control::Command::Rescan(Some(tx))).await.ok()?;
@@ -119,8 +138,9 @@ impl RescanHandle {
 }
 
 impl Manager {
-    /// Loads the persisted state, scans every folder (rehashing only changed files), publishes
-    /// the result as a new generation if anything changed, and binds the QUIC endpoint.
+    /// Loads the persisted state, walks every folder (rehashing only changed files, and waiting
+    /// for files being written), publishes the result as a new generation if anything changed,
+    /// and binds the QUIC endpoint.
     pub async fn open(config: ManagerConfig, identity: Identity) -> Result<Manager, ManagerError> {
         let config = Arc::new(config);
         let (control, snapshot) = control::Control::open(Arc::clone(&config)).await?;
@@ -137,6 +157,7 @@ impl Manager {
                 .iter()
                 .map(|a| (a.name.clone(), AgentView::default()))
                 .collect(),
+            held: Vec::new(),
             bytes_served: 0,
         };
         let (snap_tx, snapshots) = watch::channel(snapshot);

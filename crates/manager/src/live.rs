@@ -1,0 +1,685 @@
+//! One published folder kept up to date from watcher hints: which paths changed, which files are
+//! still being written, which are complete and may be published.
+//!
+//! Watcher events are hints. A hinted path is looked at again (`observe`); a changed file becomes
+//! a *candidate* and is published only when its writer is done: its size, mtime, ctime and inode
+//! stay the same across a short wait (short after a close-write or a rename into the folder,
+//! longer for a file found by a scan, whose writer we never saw), an archive's ZIP central
+//! directory parses, and hashing it did not see it change. Until then the folder keeps publishing
+//! the file's previous version (or nothing, for a new file), and the file is listed as *held*.
+//!
+//! All methods here do blocking disk work; the control task runs them on the blocking pool.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use syncd_fsops::{
+    FolderRoot, FolderSpec, LocalManifest, Seen, StatKey, check_archive, is_archive, observe, walk,
+};
+use syncd_manifest::{ChunkParams, Chunker, Manifest, Node, RelPath};
+
+/// Wait after a close-write or rename before the final re-stat.
+pub(crate) const SETTLE_AFTER_CLOSE: Duration = Duration::from_millis(10);
+/// Wait for a changed file whose writer was not seen (found by a scan, or only its metadata
+/// changed) before the final re-stat.
+pub(crate) const SETTLE_DISCOVERED: Duration = Duration::from_millis(300);
+/// How often an incomplete archive is looked at again without new events.
+pub(crate) const RECHECK_ARCHIVE: Duration = Duration::from_secs(1);
+
+/// What the watcher said about a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hint {
+    /// Created, removed, renamed away, metadata changed: look again.
+    Changed,
+    /// Data written: a writer has the file open.
+    Writing,
+    /// Closed after writing, or renamed into place: the writer is done.
+    Written,
+}
+
+/// A changed file waiting to be checked for completeness.
+#[derive(Debug, Clone)]
+struct Candidate {
+    key: StatKey,
+    ready_at: Instant,
+}
+
+/// Why a file is not published yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// Why.
+    pub reason: String,
+    /// Since when.
+    pub since: std::time::SystemTime,
+}
+
+/// A folder as the manager watches it.
+#[derive(Debug)]
+pub(crate) struct LiveFolder {
+    pub spec: FolderSpec,
+    /// The open folder, for reading chunks; `None` while its root cannot be read.
+    pub root: Option<Arc<FolderRoot>>,
+    /// What was last published.
+    pub published: Option<Arc<LocalManifest>>,
+    /// What is on disk and complete (held files keep their previous entry, or none).
+    working: LocalManifest,
+    /// Paths hinted since the last look.
+    dirty: BTreeSet<RelPath>,
+    /// The whole folder must be walked again (start, queue overflow, periodic check).
+    rescan_all: bool,
+    /// Files a writer has open (data written, no close seen yet).
+    writing: BTreeSet<RelPath>,
+    /// Files whose writer closed them (the next look may use the short wait).
+    closed: BTreeSet<RelPath>,
+    candidates: HashMap<RelPath, Candidate>,
+    /// Files not published yet, and why.
+    pub held: BTreeMap<RelPath, Held>,
+    /// Whether the last attempt to read the root failed (logged once per outage).
+    root_failed: bool,
+}
+
+impl LiveFolder {
+    /// A folder starting from what was last published (persisted state), to be walked.
+    pub(crate) fn new(spec: FolderSpec, published: Option<LocalManifest>) -> LiveFolder {
+        let working = published.clone().unwrap_or_else(|| LocalManifest {
+            manifest: Manifest::new(ChunkParams::DEFAULT),
+            ..LocalManifest::default()
+        });
+        LiveFolder {
+            spec,
+            root: None,
+            published: published.map(Arc::new),
+            working,
+            dirty: BTreeSet::new(),
+            rescan_all: true,
+            writing: BTreeSet::new(),
+            closed: BTreeSet::new(),
+            candidates: HashMap::new(),
+            held: BTreeMap::new(),
+            root_failed: false,
+        }
+    }
+
+    /// Records a watcher hint.
+    pub(crate) fn hint(&mut self, path: RelPath, hint: Hint) {
+        match hint {
+            Hint::Writing => {
+                self.writing.insert(path.clone());
+                self.closed.remove(&path);
+            }
+            Hint::Written => {
+                self.writing.remove(&path);
+                self.closed.insert(path.clone());
+            }
+            Hint::Changed => {}
+        }
+        self.dirty.insert(path);
+    }
+
+    /// Asks for a full walk (the watcher lost events, or a periodic check).
+    pub(crate) fn rescan(&mut self) {
+        self.rescan_all = true;
+        // Events may have been lost: what we believed about writers is no longer reliable.
+        self.writing.clear();
+        self.closed.clear();
+    }
+
+    /// Whether there is anything to look at now.
+    pub(crate) fn has_dirty(&self) -> bool {
+        self.rescan_all || !self.dirty.is_empty()
+    }
+
+    /// When the next candidate becomes ready.
+    pub(crate) fn next_ready(&self) -> Option<Instant> {
+        self.candidates.values().map(|c| c.ready_at).min()
+    }
+
+    /// Whether changes are still settling (candidates waiting; held files do not count).
+    pub(crate) fn settling(&self) -> bool {
+        self.has_dirty() || self.candidates.keys().any(|p| !self.held.contains_key(p))
+    }
+
+    /// Looks again at every hinted path (or the whole folder), turning changed files into
+    /// candidates. Directories, links and removals take effect in the working state at once.
+    pub(crate) fn examine(&mut self, now: Instant) {
+        let root_path = self.spec.path.clone();
+        match std::fs::metadata(&root_path) {
+            Ok(m) if m.is_dir() => {
+                if self.root.is_none() || self.rescan_all {
+                    match FolderRoot::open(&root_path) {
+                        Ok(r) => self.root = Some(Arc::new(r)),
+                        Err(e) => return self.root_unreadable(&e.to_string()),
+                    }
+                }
+                if self.root_failed {
+                    tracing::info!(folder = %self.spec.name, "folder readable again");
+                    self.root_failed = false;
+                    self.rescan_all = true;
+                }
+            }
+            Ok(_) => return self.root_unreadable("not a directory"),
+            Err(e) => return self.root_unreadable(&e.to_string()),
+        }
+        if std::mem::take(&mut self.rescan_all) {
+            self.dirty.clear();
+            self.walk_all(now);
+            return;
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        // A directory's mtime changes with its entries: look at the parents too.
+        let parents: BTreeSet<RelPath> = dirty.iter().filter_map(RelPath::parent).collect();
+        for path in dirty.iter().chain(parents.difference(&dirty)) {
+            if !self.is_excluded(path, false) {
+                self.examine_path(path, now);
+            }
+        }
+    }
+
+    fn root_unreadable(&mut self, why: &str) {
+        if !self.root_failed {
+            tracing::error!(
+                folder = %self.spec.name,
+                path = %self.spec.path.display(),
+                error = why,
+                "folder cannot be read; keeping its last published state (never published as empty)"
+            );
+        }
+        self.root_failed = true;
+        self.dirty.clear();
+    }
+
+    fn is_excluded(&self, path: &RelPath, is_dir: bool) -> bool {
+        self.spec.excludes.is_excluded(path, is_dir)
+    }
+
+    fn examine_path(&mut self, path: &RelPath, now: Instant) {
+        let seen = match observe(&self.spec.path, path) {
+            Ok(s) => s,
+            Err(w) => {
+                tracing::warn!(folder = %self.spec.name, "{w}");
+                None
+            }
+        };
+        if let Some(s) = &seen
+            && self.is_excluded(path, matches!(s, Seen::Dir { .. }))
+        {
+            return;
+        }
+        if let Some(parent) = path.parent()
+            && !self.working.manifest.get(&parent).is_some_and(Node::is_dir)
+            && seen.is_some()
+        {
+            // Its directory is not known yet (created in the same instant): walk from the top
+            // of what is new.
+            let mut top = parent;
+            while let Some(up) = top.parent() {
+                if self.working.manifest.get(&up).is_some_and(Node::is_dir) {
+                    break;
+                }
+                top = up;
+            }
+            return self.examine_path(&top, now);
+        }
+        match seen {
+            None => self.forget_subtree(path),
+            Some(Seen::File { key, mode: _ }) => {
+                if !matches!(self.working.manifest.get(path), Some(n) if n.file().is_some()) {
+                    self.replace_subtree(path);
+                }
+                self.consider_file(path.clone(), key, now);
+            }
+            Some(s @ Seen::Symlink { .. }) => {
+                self.replace_subtree(path);
+                self.working
+                    .manifest
+                    .insert(path.clone(), s.node().expect("links have nodes"));
+            }
+            Some(s @ Seen::Dir { .. }) => {
+                let known_dir = self.working.manifest.get(path).is_some_and(Node::is_dir);
+                if !known_dir {
+                    self.replace_subtree(path);
+                }
+                self.working
+                    .manifest
+                    .insert(path.clone(), s.node().expect("directories have nodes"));
+                if !known_dir {
+                    // A new directory (created, or moved in with its contents): walk it.
+                    self.walk_under(Some(path), now);
+                }
+            }
+        }
+    }
+
+    fn walk_all(&mut self, now: Instant) {
+        let before: BTreeSet<RelPath> = self
+            .working
+            .manifest
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect();
+        let seen = self.walk_under(None, now);
+        for gone in before.difference(&seen) {
+            self.forget_subtree(gone);
+        }
+    }
+
+    /// Walks beneath `start`, updating directories and links and considering files. Returns
+    /// every path seen.
+    fn walk_under(&mut self, start: Option<&RelPath>, now: Instant) -> BTreeSet<RelPath> {
+        let mut seen = Vec::new();
+        let mut warnings = Vec::new();
+        if let Err(e) = walk(
+            &self.spec.path,
+            start,
+            &self.spec.excludes,
+            &mut seen,
+            &mut warnings,
+        ) {
+            tracing::warn!(folder = %self.spec.name, error = %e, "cannot walk {}", start.map_or("the folder root", RelPath::as_str));
+        }
+        for w in warnings {
+            tracing::warn!(folder = %self.spec.name, "{w}");
+        }
+        // Parents before children, so type changes clear the way for what is beneath.
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut paths = BTreeSet::new();
+        for (path, s) in seen {
+            paths.insert(path.clone());
+            match s {
+                Seen::File { key, .. } => {
+                    if !matches!(self.working.manifest.get(&path), Some(n) if n.file().is_some()) {
+                        self.replace_subtree(&path);
+                    }
+                    self.consider_file(path, key, now);
+                }
+                other => {
+                    let node = other.node().expect("directories and links have nodes");
+                    let same_kind = self
+                        .working
+                        .manifest
+                        .get(&path)
+                        .is_some_and(|n| n.is_dir() == node.is_dir() && n.file().is_none());
+                    if !same_kind {
+                        self.replace_subtree(&path);
+                    }
+                    self.working.manifest.insert(path, node);
+                }
+            }
+        }
+        paths
+    }
+
+    /// A file is on disk with stat `key`: unchanged, held (a writer has it open), or a candidate.
+    fn consider_file(&mut self, path: RelPath, key: StatKey, now: Instant) {
+        if self.working.reusable(&path, &key).is_some() {
+            self.candidates.remove(&path);
+            self.held.remove(&path);
+            return;
+        }
+        if self.writing.contains(&path) {
+            self.candidates.remove(&path);
+            self.hold(&path, "being written (no close seen yet)");
+            return;
+        }
+        let wait = if self.closed.contains(&path) {
+            SETTLE_AFTER_CLOSE
+        } else {
+            SETTLE_DISCOVERED
+        };
+        self.candidates.insert(
+            path,
+            Candidate {
+                key,
+                ready_at: now + wait,
+            },
+        );
+    }
+
+    fn hold(&mut self, path: &RelPath, reason: &str) {
+        let entry = self.held.entry(path.clone()).or_insert_with(|| Held {
+            reason: reason.to_owned(),
+            since: std::time::SystemTime::now(),
+        });
+        if entry.reason != reason {
+            entry.reason = reason.to_owned();
+        }
+    }
+
+    /// Removes `path` and everything beneath it from the working state, with what was known
+    /// about writers there: the path is gone.
+    fn forget_subtree(&mut self, path: &RelPath) {
+        self.replace_subtree(path);
+        let under = |p: &RelPath| p.starts_with(path);
+        self.candidates.retain(|p, _| !under(p));
+        self.held.retain(|p, _| !under(p));
+        self.writing.retain(|p| !under(p));
+        self.closed.retain(|p| !under(p));
+    }
+
+    /// Removes `path` and everything beneath it from the working state, keeping what is known
+    /// about writers (the path is still there, as something else; hints about paths beneath it
+    /// are fresh, and a stale one is dropped when its path is looked at and found gone).
+    fn replace_subtree(&mut self, path: &RelPath) {
+        let doomed: Vec<RelPath> = self
+            .working
+            .manifest
+            .subtree(path)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in &doomed {
+            self.working.manifest.remove(p);
+            self.working.stats.remove(p);
+        }
+    }
+
+    /// Checks every candidate whose wait is over: re-stat, archive check, hash. Complete files
+    /// enter the working state; the rest wait longer or are held.
+    pub(crate) fn settle(&mut self, now: Instant, chunker: &Chunker, threads: usize) {
+        let ready: Vec<RelPath> = self
+            .candidates
+            .iter()
+            .filter(|(_, c)| c.ready_at <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut to_hash = Vec::new();
+        for path in ready {
+            let c = self
+                .candidates
+                .remove(&path)
+                .expect("ready candidates are in the map");
+            match observe(&self.spec.path, &path) {
+                Ok(Some(Seen::File { key, .. })) if key == c.key => {
+                    if is_archive(path.file_name()) {
+                        let complete = self
+                            .root
+                            .as_ref()
+                            .ok_or_else(|| "folder unreadable".to_owned())
+                            .and_then(|r| r.open_file(&path).map_err(|e| e.to_string()))
+                            .and_then(|f| check_archive(&f, key.size).map_err(|e| e.to_string()));
+                        if let Err(why) = complete {
+                            self.hold(&path, &format!("incomplete archive: {why}"));
+                            self.candidates.insert(
+                                path,
+                                Candidate {
+                                    key,
+                                    ready_at: now + RECHECK_ARCHIVE,
+                                },
+                            );
+                            continue;
+                        }
+                    }
+                    to_hash.push((path.clone(), self.spec.path.join(path.as_str())));
+                }
+                Ok(Some(Seen::File { key, .. })) => {
+                    // Still changing: wait for it to be quiet.
+                    self.consider_file(path, key, now);
+                }
+                // Gone or no longer a file: the next look at the path sorts it out.
+                _ => {
+                    self.dirty.insert(path);
+                }
+            }
+        }
+        if to_hash.is_empty() {
+            return;
+        }
+        for (path, result) in syncd_fsops::hash_files(chunker, to_hash, threads) {
+            match result {
+                Ok((node, key)) => {
+                    self.working.manifest.insert(path.clone(), node);
+                    self.working.stats.insert(path.clone(), key);
+                    self.held.remove(&path);
+                    self.closed.remove(&path);
+                }
+                Err(w) => {
+                    tracing::debug!(folder = %self.spec.name, "{w}");
+                    self.dirty.insert(path);
+                }
+            }
+        }
+    }
+
+    /// What may be published now: the working state, except new directories that still hold
+    /// files in flux (a new directory, such as an exploded webapp, appears whole).
+    pub(crate) fn publishable(&self) -> Option<LocalManifest> {
+        if self.root_failed && self.published.is_some() {
+            return None;
+        }
+        let published = self.published.as_deref();
+        let is_published = |p: &RelPath| published.is_some_and(|m| m.manifest.get(p).is_some());
+        let mut blocked: BTreeSet<RelPath> = BTreeSet::new();
+        // Files still in flux (a writer has them open, or they are waiting out their settle
+        // time) hold back the new directory they are in. A file held only because its archive
+        // does not parse does not: it may stay broken, and must not hide its neighbours.
+        let pending = self
+            .candidates
+            .keys()
+            .filter(|p| !self.held.contains_key(*p))
+            .chain(self.writing.iter());
+        for path in pending {
+            // The outermost directory above it that is not published yet.
+            if let Some(top) = path.ancestors().find(|a| !is_published(a)) {
+                blocked.insert(top);
+            }
+        }
+        let mut next = self.working.clone();
+        for top in blocked {
+            let doomed: Vec<RelPath> = next
+                .manifest
+                .subtree(&top)
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in doomed {
+                // Keep what is already published beneath it, as published.
+                match published.and_then(|m| m.manifest.get(&p)) {
+                    Some(n) => {
+                        next.manifest.insert(p.clone(), n.clone());
+                    }
+                    None => {
+                        next.manifest.remove(&p);
+                        next.stats.remove(&p);
+                    }
+                }
+            }
+        }
+        next.drop_orphans();
+        Some(next)
+    }
+
+    /// Records what was published.
+    pub(crate) fn set_published(&mut self, published: Arc<LocalManifest>) {
+        self.published = Some(published);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use syncd_fsops::Excludes;
+
+    use super::*;
+
+    fn folder(dir: &std::path::Path) -> LiveFolder {
+        LiveFolder::new(
+            FolderSpec {
+                name: "f".into(),
+                path: dir.to_owned(),
+                excludes: Excludes::none(),
+            },
+            None,
+        )
+    }
+
+    fn chunker() -> Chunker {
+        Chunker::new(ChunkParams::DEFAULT).unwrap()
+    }
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn settle_all(f: &mut LiveFolder) -> Instant {
+        let mut now = Instant::now();
+        f.examine(now);
+        for _ in 0..5 {
+            now += Duration::from_secs(2);
+            f.settle(now, &chunker(), 1);
+            if f.has_dirty() {
+                f.examine(now);
+            }
+        }
+        now
+    }
+
+    #[test]
+    fn a_file_being_written_is_held_and_published_once_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = folder(dir.path());
+        settle_all(&mut f);
+        fs::write(dir.path().join("a.xml"), b"<half").unwrap();
+        f.hint(p("a.xml"), Hint::Writing);
+        let now = settle_all(&mut f);
+        assert!(f.held.contains_key(&p("a.xml")));
+        assert!(f.publishable().unwrap().manifest.get(&p("a.xml")).is_none());
+        fs::write(dir.path().join("a.xml"), b"<whole/>").unwrap();
+        f.hint(p("a.xml"), Hint::Written);
+        f.examine(now);
+        f.settle(now + SETTLE_AFTER_CLOSE, &chunker(), 1);
+        let m = f.publishable().unwrap();
+        assert_eq!(m.manifest.get(&p("a.xml")).unwrap().file().unwrap().size, 8);
+        assert!(f.held.is_empty());
+    }
+
+    #[test]
+    fn a_truncated_archive_is_held_until_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = folder(dir.path());
+        settle_all(&mut f);
+        let z = crate::live::tests::zip_bytes();
+        fs::write(dir.path().join("app.car"), &z[..z.len() / 2]).unwrap();
+        f.hint(p("app.car"), Hint::Written);
+        settle_all(&mut f);
+        assert!(f.held[&p("app.car")].reason.contains("incomplete archive"));
+        assert!(
+            f.publishable()
+                .unwrap()
+                .manifest
+                .get(&p("app.car"))
+                .is_none()
+        );
+        fs::write(dir.path().join("app.car"), &z).unwrap();
+        f.hint(p("app.car"), Hint::Written);
+        settle_all(&mut f);
+        assert!(f.held.is_empty());
+        assert!(
+            f.publishable()
+                .unwrap()
+                .manifest
+                .get(&p("app.car"))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_new_directory_appears_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = folder(dir.path());
+        settle_all(&mut f);
+        f.set_published(Arc::new(f.publishable().unwrap()));
+        fs::create_dir_all(dir.path().join("webapps/app/WEB-INF")).unwrap();
+        fs::write(dir.path().join("webapps/app/index.html"), b"hi").unwrap();
+        fs::write(dir.path().join("webapps/app/WEB-INF/web.xml"), b"<web").unwrap();
+        f.hint(p("webapps"), Hint::Changed);
+        f.hint(p("webapps/app/WEB-INF/web.xml"), Hint::Writing);
+        let now = Instant::now();
+        f.examine(now);
+        f.settle(now + Duration::from_secs(1), &chunker(), 1);
+        let m = f.publishable().unwrap();
+        assert!(
+            m.manifest.get(&p("webapps")).is_none(),
+            "nothing of the new tree yet: {m:?}"
+        );
+        f.hint(p("webapps/app/WEB-INF/web.xml"), Hint::Written);
+        f.examine(now);
+        f.settle(now + Duration::from_secs(2), &chunker(), 1);
+        let m = f.publishable().unwrap();
+        for path in [
+            "webapps",
+            "webapps/app",
+            "webapps/app/index.html",
+            "webapps/app/WEB-INF/web.xml",
+        ] {
+            assert!(m.manifest.get(&p(path)).is_some(), "{path}");
+        }
+        m.manifest.validate().unwrap();
+    }
+
+    #[test]
+    fn removals_and_type_changes_take_effect() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        fs::write(dir.path().join("a/b/x"), b"x").unwrap();
+        let mut f = folder(dir.path());
+        settle_all(&mut f);
+        assert!(f.publishable().unwrap().manifest.get(&p("a/b/x")).is_some());
+        fs::remove_dir_all(dir.path().join("a/b")).unwrap();
+        fs::write(dir.path().join("a/b"), b"now a file").unwrap();
+        f.hint(p("a/b"), Hint::Written);
+        settle_all(&mut f);
+        let m = f.publishable().unwrap();
+        assert!(m.manifest.get(&p("a/b")).unwrap().file().is_some());
+        assert!(m.manifest.get(&p("a/b/x")).is_none());
+        m.manifest.validate().unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_root_publishes_nothing_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("server");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join("a.xml"), b"a").unwrap();
+        let mut f = folder(&root);
+        settle_all(&mut f);
+        f.set_published(Arc::new(f.publishable().unwrap()));
+        fs::remove_dir_all(&root).unwrap();
+        f.rescan();
+        settle_all(&mut f);
+        assert!(
+            f.publishable().is_none(),
+            "a vanished root must not publish an empty folder"
+        );
+    }
+
+    pub(crate) fn zip_bytes() -> Vec<u8> {
+        // One stored entry, built by hand: local header, data, central directory, end record.
+        let name = b"a.xml";
+        let data = b"<a/>";
+        let mut out = vec![
+            0x50, 0x4b, 0x03, 0x04, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(name);
+        out.extend_from_slice(data);
+        let cd_at = out.len() as u32;
+        let mut cd = vec![
+            0x50, 0x4b, 0x01, 0x02, 20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        cd.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        cd.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        cd.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        cd.extend_from_slice(&[0; 12]);
+        cd.extend_from_slice(&0u32.to_le_bytes());
+        cd.extend_from_slice(name);
+        out.extend_from_slice(&cd);
+        out.extend_from_slice(&[0x50, 0x4b, 0x05, 0x06, 0, 0, 0, 0, 1, 0, 1, 0]);
+        out.extend_from_slice(&(cd.len() as u32).to_le_bytes());
+        out.extend_from_slice(&cd_at.to_le_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out
+    }
+}

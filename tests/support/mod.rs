@@ -221,18 +221,22 @@ pub enum Item {
 
 /// Reads a tree into a map of relative path to [`Item`], never following links.
 pub fn snapshot(root: &Path) -> BTreeMap<String, Item> {
+    try_snapshot(root).expect("the tree changed while it was read")
+}
+
+/// Like [`snapshot`], or `None` if the tree changed while it was read.
+pub fn try_snapshot(root: &Path) -> Option<BTreeMap<String, Item>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let entry = entry.unwrap();
-            let path = entry.path();
+        for entry in std::fs::read_dir(&dir).ok()? {
+            let path = entry.ok()?.path();
             let rel = path
                 .strip_prefix(root)
                 .unwrap()
                 .to_string_lossy()
                 .into_owned();
-            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let meta = std::fs::symlink_metadata(&path).ok()?;
             let mtime = (meta.mtime(), meta.mtime_nsec());
             let mode = meta.permissions().mode() & 0o7777;
             let item = if meta.is_dir() {
@@ -241,13 +245,13 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Item> {
             } else if meta.file_type().is_symlink() {
                 Item::Link {
                     target: std::fs::read_link(&path)
-                        .unwrap()
+                        .ok()?
                         .to_string_lossy()
                         .into_owned(),
                     mtime,
                 }
             } else {
-                let bytes = std::fs::read(&path).unwrap();
+                let bytes = std::fs::read(&path).ok()?;
                 Item::File {
                     mode,
                     mtime,
@@ -258,7 +262,7 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Item> {
             out.insert(rel, item);
         }
     }
-    out
+    Some(out)
 }
 
 fn blake3_hex(bytes: &[u8]) -> String {
@@ -285,4 +289,39 @@ pub fn assert_same_tree(manager: &Path, agent: &Path) {
         }
     }
     assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
+}
+
+/// Waits until two trees are identical, polling; panics with the differences on timeout.
+pub async fn converge(manager: &Path, agent: &Path, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (m, a) = (manager.to_owned(), agent.to_owned());
+        let started = std::time::Instant::now();
+        let same = tokio::task::spawn_blocking(move || {
+            let m = try_snapshot(&m);
+            m.is_some() && m == try_snapshot(&a)
+        })
+        .await
+        .unwrap();
+        if same {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            assert_same_tree(manager, agent);
+        }
+        // Reading big trees is costly: poll less often than it takes, so the daemons get the CPU.
+        tokio::time::sleep(Duration::from_millis(20).max(started.elapsed() * 2)).await;
+    }
+}
+
+/// A manager and one agent, started and converged on a generated tree.
+pub async fn pair(scale: syncd_devtools::Scale, seed: u64) -> (TestManager, TestAgent) {
+    let mdirs = NodeDirs::new();
+    syncd_devtools::generate(&mdirs.data, scale, seed).unwrap();
+    let adirs = NodeDirs::new();
+    let manager = TestManager::start(mdirs, &[("worker-1", adirs.identity().id())]).await;
+    let mut agent = TestAgent::start("worker-1", adirs, &manager).await;
+    agent.wait_applied(manager.generation()).await;
+    assert_same_tree(&manager.dirs.data, &agent.dirs.data);
+    (manager, agent)
 }

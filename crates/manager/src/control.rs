@@ -190,10 +190,13 @@ impl Control {
             tokio::select! {
                 msg = hints.recv() => {
                     let Some(msg) = msg else { break };
-                    self.take(msg);
+                    let mut forced = self.take(msg);
                     // Drain what is queued without waking up for each hint.
                     while let Ok(msg) = hints.try_recv() {
-                        self.take(msg);
+                        forced |= self.take(msg);
+                    }
+                    if forced {
+                        status.send_modify(|s| s.forced_rescans += 1);
                     }
                 }
                 _ = signal.wake.notified() => {}
@@ -239,6 +242,7 @@ impl Control {
             if signal.overflowed.swap(false, Ordering::AcqRel) {
                 tracing::warn!("too many watcher events at once; rescanning every folder");
                 self.folders.iter_mut().for_each(LiveFolder::rescan);
+                status.send_modify(|s| s.forced_rescans += 1);
             }
         }
     }
@@ -281,15 +285,20 @@ impl Control {
         }
     }
 
-    fn take(&mut self, msg: WatchMsg) {
+    /// Takes one watcher message; returns whether it forced a full rescan.
+    fn take(&mut self, msg: WatchMsg) -> bool {
         let now = Instant::now();
         self.first_hint.get_or_insert(now);
         self.last_hint = Some(now);
         match msg {
-            WatchMsg::Hint { folder, path, hint } => self.folders[folder].hint(path, hint),
+            WatchMsg::Hint { folder, path, hint } => {
+                self.folders[folder].hint(path, hint);
+                false
+            }
             WatchMsg::Rescan { folder, reason } => {
                 tracing::warn!(folder = %self.folders[folder].spec.name, %reason, "rescanning the folder");
                 self.folders[folder].rescan();
+                true
             }
         }
     }

@@ -92,6 +92,8 @@ pub struct ManagerStatus {
     pub agents: BTreeMap<String, AgentView>,
     /// Chunk bytes served to agents since start.
     pub bytes_served: u64,
+    /// Full rescans forced because watcher events were lost (queue overflow, watch errors).
+    pub forced_rescans: u64,
 }
 
 /// Why the manager could not start.
@@ -159,6 +161,7 @@ impl Manager {
                 .collect(),
             held: Vec::new(),
             bytes_served: 0,
+            forced_rescans: 0,
         };
         let (snap_tx, snapshots) = watch::channel(snapshot);
         let (commands, commands_rx) = mpsc::channel(16);

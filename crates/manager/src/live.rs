@@ -327,13 +327,15 @@ impl LiveFolder {
         } else {
             SETTLE_DISCOVERED
         };
-        self.candidates.insert(
-            path,
-            Candidate {
-                key,
-                ready_at: now + wait,
-            },
-        );
+        let ready_at = now + wait;
+        match self.candidates.get_mut(&path) {
+            // Unchanged since it became a candidate: its wait goes on (repeated hints about a
+            // quiet file must not postpone it forever); a close may shorten it.
+            Some(c) if c.key == key => c.ready_at = c.ready_at.min(ready_at),
+            _ => {
+                self.candidates.insert(path, Candidate { key, ready_at });
+            }
+        }
     }
 
     fn hold(&mut self, path: &RelPath, reason: &str) {

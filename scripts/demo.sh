@@ -101,15 +101,25 @@ done
 wait_converged
 grep -h "applied generation" worker-*.log | cut -c 29-
 
-say "updating on the manager: one XML edited, one CAR added, one deleted"
+say "deploying on the manager while everything runs: one XML edited, one CAR added, one deleted"
 sed -i 's/GET/POST/' mgr/server/synapse-configs/default/api/service-0001.xml
-head -c 400000 /dev/urandom > mgr/server/carbonapps/orders_2.0.0.car
+cp mgr/server/carbonapps/app-001_1.0.0.car mgr/server/carbonapps/orders_2.0.0.car
 rm mgr/server/carbonapps/app-002_1.0.0.car
-echo "(live watching is not built yet: the manager rescans when it starts, so restart it)"
-kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true
-SYNCD_LOG=info "$BIN/syncd" manager --config mgr/syncd.toml 2>> mgr.log & PIDS[0]=$!
 wait_converged
-grep -h "applied generation generation=2" worker-*.log | cut -c 29-
-echo "(bytes_fetched: chunk bytes sent; bytes_reused: found on the worker already)"
+grep -h "applied generation" worker-*.log | grep -v "generation=1 " | cut -c 29-
+echo "(bytes_fetched: chunk bytes sent over the network; bytes_reused: found on the worker already;"
+echo " the new CAR is a copy of one the workers hold, so none of its bytes cross)"
+
+say "a slow upload: 8 MiB written over 2 s is held on the manager until its writer closes it"
+( exec 3> mgr/server/webapps/upload.bin
+  for _ in 1 2 3 4 5 6 7 8; do head -c 1048576 /dev/urandom >&3; sleep 0.25; done
+  exec 3>&- ) &
+sleep 1
+for w in worker-1 worker-2; do
+  if [ -e $w/server/webapps/upload.bin ]; then echo "$w: upload visible while still being written!"; exit 1; fi
+done
+echo "after 1 s: not on any worker (still being written)"
+wait $!
+wait_converged
 
 say "done; files and logs are in $DIR"

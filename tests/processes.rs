@@ -193,3 +193,44 @@ fn a_1_gib_file_crosses_with_both_daemons_under_100_mib_of_memory() {
         a_rss >> 20
     );
 }
+
+#[test]
+fn real_daemons_sync_live_changes_with_relative_folder_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("m/data/synapse-configs")).unwrap();
+    let mid = init(&root.join("m/state"));
+    let aid = init(&root.join("a/state"));
+    // Configs use relative paths; the daemons run from another working directory.
+    let (m, a) = write_configs(root, free_udp_port(), &mid, &aid);
+    let spawn_in = |role: &str, cfg: &Path, log: &str| {
+        Command::new(SYNCD)
+            .args([role, "--config", cfg.to_str().unwrap()])
+            .current_dir("/")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(root.join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let manager = spawn_in("manager", &m, "manager.log");
+    let agent = spawn_in("agent", &a, "agent.log");
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(
+        root.join("m/data/synapse-configs/live.xml"),
+        b"<api name=\"live\"/>",
+    )
+    .unwrap();
+    let target = root.join("a/data/synapse-configs/live.xml");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read(&target).ok().as_deref() != Some(b"<api name=\"live\"/>".as_slice()) {
+        assert!(
+            Instant::now() < deadline,
+            "live change not synced; see {}",
+            root.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop(agent);
+    stop(manager);
+    support::assert_same_tree(&root.join("m/data"), &root.join("a/data"));
+}

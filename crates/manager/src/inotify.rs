@@ -63,7 +63,8 @@ pub(crate) fn watch(
     signal: Signal,
 ) -> Result<FolderWatch, String> {
     let root_ino = std::fs::metadata(root).map_err(|e| e.to_string())?.ino();
-    let base: PathBuf = root.to_owned();
+    // notify reports paths under the canonical form of the watched root.
+    let base: PathBuf = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
     let send = move |msg: WatchMsg| {
         if tx.try_send(msg).is_err() {
             signal.overflowed.store(true, Ordering::Release);

@@ -96,6 +96,15 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
         }]
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Relative paths in the config are relative to the config file, made absolute now so that a
+    // later change of working directory cannot move them.
+    let base = if base.is_absolute() {
+        base
+    } else {
+        std::env::current_dir()
+            .map(|cwd| cwd.join(&base))
+            .unwrap_or(base)
+    };
     parse(&text, &base)
 }
 

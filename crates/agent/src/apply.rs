@@ -33,6 +33,10 @@ const BATCH_BYTES: u64 = 256 << 20;
 const REQUEST_CHUNKS: usize = 512;
 /// Fetch requests in flight at once.
 const REQUESTS_IN_FLIGHT: usize = 4;
+/// Up to this many files (or directories), each is fsynced on its own; beyond it one `syncfs`
+/// of the folder's filesystem is cheaper. Per-file fsync keeps a small deploy from waiting on
+/// unrelated dirty data elsewhere on the filesystem.
+const FSYNC_EACH_LIMIT: usize = 32;
 
 /// Why a generation could not be applied. Nothing was renamed into place unless the error
 /// says so ([`ApplyError::Commit`]).
@@ -195,27 +199,31 @@ pub(crate) async fn apply(
         }
     }
 
-    let staged = stage_all(conn, folders, &stagings, &mut jobs, stats).await;
+    let fsync_each = jobs.len() <= FSYNC_EACH_LIMIT;
+    let staged = stage_all(conn, folders, &stagings, &mut jobs, fsync_each, stats).await;
     if let Err(e) = staged {
         discard_staging(folders, &stagings);
         return Err(e);
     }
 
-    // Everything staged is made durable before the first rename.
-    let roots: Vec<Arc<FolderRoot>> = stagings
-        .keys()
-        .map(|&i| Arc::clone(&folders[i].root))
-        .collect();
-    blocking(move || {
-        for root in roots {
-            root.sync_filesystem().map_err(|source| ApplyError::Stage {
-                path: root.path().display().to_string(),
-                source,
-            })?;
-        }
-        Ok(())
-    })
-    .await?;
+    // Everything staged is made durable before the first rename: few files are fsynced one by
+    // one as they are finished, many at once here.
+    if jobs.len() > FSYNC_EACH_LIMIT {
+        let roots: Vec<Arc<FolderRoot>> = stagings
+            .keys()
+            .map(|&i| Arc::clone(&folders[i].root))
+            .collect();
+        blocking(move || {
+            for root in roots {
+                root.sync_filesystem().map_err(|source| ApplyError::Stage {
+                    path: root.path().display().to_string(),
+                    source,
+                })?;
+            }
+            Ok(())
+        })
+        .await?;
+    }
 
     let mut staged_names: HashMap<(usize, RelPath), String> = HashMap::new();
     for job in jobs {
@@ -225,7 +233,15 @@ pub(crate) async fn apply(
     }
 
     let mut results = Vec::new();
+    let mut touched: Vec<(usize, Vec<Option<RelPath>>)> = Vec::new();
     for (target, changes) in plans {
+        // Every directory whose entries change: the parents of changed paths.
+        let mut dirs: Vec<Option<RelPath>> = changes.iter().map(|c| c.path().parent()).collect();
+        dirs.sort();
+        dirs.dedup();
+        if !dirs.is_empty() {
+            touched.push((target.folder, dirs));
+        }
         let folder = &folders[target.folder];
         let root = Arc::clone(&folder.root);
         let staging = stagings.get(&target.folder).cloned();
@@ -251,18 +267,26 @@ pub(crate) async fn apply(
         stats.left_non_empty += commit_stats.left_non_empty;
         results.push((target.folder, local));
     }
-    for (i, staging) in stagings {
+    for (_, staging) in stagings {
         drop(staging);
+    }
+    // The renames and deletions are made durable, and staging is cleared, in every folder that
+    // changed.
+    for (i, dirs) in touched {
         let root = Arc::clone(&folders[i].root);
         blocking(move || {
-            root.clear_staging().map_err(|source| ApplyError::Commit {
+            let err = |source| ApplyError::Commit {
                 path: root.path().display().to_string(),
                 source,
-            })?;
-            root.sync_filesystem().map_err(|source| ApplyError::Commit {
-                path: root.path().display().to_string(),
-                source,
-            })
+            };
+            root.clear_staging().map_err(err)?;
+            if dirs.len() > FSYNC_EACH_LIMIT {
+                root.sync_filesystem().map_err(err)
+            } else {
+                dirs.iter()
+                    .try_for_each(|d| root.sync_dir(d.as_ref()))
+                    .map_err(err)
+            }
         })
         .await?;
     }
@@ -326,6 +350,7 @@ async fn stage_all(
     folders: &[Folder],
     stagings: &HashMap<usize, Arc<Staging>>,
     jobs: &mut [StageJob],
+    fsync_each: bool,
     stats: &mut ApplyStats,
 ) -> Result<(), ApplyError> {
     let mut index = local_index(folders);
@@ -344,6 +369,7 @@ async fn stage_all(
             stagings,
             &mut jobs[start..end],
             &index,
+            fsync_each,
             stats,
         )
         .await?;
@@ -371,6 +397,7 @@ async fn stage_batch(
     stagings: &HashMap<usize, Arc<Staging>>,
     jobs: &mut [StageJob],
     index: &HashMap<ChunkHash, Source>,
+    fsync_each: bool,
     stats: &mut ApplyStats,
 ) -> Result<(), ApplyError> {
     let stage_err = |path: &RelPath| {
@@ -488,11 +515,23 @@ async fn stage_batch(
     }
     let dests = Arc::try_unwrap(dests)
         .map_err(|_| ApplyError::Protocol("a fetch task outlived its batch".into()))?;
-    for (job, dest) in jobs.iter().zip(dests) {
-        let staged = finish_staged(&dest.file, job.mode, job.mtime);
-        staged.map_err(stage_err(&job.path))?;
-    }
-    Ok(())
+    let finish: Vec<(File, u32, syncd_manifest::Mtime, RelPath)> = jobs
+        .iter()
+        .zip(dests)
+        .map(|(job, dest)| (dest.file, job.mode, job.mtime, job.path.clone()))
+        .collect();
+    blocking(move || {
+        for (file, mode, mtime, path) in finish {
+            finish_staged(&file, mode, mtime)
+                .and_then(|()| if fsync_each { file.sync_all() } else { Ok(()) })
+                .map_err(|source| ApplyError::Stage {
+                    path: path.to_string(),
+                    source,
+                })?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Sets the final mode and mtime of a staged file, after its last write.

@@ -194,6 +194,16 @@ impl FolderRoot {
         Ok(rustix::fs::syncfs(&self.fd)?)
     }
 
+    /// Makes directory `rel`'s entries durable (fsync of the directory).
+    pub fn sync_dir(&self, rel: Option<&RelPath>) -> io::Result<()> {
+        match self.open_dir(rel) {
+            Ok(fd) => Ok(rustix::fs::fsync(&fd)?),
+            // A directory removed by the same generation has nothing left to sync.
+            Err(e) if is_absent(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Opens (creating if needed) the staging directory at the folder's root.
     pub fn staging(self: &Arc<Self>) -> io::Result<Staging> {
         match rustix::fs::mkdirat(&self.fd, STAGING_DIR, Mode::from_raw_mode(0o700)) {

@@ -20,7 +20,7 @@ use crate::state::ManagerState;
 use crate::{HeldFile, ManagerConfig, ManagerError, ManagerStatus};
 
 /// Quiet time after the last hint before paths are looked at (events of one write come together).
-const DEBOUNCE: Duration = Duration::from_millis(5);
+const DEBOUNCE: Duration = Duration::from_millis(2);
 /// Longest a steady stream of hints can postpone looking.
 const DEBOUNCE_MAX: Duration = Duration::from_millis(50);
 /// Full walk of every folder, to catch anything the watcher missed.

@@ -20,7 +20,7 @@ use syncd_fsops::{
 use syncd_manifest::{ChunkParams, Chunker, Manifest, Node, RelPath};
 
 /// Wait after a close-write or rename before the final re-stat.
-pub(crate) const SETTLE_AFTER_CLOSE: Duration = Duration::from_millis(10);
+pub(crate) const SETTLE_AFTER_CLOSE: Duration = Duration::from_millis(3);
 /// Wait for a changed file whose writer was not seen (found by a scan, or only its metadata
 /// changed) before the final re-stat.
 pub(crate) const SETTLE_DISCOVERED: Duration = Duration::from_millis(300);

@@ -20,6 +20,16 @@ use tokio::task::JoinHandle;
 
 pub const FOLDER: &str = "deployment";
 
+/// Logs to stderr when `SYNCD_TEST_LOG` is set (e.g. `SYNCD_TEST_LOG=debug`), for debugging a test.
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("SYNCD_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A node's directories: `state` for identity and state, `data` for the synced folder.
 pub struct NodeDirs {
     pub tmp: tempfile::TempDir,
@@ -70,6 +80,7 @@ impl TestManager {
         agents: &[(&str, NodeId)],
         listen: std::net::SocketAddr,
     ) -> TestManager {
+        init_logging();
         syncd_transport::install_crypto_provider();
         let identity = dirs.identity();
         let id = identity.id();

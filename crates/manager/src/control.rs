@@ -71,6 +71,8 @@ pub(crate) struct Control {
     first_hint: Option<Instant>,
     last_hint: Option<Instant>,
     waiting: Vec<oneshot::Sender<Generation>>,
+    /// A time in the past, for work that is due at once.
+    started: Instant,
 }
 
 impl Control {
@@ -96,6 +98,7 @@ impl Control {
             first_hint: None,
             last_hint: None,
             waiting: Vec::new(),
+            started: Instant::now(),
             config,
         };
         let deadline = Instant::now() + STARTUP_SETTLE;
@@ -148,18 +151,24 @@ impl Control {
         self.folders.iter().filter_map(LiveFolder::next_ready).min()
     }
 
+    /// When hinted paths are due to be looked at: once hints have been quiet for a moment (or
+    /// have kept coming for too long); at once for a rescan request, which comes with no hints.
+    fn dirty_due(&self) -> Option<Instant> {
+        if !self.folders.iter().any(LiveFolder::has_dirty) {
+            return None;
+        }
+        Some(match self.last_hint.zip(self.first_hint) {
+            Some((last, first)) => (last + DEBOUNCE).min(first + DEBOUNCE_MAX),
+            None => self.started,
+        })
+    }
+
     /// When the loop must act next without new input.
     fn deadline(&self) -> Option<Instant> {
-        let hints = self
-            .last_hint
-            .zip(self.first_hint)
-            .map(|(last, first)| (last + DEBOUNCE).min(first + DEBOUNCE_MAX));
-        let dirty = self
-            .folders
-            .iter()
-            .any(LiveFolder::has_dirty)
-            .then(|| hints.unwrap_or_else(Instant::now));
-        [dirty, self.next_ready()].into_iter().flatten().min()
+        [self.dirty_due(), self.next_ready()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Handles hints and commands until shutdown.
@@ -175,7 +184,9 @@ impl Control {
             wake: Arc::new(Notify::new()),
         };
         let mut watches: Vec<Option<FolderWatch>> = (0..self.folders.len()).map(|_| None).collect();
-        self.rewatch(&mut watches, &tx, &signal);
+        // Folders whose watch stopped covering everything: walked on every `unwatched` tick.
+        let mut degraded = vec![false; self.folders.len()];
+        self.rewatch(&mut watches, &mut degraded, &tx, &signal);
         let mut periodic = tokio::time::interval(PERIODIC_RESCAN);
         periodic.tick().await;
         let mut unwatched = tokio::time::interval(UNWATCHED_RESCAN);
@@ -190,10 +201,10 @@ impl Control {
             tokio::select! {
                 msg = hints.recv() => {
                     let Some(msg) = msg else { break };
-                    let mut forced = self.take(msg);
+                    let mut forced = self.take(msg, &mut degraded);
                     // Drain what is queued without waking up for each hint.
                     while let Ok(msg) = hints.try_recv() {
-                        forced |= self.take(msg);
+                        forced |= self.take(msg, &mut degraded);
                     }
                     if forced {
                         status.send_modify(|s| s.forced_rescans += 1);
@@ -236,7 +247,7 @@ impl Control {
                     tracing::debug!("periodic full rescan");
                     self.folders.iter_mut().for_each(LiveFolder::rescan);
                 }
-                _ = unwatched.tick() => self.rewatch(&mut watches, &tx, &signal),
+                _ = unwatched.tick() => self.rewatch(&mut watches, &mut degraded, &tx, &signal),
                 _ = shutdown.changed() => break,
             }
             if signal.overflowed.swap(false, Ordering::AcqRel) {
@@ -247,11 +258,12 @@ impl Control {
         }
     }
 
-    /// (Re)creates watches that are missing or whose root was replaced; a folder without a
-    /// working watch is walked every few seconds instead.
+    /// (Re)creates watches that are missing, degraded or whose root was replaced; a folder
+    /// without a complete watch is walked every few seconds instead.
     fn rewatch(
         &mut self,
         watches: &mut [Option<FolderWatch>],
+        degraded: &mut [bool],
         tx: &mpsc::Sender<WatchMsg>,
         signal: &Signal,
     ) {
@@ -262,31 +274,43 @@ impl Control {
                 .filter(|m| m.is_dir())
                 .map(|m| m.ino());
             let current = watches[i].as_ref().map(|w| w.root_ino);
-            if ino.is_some() && ino == current {
+            if ino.is_some() && ino == current && !degraded[i] {
                 continue;
             }
-            if current.is_some() {
+            if current.is_some() && ino != current {
                 tracing::warn!(folder = %folder.spec.name, "folder root was replaced or removed; watching it again");
             }
+            // Drop the old watch first: its watches count against the same limit.
             watches[i] = None;
             folder.rescan();
             if ino.is_none() {
                 continue;
             }
             match crate::inotify::watch(i, &folder.spec.path, tx.clone(), signal.clone()) {
-                Ok(w) => watches[i] = Some(w),
-                Err(e) => tracing::error!(
-                    folder = %folder.spec.name,
-                    error = %e,
-                    every = ?UNWATCHED_RESCAN,
-                    "cannot watch the folder (raise fs.inotify.max_user_watches?); walking it periodically instead"
-                ),
+                Ok(w) => {
+                    if degraded[i] {
+                        tracing::info!(folder = %folder.spec.name, "folder fully watched again");
+                    }
+                    degraded[i] = false;
+                    watches[i] = Some(w);
+                }
+                Err(e) => {
+                    if !degraded[i] {
+                        tracing::error!(
+                            folder = %folder.spec.name,
+                            error = %e,
+                            every = ?UNWATCHED_RESCAN,
+                            "cannot watch the folder (raise fs.inotify.max_user_watches?); walking it periodically instead"
+                        );
+                    }
+                    degraded[i] = true;
+                }
             }
         }
     }
 
     /// Takes one watcher message; returns whether it forced a full rescan.
-    fn take(&mut self, msg: WatchMsg) -> bool {
+    fn take(&mut self, msg: WatchMsg, degraded: &mut [bool]) -> bool {
         let now = Instant::now();
         self.first_hint.get_or_insert(now);
         self.last_hint = Some(now);
@@ -300,13 +324,26 @@ impl Control {
                 self.folders[folder].rescan();
                 true
             }
+            WatchMsg::Lost { folder, reason } => {
+                if !degraded[folder] {
+                    tracing::error!(
+                        folder = %self.folders[folder].spec.name,
+                        %reason,
+                        every = ?UNWATCHED_RESCAN,
+                        "the watch no longer covers the whole folder (raise fs.inotify.max_user_watches?); walking it periodically"
+                    );
+                }
+                degraded[folder] = true;
+                self.folders[folder].rescan();
+                true
+            }
         }
     }
 
     /// Looks at hinted paths and settles ready candidates, on the blocking pool.
     async fn step(&mut self, force: bool) {
         let now = Instant::now();
-        let hints_due = force || self.deadline().is_some_and(|d| d <= now);
+        let hints_due = force || self.dirty_due().is_some_and(|d| d <= now);
         if hints_due {
             self.first_hint = None;
             self.last_hint = None;

@@ -30,6 +30,9 @@ pub(crate) enum WatchMsg {
     },
     /// The folder must be walked again in full.
     Rescan { folder: usize, reason: String },
+    /// The watch no longer covers the whole folder (the inotify watch limit was reached while
+    /// adding a new directory): the folder is walked periodically until it can be watched again.
+    Lost { folder: usize, reason: String },
 }
 
 /// Shared between the watcher threads and the control task.
@@ -72,7 +75,7 @@ pub(crate) fn watch(
         }
     };
     let handler = move |res: notify::Result<notify::Event>| match res {
-        Err(e) => send(WatchMsg::Rescan {
+        Err(e) => send(WatchMsg::Lost {
             folder,
             reason: format!("watcher error: {e}"),
         }),

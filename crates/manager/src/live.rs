@@ -339,12 +339,25 @@ impl LiveFolder {
     }
 
     fn hold(&mut self, path: &RelPath, reason: &str) {
-        let entry = self.held.entry(path.clone()).or_insert_with(|| Held {
-            reason: reason.to_owned(),
-            since: std::time::SystemTime::now(),
+        let folder = &self.spec.name;
+        let entry = self.held.entry(path.clone()).or_insert_with(|| {
+            tracing::info!(%folder, %path, reason, "holding: not complete, not published yet");
+            Held {
+                reason: reason.to_owned(),
+                since: std::time::SystemTime::now(),
+            }
         });
         if entry.reason != reason {
+            tracing::info!(%folder, %path, reason, "still holding");
             entry.reason = reason.to_owned();
+        }
+    }
+
+    /// A held file became complete.
+    fn release(&mut self, path: &RelPath) {
+        if let Some(h) = self.held.remove(path) {
+            let waited = h.since.elapsed().unwrap_or_default();
+            tracing::info!(folder = %self.spec.name, %path, waited_ms = waited.as_millis() as u64, "complete now; publishing");
         }
     }
 
@@ -431,7 +444,7 @@ impl LiveFolder {
                 Ok((node, key)) => {
                     self.working.manifest.insert(path.clone(), node);
                     self.working.stats.insert(path.clone(), key);
-                    self.held.remove(&path);
+                    self.release(&path);
                     self.closed.remove(&path);
                 }
                 Err(w) => {

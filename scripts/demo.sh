@@ -36,6 +36,7 @@ cat > mgr/syncd.toml <<TOML
 [node]
 name = "mgr-1"
 state_dir = "state"
+admin_socket = "admin.sock"
 
 [manager]
 listen = "127.0.0.1:$PORT"
@@ -58,6 +59,7 @@ for w in worker-1 worker-2; do
 [node]
 name = "$w"
 state_dir = "state"
+admin_socket = "admin.sock"
 
 [agent]
 manager = "127.0.0.1:$PORT"

@@ -83,7 +83,7 @@ fn write_configs(root: &Path, port: u16, manager_id: &str, agent_id: &str) -> (P
     std::fs::write(
         &m,
         format!(
-            "[node]\nname = \"mgr-1\"\nstate_dir = \"m/state\"\n[manager]\nlisten = \"127.0.0.1:{port}\"\n\
+            "[node]\nname = \"mgr-1\"\nstate_dir = \"m/state\"\nadmin_socket = \"m/admin.sock\"\n[manager]\nlisten = \"127.0.0.1:{port}\"\n\
              [[manager.agents]]\nname = \"worker-1\"\nid = \"{agent_id}\"\n\
              [[folders]]\nname = \"deployment\"\npath = \"m/data\"\n"
         ),
@@ -92,7 +92,7 @@ fn write_configs(root: &Path, port: u16, manager_id: &str, agent_id: &str) -> (P
     std::fs::write(
         &a,
         format!(
-            "[node]\nname = \"worker-1\"\nstate_dir = \"a/state\"\n[agent]\nmanager = \"127.0.0.1:{port}\"\n\
+            "[node]\nname = \"worker-1\"\nstate_dir = \"a/state\"\nadmin_socket = \"a/admin.sock\"\n[agent]\nmanager = \"127.0.0.1:{port}\"\n\
              manager_id = \"{manager_id}\"\n[[folders]]\nname = \"deployment\"\npath = \"a/data\"\n"
         ),
     )
@@ -145,8 +145,25 @@ fn a_second_manager_on_the_same_port_exits_5() {
     let (m, _) = write_configs(root, port, &mid, &aid);
     let first = spawn("manager", &m, &root.join("m1.log"));
     std::thread::sleep(Duration::from_millis(500));
+    // The same admin socket: refused before anything else.
     let o = Command::new(SYNCD)
         .args(["manager", "--config", m.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("another syncd is running"),
+        "{}",
+        stderr(&o)
+    );
+    // Another admin socket, the same UDP port.
+    let m2 = root.join("manager2.toml");
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("m/admin.sock", "m/admin2.sock");
+    std::fs::write(&m2, text).unwrap();
+    let o = Command::new(SYNCD)
+        .args(["manager", "--config", m2.to_str().unwrap()])
         .output()
         .unwrap();
     stop(first);

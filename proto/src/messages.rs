@@ -57,6 +57,33 @@ pub enum AgentMsg {
         /// What each folder holds now.
         folders: Vec<FolderState>,
     },
+    /// The agent's pause state changed (or, right after `Join`, what it is), with what its
+    /// folders hold now. While paused, the manager sends it no generation.
+    PauseState {
+        /// The pause, or `None` when the agent is not paused.
+        pause: Option<Pause>,
+        /// When the latest pause or resume was decided (milliseconds since the Unix epoch).
+        set_at: u64,
+        /// What each folder holds now.
+        folders: Vec<FolderState>,
+    },
+    /// A generation arrived while the agent was paused: nothing of it was applied.
+    Deferred {
+        /// The generation.
+        generation: Generation,
+    },
+}
+
+/// A pause of an agent: it changes nothing in its folders until resumed or until `until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    /// When the pause ends by itself, in seconds since the Unix epoch; `None` for no limit.
+    pub until: Option<u64>,
+    /// When the pause (or the resume that cleared the previous one) was decided, in
+    /// milliseconds since the Unix epoch: between two decisions, the later one wins.
+    pub set_at: u64,
+    /// Who decided it: `"agent"` (syncctl on the worker) or `"manager"`.
+    pub by: String,
 }
 
 /// What the changes of an [`ManagerMsg::Update`] apply to.
@@ -106,6 +133,14 @@ pub enum ManagerMsg {
     UpdateEnd {
         /// The generation.
         generation: Generation,
+    },
+    /// The operator paused (`pause: Some`) or resumed (`pause: None`, `set_at` saying when)
+    /// this agent on the manager.
+    SetPause {
+        /// The pause, or `None` to resume.
+        pause: Option<Pause>,
+        /// When this was decided (milliseconds since the Unix epoch).
+        set_at: u64,
     },
 }
 

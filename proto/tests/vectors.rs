@@ -72,6 +72,31 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "agent_pause_state",
+            frame(&AgentMsg::PauseState {
+                pause: Some(Pause {
+                    until: Some(1_800_000_000),
+                    set_at: 1_790_000_000_123,
+                    by: "manager".into(),
+                }),
+                set_at: 1_790_000_000_123,
+                folders: vec![],
+            }),
+        ),
+        (
+            "agent_deferred",
+            frame(&AgentMsg::Deferred {
+                generation: Generation(43),
+            }),
+        ),
+        (
+            "manager_set_pause",
+            frame(&ManagerMsg::SetPause {
+                pause: None,
+                set_at: 1_790_000_000_456,
+            }),
+        ),
+        (
             "manager_welcome",
             frame(&ManagerMsg::Welcome {
                 manager_name: "mgr-1".into(),

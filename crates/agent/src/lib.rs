@@ -6,6 +6,7 @@
 
 mod apply;
 mod folder;
+mod pause;
 mod session;
 mod state;
 
@@ -17,10 +18,12 @@ use syncd_fsops::FolderSpec;
 use syncd_manifest::{ChunkParams, Chunker};
 use syncd_proto::Generation;
 use syncd_transport::{Identity, NodeId};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use apply::ApplyError;
 pub use folder::FolderError;
+pub use pause::{LocalChange, ResumeReport, in_force};
+pub use syncd_proto::Pause;
 
 use crate::folder::Folder;
 use crate::state::AgentState;
@@ -55,6 +58,70 @@ pub struct AgentStatus {
     pub bytes_reused: u64,
     /// Files written (renamed into place) since start.
     pub files_written: u64,
+    /// The pause in force, if any.
+    pub paused: Option<Pause>,
+    /// Whether a generation is being applied right now.
+    pub syncing: bool,
+    /// When the last generation was applied.
+    pub last_applied: Option<std::time::SystemTime>,
+}
+
+/// What an operator asks of a running agent (through [`AgentHandle`]).
+#[derive(Debug)]
+pub(crate) enum Command {
+    Pause {
+        until: Option<u64>,
+        reply: oneshot::Sender<Result<Pause, String>>,
+    },
+    Resume {
+        reply: oneshot::Sender<Result<ResumeReport, String>>,
+    },
+    Changes {
+        reply: oneshot::Sender<Result<Vec<LocalChange>, String>>,
+    },
+}
+
+/// Controls a running agent: pause, resume, list local changes, watch its status.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<AgentStatus>,
+}
+
+impl AgentHandle {
+    /// Pauses the agent (until `until`, seconds since the Unix epoch, if given). Returns once any
+    /// generation being applied has finished: from then on nothing in the folders changes.
+    pub async fn pause(&self, until: Option<u64>) -> Result<Pause, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Pause { until, reply }).await?;
+        rx.await.map_err(|_| "the agent stopped".to_owned())?
+    }
+
+    /// Resumes: local changes made meanwhile are backed up, then the folders converge.
+    pub async fn resume(&self) -> Result<ResumeReport, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Resume { reply }).await?;
+        rx.await.map_err(|_| "the agent stopped".to_owned())?
+    }
+
+    /// What differs in the folders from what syncd last applied (local edits).
+    pub async fn changes(&self) -> Result<Vec<LocalChange>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Changes { reply }).await?;
+        rx.await.map_err(|_| "the agent stopped".to_owned())?
+    }
+
+    /// A live view of the agent's status.
+    pub fn status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.clone()
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), String> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| "the agent stopped".to_owned())
+    }
 }
 
 /// Why the agent could not start.
@@ -84,6 +151,8 @@ pub struct Agent {
     folders: Vec<Folder>,
     state: AgentState,
     status: watch::Sender<AgentStatus>,
+    commands: mpsc::Receiver<Command>,
+    commands_tx: mpsc::Sender<Command>,
 }
 
 impl Agent {
@@ -113,20 +182,40 @@ impl Agent {
             })?;
         let (status, _) = watch::channel(AgentStatus {
             applied: state.applied,
+            paused: state.pause.clone(),
             ..AgentStatus::default()
         });
+        if let Some(p) = &state.pause {
+            tracing::warn!(by = %p.by, until = ?p.until, "starting paused: nothing in the folders will change until `syncctl resume`");
+        }
+        let (commands_tx, commands) = mpsc::channel(8);
         Ok(Agent {
             config,
             identity: Arc::new(identity),
             folders,
             state,
             status,
+            commands,
+            commands_tx,
         })
     }
 
     /// A live view of the agent's status.
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
         self.status.subscribe()
+    }
+
+    /// A handle to control the agent once it runs.
+    pub fn handle(&self) -> AgentHandle {
+        AgentHandle {
+            commands: self.commands_tx.clone(),
+            status: self.status.subscribe(),
+        }
+    }
+
+    /// This agent's name and manager, for status displays.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
     }
 
     /// Connects to the manager and keeps the folders in sync until `shutdown` becomes true,

@@ -1,18 +1,19 @@
 //! The agent's side of a connection: handshake, join, then receive and apply generations;
 //! reconnect with backoff when anything fails.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use syncd_manifest::{Chunker, Manifest};
 use syncd_proto::{
     AgentMsg, Base, Generation, HELLO_LEN, Hello, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg,
-    UpdateAssembler, close,
+    Pause, UpdateAssembler, close,
 };
 use syncd_transport::{Conn, Endpoint, RecvStream, SendStream, TransportError};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::apply::{self, ApplyError, ApplyStats, Target};
-use crate::{Agent, AgentError};
+use crate::pause::{self, LocalChange, ResumeReport};
+use crate::{Agent, AgentError, Command};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -41,15 +42,21 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let endpoint = Endpoint::client(&agent.identity, agent.config.manager_addr)?;
+    let (_, mut commands) = {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        (tx, std::mem::replace(&mut agent.commands, rx))
+    };
+    // A pause that ended while the agent was down ends now.
+    expire_pause(&mut agent, None).await.ok();
     let mut backoff = BACKOFF_MIN;
-    loop {
+    'outer: loop {
         if *shutdown.borrow() {
             break;
         }
         let started = Instant::now();
         // The session watches `shutdown` itself, between frames: an apply in progress is
         // finished, never cut off in the middle of its renames.
-        let result = session(&mut agent, &endpoint, &mut shutdown).await;
+        let result = session(&mut agent, &endpoint, &mut shutdown, &mut commands).await;
         agent.status.send_modify(|s| s.connected = false);
         match result {
             Ok(End::Shutdown) => break,
@@ -63,9 +70,21 @@ pub(crate) async fn run(
         if started.elapsed() > BACKOFF_MAX {
             backoff = BACKOFF_MIN;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => break,
+        // Operators may pause, resume and look while the manager is out of reach.
+        let sleep = tokio::time::sleep(backoff);
+        tokio::pin!(sleep);
+        loop {
+            let expiry = pause_expiry(&agent);
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = shutdown.changed() => break 'outer,
+                Some(cmd) = commands.recv() => {
+                    let _ = handle_command(&mut agent, cmd, None).await;
+                }
+                _ = expiry => {
+                    let _ = expire_pause(&mut agent, None).await;
+                }
+            }
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -76,19 +95,41 @@ pub(crate) async fn run(
     Ok(())
 }
 
+/// Resolves when the pause in force ends by its time limit (never, without one).
+fn pause_expiry(agent: &Agent) -> impl std::future::Future<Output = ()> + 'static {
+    let until = agent.state.pause.as_ref().and_then(pause::ends_at);
+    async move {
+        match until {
+            Some(t) => {
+                let left = t.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(left).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 async fn session(
     agent: &mut Agent,
     endpoint: &Endpoint,
     shutdown: &mut watch::Receiver<bool>,
+    commands: &mut mpsc::Receiver<Command>,
 ) -> Result<End, SessionError> {
     let addr = agent.config.manager_addr;
+    let identity = std::sync::Arc::clone(&agent.identity);
     let connect = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        endpoint.connect(&agent.identity, addr, agent.config.manager_id),
+        endpoint.connect(&identity, addr, agent.config.manager_id),
     );
-    let conn = tokio::select! {
-        c = connect => c.map_err(|_| TransportError::Connect(format!("no answer from {addr} within {CONNECT_TIMEOUT:?}")))??,
-        _ = shutdown.changed() => return Ok(End::Shutdown),
+    tokio::pin!(connect);
+    let conn = loop {
+        tokio::select! {
+            c = &mut connect => break c.map_err(|_| TransportError::Connect(format!("no answer from {addr} within {CONNECT_TIMEOUT:?}")))??,
+            _ = shutdown.changed() => return Ok(End::Shutdown),
+            Some(cmd) = commands.recv() => {
+                let _ = handle_command(agent, cmd, None).await;
+            }
+        }
     };
     let (mut tx, mut rx) = conn.open_bi().await?;
     handshake(&conn, &mut tx, &mut rx).await?;
@@ -124,6 +165,8 @@ async fn session(
         }
         Err(e) => return Err(e.into()),
     }
+    // The manager sends nothing before it knows whether this agent is paused.
+    send_pause_state(agent, &mut tx).await?;
     agent.status.send_modify(|s| {
         s.connected = true;
         s.last_error = None;
@@ -131,8 +174,17 @@ async fn session(
 
     let mut updates: Vec<(syncd_proto::ManagerMsg, UpdateAssembler)> = Vec::new();
     loop {
+        let expiry = pause_expiry(agent);
         let msg = tokio::select! {
             m = rx.recv::<ManagerMsg>(MAX_CONTROL_FRAME) => m,
+            Some(cmd) = commands.recv() => {
+                handle_command(agent, cmd, Some(&mut tx)).await?;
+                continue;
+            }
+            _ = expiry => {
+                expire_pause(agent, Some(&mut tx)).await?;
+                continue;
+            }
             _ = shutdown.changed() => {
                 conn.close(close::SHUTDOWN, "agent shutting down");
                 return Ok(End::Shutdown);
@@ -163,9 +215,37 @@ async fn session(
                 })?;
             }
             ManagerMsg::UpdateEnd { generation } => {
-                let reply =
-                    apply_generation(agent, &conn, generation, std::mem::take(&mut updates)).await;
+                let updates = std::mem::take(&mut updates);
+                if agent.state.pause.is_some() {
+                    tracing::info!(%generation, "paused: generation not applied");
+                    tx.send(&AgentMsg::Deferred { generation }, MAX_REQUEST_FRAME)
+                        .await?;
+                    continue;
+                }
+                agent.status.send_modify(|s| s.syncing = true);
+                let reply = apply_generation(agent, &conn, generation, updates).await;
+                agent.status.send_modify(|s| s.syncing = false);
                 tx.send(&reply, MAX_REQUEST_FRAME).await?;
+                // Recorded after the reply: the folders are already right and durable; the
+                // record only spares a rehash after a restart.
+                if let Err(e) = agent.state.save(&agent.config.state_dir) {
+                    tracing::error!(error = %e, "cannot record the applied generation");
+                }
+            }
+            ManagerMsg::SetPause { pause, set_at } => {
+                if set_at > agent.state.pause_set_at {
+                    match pause {
+                        Some(p) => set_pause(agent, p),
+                        None => {
+                            if let Err(e) = resume(agent, set_at, "resumed from the manager").await
+                            {
+                                tracing::error!(error = %e, "resume failed");
+                            }
+                        }
+                    }
+                }
+                // Either way, tell the manager what holds now (ours may be the newer decision).
+                send_pause_state(agent, &mut tx).await?;
             }
             ManagerMsg::Welcome { .. } => {
                 return Err(protocol_violation(
@@ -175,6 +255,158 @@ async fn session(
             }
         }
     }
+}
+
+async fn send_pause_state(agent: &Agent, tx: &mut SendStream) -> Result<(), TransportError> {
+    tx.send(
+        &AgentMsg::PauseState {
+            pause: agent.state.pause.clone(),
+            set_at: agent.state.pause_set_at,
+            folders: agent.folders.iter().map(|f| f.state()).collect(),
+        },
+        MAX_REQUEST_FRAME,
+    )
+    .await
+}
+
+/// Handles an operator's command; with a connection, tells the manager about pause changes.
+async fn handle_command(
+    agent: &mut Agent,
+    cmd: Command,
+    tx: Option<&mut SendStream>,
+) -> Result<(), TransportError> {
+    match cmd {
+        Command::Pause { until, reply } => {
+            let p = Pause {
+                until,
+                set_at: pause::now_ms(),
+                by: "agent".into(),
+            };
+            set_pause(agent, p.clone());
+            let _ = reply.send(Ok(p));
+        }
+        Command::Resume { reply } => {
+            let result = resume(agent, pause::now_ms(), "resumed").await;
+            let _ = reply.send(result);
+        }
+        Command::Changes { reply } => {
+            let _ = reply.send(changes(agent).await);
+            return Ok(());
+        }
+    }
+    match tx {
+        Some(tx) => send_pause_state(agent, tx).await,
+        None => Ok(()),
+    }
+}
+
+/// Ends a pause whose time limit has passed.
+async fn expire_pause(
+    agent: &mut Agent,
+    tx: Option<&mut SendStream>,
+) -> Result<(), TransportError> {
+    let expired = agent
+        .state
+        .pause
+        .as_ref()
+        .is_some_and(|p| !pause::in_force(p, SystemTime::now()));
+    if !expired {
+        return Ok(());
+    }
+    let set_at = pause::now_ms();
+    if let Err(e) = resume(agent, set_at, "pause time limit reached").await {
+        tracing::error!(error = %e, "resume failed");
+    }
+    match tx {
+        Some(tx) => send_pause_state(agent, tx).await,
+        None => Ok(()),
+    }
+}
+
+fn set_pause(agent: &mut Agent, p: Pause) {
+    tracing::warn!(by = %p.by, until = ?p.until, "paused: nothing in the folders will change until resumed");
+    agent.state.pause_set_at = p.set_at;
+    agent.state.pause = Some(p.clone());
+    if let Err(e) = agent.state.save(&agent.config.state_dir) {
+        tracing::error!(error = %e, "cannot record the pause; it will not survive a restart");
+    }
+    agent.status.send_modify(|s| s.paused = Some(p));
+}
+
+/// Lists local changes (scanning on the blocking pool).
+async fn changes(agent: &mut Agent) -> Result<Vec<LocalChange>, String> {
+    let folders = std::mem::take(&mut agent.folders);
+    let (folders, result) = tokio::task::spawn_blocking(move || {
+        let result = pause::local_changes(&folders).map(|per_folder| {
+            folders
+                .iter()
+                .zip(&per_folder)
+                .flat_map(|(f, (_, c))| pause::describe(f, c))
+                .collect()
+        });
+        (folders, result)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    agent.folders = folders;
+    result
+}
+
+/// Resumes: backs up local changes, adopts what the folders hold now, clears the pause. The
+/// manager, told the new digests, then sends what differs and the folders converge.
+async fn resume(agent: &mut Agent, set_at: u64, why: &str) -> Result<ResumeReport, String> {
+    let folders = std::mem::take(&mut agent.folders);
+    let backup_root = pause::backup_dir(&agent.config.state_dir);
+    let (mut folders, result) = tokio::task::spawn_blocking(move || {
+        let result = (|| -> Result<_, String> {
+            let per_folder = pause::local_changes(&folders)?;
+            let mut report = ResumeReport::default();
+            for (f, (_, changes)) in folders.iter().zip(&per_folder) {
+                report.changes.extend(pause::describe(f, changes));
+                pause::back_up(&backup_root, f, changes)
+                    .map_err(|e| format!("backing up local changes: {e}"))?;
+            }
+            if !report.changes.is_empty() {
+                pause::write_index(&backup_root, &report.changes).map_err(|e| e.to_string())?;
+                report.backup = Some(backup_root.clone());
+            }
+            Ok((per_folder, report))
+        })();
+        (folders, result)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    let outcome = match result {
+        Ok((per_folder, report)) => {
+            for (f, (now, _)) in folders.iter_mut().zip(per_folder) {
+                f.local = now;
+            }
+            Ok(report)
+        }
+        Err(e) => Err(e),
+    };
+    agent.folders = folders;
+    let report = outcome?;
+    agent.state.pause = None;
+    agent.state.pause_set_at = set_at;
+    agent.state.folders = agent
+        .folders
+        .iter()
+        .map(|f| (f.name.clone(), f.local.clone()))
+        .collect();
+    if let Err(e) = agent.state.save(&agent.config.state_dir) {
+        tracing::error!(error = %e, "cannot record the resume");
+    }
+    agent.status.send_modify(|s| s.paused = None);
+    match &report.backup {
+        Some(dir) => tracing::warn!(
+            local_changes = report.changes.len(),
+            backup = %dir.display(),
+            "{why}: local changes made during the pause were backed up; converging"
+        ),
+        None => tracing::info!("{why}: no local changes; converging"),
+    }
+    Ok(report)
 }
 
 /// Closes the connection telling the manager why, and returns the error for the log.
@@ -232,13 +464,10 @@ async fn apply_generation(
                 .iter()
                 .map(|f| (f.name.clone(), f.local.clone()))
                 .collect();
-            if let Err(e) = agent.state.save(&agent.config.state_dir) {
-                // The folders are right; only the record is behind. A restart rescans.
-                tracing::error!(error = %e, "cannot record the applied generation");
-            }
             agent.status.send_modify(|s| {
                 s.applied = generation;
                 s.last_error = None;
+                s.last_applied = Some(SystemTime::now());
             });
             tracing::info!(
                 %generation,

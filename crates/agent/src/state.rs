@@ -17,6 +17,10 @@ pub(crate) struct AgentState {
     pub applied: Generation,
     /// Per folder name, what was on disk after that.
     pub folders: BTreeMap<String, LocalManifest>,
+    /// The pause in force, if any (it survives restarts).
+    pub pause: Option<syncd_proto::Pause>,
+    /// When the last pause or resume was decided (milliseconds since the Unix epoch).
+    pub pause_set_at: u64,
 }
 
 impl AgentState {

@@ -17,7 +17,7 @@ use crate::history::{History, Step};
 use crate::inotify::{CHANNEL, FolderWatch, Signal, WatchMsg};
 use crate::live::LiveFolder;
 use crate::state::ManagerState;
-use crate::{HeldFile, ManagerConfig, ManagerError, ManagerStatus};
+use crate::{HeldFile, Hold, ManagerConfig, ManagerError, ManagerStatus, PendingChange};
 
 /// Quiet time after the last hint before paths are looked at (events of one write come together).
 const DEBOUNCE: Duration = Duration::from_millis(2);
@@ -35,7 +35,20 @@ const STARTUP_SETTLE: Duration = Duration::from_secs(10);
 pub(crate) enum Command {
     /// Walk every folder and publish what changed; reply with the generation once settled.
     Rescan(Option<oneshot::Sender<Generation>>),
+    /// Hold publication.
+    Hold {
+        until: Option<u64>,
+        reply: oneshot::Sender<Result<Hold, String>>,
+    },
+    /// End the hold, publishing everything since as one generation.
+    Release {
+        reply: oneshot::Sender<Result<Generation, String>>,
+    },
 }
+
+const HOLD_FILE: &str = "hold.state";
+/// Pending changes listed in status while holding.
+const PENDING_LISTED: usize = 1000;
 
 /// One published folder.
 #[derive(Debug, Clone)]
@@ -73,6 +86,8 @@ pub(crate) struct Control {
     waiting: Vec<oneshot::Sender<Generation>>,
     /// A time in the past, for work that is due at once.
     started: Instant,
+    /// Publication held by the operator.
+    hold: Option<Hold>,
 }
 
 impl Control {
@@ -99,6 +114,7 @@ impl Control {
             last_hint: None,
             waiting: Vec::new(),
             started: Instant::now(),
+            hold: load_hold(&config.state_dir),
             config,
         };
         let deadline = Instant::now() + STARTUP_SETTLE;
@@ -113,9 +129,17 @@ impl Control {
                 .unwrap_or_else(|| Instant::now() + DEBOUNCE);
             tokio::time::sleep_until(next.min(deadline).into()).await;
         }
+        if let Some(h) = &control.hold {
+            tracing::warn!(until = ?h.until, "publication is held (syncctl pause); changes are not sent until `syncctl resume`");
+        }
         control.publish(control.generation == Generation(0))?;
         let snapshot = control.snapshot();
         Ok((control, snapshot))
+    }
+
+    /// The hold in force, if any.
+    pub(crate) fn hold(&self) -> Option<Hold> {
+        self.hold.clone()
     }
 
     pub(crate) fn with_publisher(mut self, publisher: watch::Sender<Arc<Snapshot>>) -> Self {
@@ -216,30 +240,33 @@ impl Control {
                         self.folders.iter_mut().for_each(LiveFolder::rescan);
                         self.waiting.extend(reply);
                     }
+                    Some(Command::Hold { until, reply }) => {
+                        let result = self.set_hold(Some(Hold { since_ms: now_ms(), until }));
+                        let _ = reply.send(result.map(|()| self.hold.clone().expect("just set")));
+                        self.report(&status);
+                    }
+                    Some(Command::Release { reply }) => {
+                        let result = self.release("resumed").map(|()| self.generation);
+                        let _ = reply.send(result);
+                        self.report(&status);
+                    }
                     None => break,
                 },
+                _ = hold_expiry(&self.hold) => {
+                    if let Err(e) = self.release("hold time limit reached") {
+                        tracing::error!(error = %e, "cannot end the hold");
+                    }
+                    self.report(&status);
+                }
                 _ = sleep => {
                     self.step(false).await;
-                    match self.publish(false) {
-                        Ok(true) => {
-                            if let Some(p) = &self.publisher {
-                                p.send_replace(self.snapshot());
-                            }
-                        }
-                        Ok(false) => {}
-                        Err(e) => tracing::error!(error = %e, "cannot record a new generation; it is not published"),
+                    if let Err(e) = self.publish_and_announce(false) {
+                        tracing::error!(error = %e, "cannot record a new generation; it is not published");
                     }
-                    let held = self.held();
-                    let generation = self.generation;
-                    status.send_if_modified(|s| {
-                        let changed = s.generation != generation || s.held != held;
-                        s.generation = generation;
-                        s.held = held;
-                        changed
-                    });
+                    self.report(&status);
                     if !self.folders.iter().any(LiveFolder::settling) {
                         for reply in self.waiting.drain(..) {
-                            let _ = reply.send(generation);
+                            let _ = reply.send(self.generation);
                         }
                     }
                 }
@@ -367,6 +394,11 @@ impl Control {
     /// Publishes what changed as one new generation (or a new generation regardless, if
     /// `force`): persisted before anyone sees it. Returns whether a generation was published.
     fn publish(&mut self, force: bool) -> Result<bool, ManagerError> {
+        // Holding: the first generation ever is still published (agents need something to hold
+        // on to), nothing after it.
+        if self.hold.is_some() && self.generation != Generation(0) {
+            return Ok(false);
+        }
         let started = Instant::now();
         let mut steps = BTreeMap::new();
         let mut next: Vec<Option<LocalManifest>> = Vec::with_capacity(self.folders.len());
@@ -433,6 +465,102 @@ impl Control {
         Ok(true)
     }
 
+    /// Publishes (unless holding) and hands the new snapshot to the agent connections.
+    fn publish_and_announce(&mut self, force: bool) -> Result<bool, ManagerError> {
+        let published = self.publish(force)?;
+        if published && let Some(p) = &self.publisher {
+            p.send_replace(self.snapshot());
+        }
+        Ok(published)
+    }
+
+    /// Sets or clears the hold, durably.
+    fn set_hold(&mut self, hold: Option<Hold>) -> Result<(), String> {
+        let path = self.config.state_dir.join(HOLD_FILE);
+        let bytes = syncd_proto::encode_state(&hold).map_err(|e| e.to_string())?;
+        syncd_fsops::write_atomic(&path, &bytes, 0o600)
+            .map_err(|e| format!("cannot record the hold: {e}"))?;
+        match &hold {
+            Some(h) => {
+                tracing::warn!(until = ?h.until, "holding publication: changes are not sent until `syncctl resume`")
+            }
+            None => tracing::info!("publication no longer held"),
+        }
+        self.hold = hold;
+        Ok(())
+    }
+
+    /// Ends the hold and publishes everything since as one generation.
+    fn release(&mut self, why: &str) -> Result<(), String> {
+        if self.hold.is_none() {
+            return Ok(());
+        }
+        self.set_hold(None)?;
+        match self.publish_and_announce(false) {
+            Ok(true) => {
+                tracing::info!(generation = %self.generation, "{why}: published what changed during the hold")
+            }
+            Ok(false) => tracing::info!("{why}: nothing changed during the hold"),
+            Err(e) => return Err(e.to_string()),
+        }
+        Ok(())
+    }
+
+    /// Updates the status: generation, held files, hold and pending changes.
+    fn report(&self, status: &watch::Sender<ManagerStatus>) {
+        let held = self.held();
+        let generation = self.generation;
+        let hold = self.hold.clone();
+        let (pending, pending_total) = if hold.is_some() {
+            self.pending()
+        } else {
+            (Vec::new(), 0)
+        };
+        status.send_if_modified(|s| {
+            let changed = s.generation != generation
+                || s.held != held
+                || s.hold != hold
+                || s.pending_total != pending_total
+                || s.pending != pending;
+            s.generation = generation;
+            s.held = held;
+            s.hold = hold;
+            s.pending = pending;
+            s.pending_total = pending_total;
+            changed
+        });
+    }
+
+    /// What publishing now would change.
+    fn pending(&self) -> (Vec<PendingChange>, usize) {
+        let mut listed = Vec::new();
+        let mut total = 0;
+        for f in &self.folders {
+            let Some(next) = f.publishable() else {
+                continue;
+            };
+            let empty = syncd_manifest::Manifest::new(next.manifest.params);
+            let before = f.published.as_deref().map_or(&empty, |p| &p.manifest);
+            for change in diff(before, &next.manifest) {
+                total += 1;
+                if listed.len() < PENDING_LISTED {
+                    listed.push(PendingChange {
+                        folder: f.spec.name.clone(),
+                        path: change.path().to_string(),
+                        kind: match &change {
+                            syncd_manifest::Change::Remove(_) => "removed",
+                            syncd_manifest::Change::Put(p, _) if before.get(p).is_some() => {
+                                "modified"
+                            }
+                            syncd_manifest::Change::Put(..) => "added",
+                        },
+                    });
+                }
+            }
+        }
+        (listed, total)
+    }
+
     fn held(&self) -> Vec<HeldFile> {
         self.folders
             .iter()
@@ -445,6 +573,35 @@ impl Control {
                 })
             })
             .collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn load_hold(state_dir: &std::path::Path) -> Option<Hold> {
+    let path = state_dir.join(HOLD_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    syncd_proto::decode_state(&bytes).unwrap_or_else(|e| {
+        tracing::error!(path = %path.display(), error = %e, "hold record unreadable; not holding");
+        None
+    })
+}
+
+/// Resolves when a hold with a time limit ends (never, without one).
+async fn hold_expiry(hold: &Option<Hold>) {
+    match hold.as_ref().and_then(|h| h.until) {
+        Some(until) => {
+            let at = std::time::UNIX_EPOCH + Duration::from_secs(until);
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

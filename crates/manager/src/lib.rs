@@ -11,6 +11,7 @@ mod control;
 mod history;
 mod inotify;
 mod live;
+mod pauses;
 mod serve;
 mod state;
 
@@ -21,7 +22,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use syncd_fsops::FolderSpec;
-use syncd_proto::Generation;
+use syncd_manifest::ManifestDigest;
+use syncd_proto::{Generation, Pause};
 use syncd_transport::{Endpoint, Identity, NodeId};
 use tokio::sync::{mpsc, watch};
 
@@ -66,6 +68,77 @@ pub struct AgentView {
     pub last_seen: Option<SystemTime>,
     /// Whether it is applying a generation now.
     pub syncing: bool,
+    /// Its pause, if one is in force.
+    pub paused: Option<Pause>,
+    /// What each of its folders holds (digest), as it last reported.
+    pub digests: BTreeMap<String, ManifestDigest>,
+}
+
+/// The state of an agent as an operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Not connected.
+    Offline,
+    /// Paused: nothing is sent to it.
+    Paused,
+    /// Applying a generation, or about to.
+    Syncing,
+    /// Its last apply failed; it will be retried.
+    Error,
+    /// It holds the latest generation.
+    InSync,
+}
+
+impl NodeState {
+    /// The word shown in status.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NodeState::Offline => "offline",
+            NodeState::Paused => "paused",
+            NodeState::Syncing => "syncing",
+            NodeState::Error => "error",
+            NodeState::InSync => "in sync",
+        }
+    }
+}
+
+impl AgentView {
+    /// Its state relative to the manager's latest `generation`.
+    pub fn state(&self, generation: Generation) -> NodeState {
+        if !self.connected {
+            NodeState::Offline
+        } else if self.paused.is_some() {
+            NodeState::Paused
+        } else if self.syncing {
+            NodeState::Syncing
+        } else if self.applied >= generation {
+            NodeState::InSync
+        } else if self.last_error.is_some() {
+            NodeState::Error
+        } else {
+            NodeState::Syncing
+        }
+    }
+}
+
+/// Publication held by the operator (`syncctl pause` on the manager).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Hold {
+    /// Since when (milliseconds since the Unix epoch).
+    pub since_ms: u64,
+    /// When it ends by itself (seconds since the Unix epoch), if it has a limit.
+    pub until: Option<u64>,
+}
+
+/// A change the manager would publish if it were not holding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingChange {
+    /// The folder.
+    pub folder: String,
+    /// The path.
+    pub path: String,
+    /// `added`, `modified` or `removed`.
+    pub kind: &'static str,
 }
 
 /// A file on the manager that is not published yet, and why.
@@ -94,6 +167,12 @@ pub struct ManagerStatus {
     pub bytes_served: u64,
     /// Full rescans forced because watcher events were lost (queue overflow, watch errors).
     pub forced_rescans: u64,
+    /// Publication held by the operator, if it is.
+    pub hold: Option<Hold>,
+    /// While holding: what the next generation would change (at most 1000 listed).
+    pub pending: Vec<PendingChange>,
+    /// While holding: how many changes are pending in all.
+    pub pending_total: usize,
 }
 
 /// Why the manager could not start.
@@ -122,6 +201,195 @@ pub struct Manager {
     commands: mpsc::Sender<control::Command>,
     commands_rx: mpsc::Receiver<control::Command>,
     config: Arc<ManagerConfig>,
+    pauses: Arc<pauses::Pauses>,
+}
+
+/// Answers operators' requests to a running manager.
+#[derive(Debug, Clone)]
+pub struct ManagerHandle {
+    commands: mpsc::Sender<control::Command>,
+    status: watch::Receiver<ManagerStatus>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    pauses: Arc<pauses::Pauses>,
+    node_name: String,
+}
+
+/// How a `wait` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitOutcome {
+    /// The generation waited for.
+    pub generation: Generation,
+    /// Whether every agent that counts applied it.
+    pub reached: bool,
+    /// Agents that had not applied it, with their state: those that counted, then the others.
+    pub laggards: Vec<Laggard>,
+}
+
+/// An agent that has not applied the generation waited for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Laggard {
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: NodeState,
+    /// The generation it applied.
+    pub applied: Generation,
+    /// Whether it counted (offline and paused agents count only when asked).
+    pub counted: bool,
+    /// Its last error.
+    pub last_error: Option<String>,
+}
+
+impl ManagerHandle {
+    /// This manager's name.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// A live view of the manager's status.
+    pub fn status(&self) -> watch::Receiver<ManagerStatus> {
+        self.status.clone()
+    }
+
+    /// How far behind `agent` is: generations, and bytes of the files that differ (an upper
+    /// bound of what will cross: chunks it already holds are not sent).
+    pub fn behind(&self, agent: &AgentView) -> (u64, u64) {
+        let snap = self.snapshots.borrow().clone();
+        let generations = snap.generation.0.saturating_sub(agent.applied.0);
+        let mut bytes = 0;
+        for (name, folder) in &snap.folders {
+            let Some(&have) = agent.digests.get(name) else {
+                continue;
+            };
+            if have == folder.digest {
+                continue;
+            }
+            bytes += match snap.history.delta(name, have, folder.digest) {
+                Some(changes) => changes
+                    .iter()
+                    .filter_map(|c| match c {
+                        syncd_manifest::Change::Put(_, n) => n.file().map(|f| f.size),
+                        syncd_manifest::Change::Remove(_) => None,
+                    })
+                    .sum(),
+                None => folder.local.manifest.total_bytes(),
+            };
+        }
+        (generations, bytes)
+    }
+
+    /// Holds publication (until `until`, seconds since the Unix epoch, if given): the folders
+    /// may change, nothing is sent to agents.
+    pub async fn hold(&self, until: Option<u64>) -> Result<Hold, String> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(control::Command::Hold { until, reply })
+            .await
+            .map_err(|_| "the manager stopped".to_owned())?;
+        rx.await.map_err(|_| "the manager stopped".to_owned())?
+    }
+
+    /// Ends a hold: everything changed since is published as one generation, returned.
+    pub async fn release(&self) -> Result<Generation, String> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(control::Command::Release { reply })
+            .await
+            .map_err(|_| "the manager stopped".to_owned())?;
+        rx.await.map_err(|_| "the manager stopped".to_owned())?
+    }
+
+    /// Pauses agent `name` (until `until`, seconds since the Unix epoch, if given), now if it
+    /// is connected, else as soon as it connects; nothing is sent to it meanwhile.
+    pub fn pause_agent(&self, name: &str, until: Option<u64>) -> Result<Pause, String> {
+        let pause = Pause {
+            until,
+            set_at: now_ms(),
+            by: "manager".into(),
+        };
+        let record = pauses::PauseRecord {
+            pause: Some(pause.clone()),
+            set_at: pause.set_at,
+        };
+        self.decide(name, record)?;
+        tracing::warn!(agent = %name, until = ?until, "pausing agent on the operator's request");
+        Ok(pause)
+    }
+
+    /// Resumes agent `name`.
+    pub fn resume_agent(&self, name: &str) -> Result<(), String> {
+        let record = pauses::PauseRecord {
+            pause: None,
+            set_at: now_ms(),
+        };
+        self.decide(name, record)?;
+        tracing::info!(agent = %name, "resuming agent on the operator's request");
+        Ok(())
+    }
+
+    fn decide(&self, name: &str, record: pauses::PauseRecord) -> Result<(), String> {
+        if self.pauses.get(name).is_none() {
+            return Err(format!("no agent named {name:?} in this manager's config"));
+        }
+        self.pauses
+            .decide(name, record)
+            .map(|_| ())
+            .map_err(|e| format!("cannot record the pause: {e}"))
+    }
+
+    /// Waits until every connected, unpaused agent (every agent, with `require_all`) has
+    /// applied `generation` (the latest, if `None`), or `timeout` passes.
+    pub async fn wait(
+        &self,
+        generation: Option<Generation>,
+        timeout: std::time::Duration,
+        require_all: bool,
+    ) -> WaitOutcome {
+        let target = generation.unwrap_or_else(|| self.status.borrow().generation);
+        let mut status = self.status.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let outcome = {
+                let s = status.borrow_and_update();
+                let mut laggards: Vec<Laggard> = s
+                    .agents
+                    .iter()
+                    .filter(|(_, v)| v.applied < target)
+                    .map(|(name, v)| {
+                        let state = v.state(s.generation);
+                        Laggard {
+                            name: name.clone(),
+                            state,
+                            applied: v.applied,
+                            counted: require_all
+                                || !matches!(state, NodeState::Offline | NodeState::Paused),
+                            last_error: v.last_error.clone(),
+                        }
+                    })
+                    .collect();
+                laggards.sort_by_key(|l| !l.counted);
+                WaitOutcome {
+                    generation: target,
+                    reached: laggards.iter().all(|l| !l.counted) && s.generation >= target,
+                    laggards,
+                }
+            };
+            if outcome.reached {
+                return outcome;
+            }
+            match tokio::time::timeout_at(deadline, status.changed()).await {
+                Ok(Ok(())) => {}
+                // Timed out, or the manager stopped.
+                _ => return outcome,
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Asks a running manager to walk its folders again and publish what changed (the watcher does
@@ -162,9 +430,16 @@ impl Manager {
             held: Vec::new(),
             bytes_served: 0,
             forced_rescans: 0,
+            hold: control.hold(),
+            pending: Vec::new(),
+            pending_total: 0,
         };
         let (snap_tx, snapshots) = watch::channel(snapshot);
         let (commands, commands_rx) = mpsc::channel(16);
+        let pauses = Arc::new(pauses::Pauses::load(
+            &config.state_dir,
+            config.agents.iter().map(|a| a.name.clone()),
+        ));
         Ok(Manager {
             control: control.with_publisher(snap_tx),
             endpoint,
@@ -173,6 +448,7 @@ impl Manager {
             commands,
             commands_rx,
             config,
+            pauses,
         })
     }
 
@@ -193,6 +469,17 @@ impl Manager {
         RescanHandle(self.commands.clone())
     }
 
+    /// A handle for operators' requests (status, hold, pause, wait).
+    pub fn handle(&self) -> ManagerHandle {
+        ManagerHandle {
+            commands: self.commands.clone(),
+            status: self.status.subscribe(),
+            snapshots: self.snapshots.clone(),
+            pauses: Arc::clone(&self.pauses),
+            node_name: self.config.node_name.clone(),
+        }
+    }
+
     /// Serves agents until `shutdown` becomes true.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), ManagerError> {
         let Manager {
@@ -203,11 +490,12 @@ impl Manager {
             commands,
             commands_rx,
             config,
+            pauses,
         } = self;
         let control_task =
             tokio::spawn(control.run(commands_rx, Arc::clone(&status), shutdown.clone()));
         serve::accept_loop(
-            serve::Ctx::new(config, snapshots, status, commands),
+            serve::Ctx::new(config, snapshots, status, commands, pauses),
             endpoint,
             shutdown,
         )

@@ -16,6 +16,7 @@ use syncd_transport::{Conn, Endpoint, Incoming, NodeId, RecvStream, SendStream, 
 use tokio::sync::{mpsc, watch};
 
 use crate::control::{Command, Snapshot};
+use crate::pauses::{PauseRecord, Pauses};
 use crate::{ManagerConfig, ManagerStatus};
 
 /// Time an agent has to complete the hello and join after connecting.
@@ -35,6 +36,8 @@ pub(crate) struct Ctx {
     commands: mpsc::Sender<Command>,
     /// The live connection of each agent, so a reconnecting agent replaces its old one.
     live: std::sync::Mutex<HashMap<NodeId, (u64, Conn)>>,
+    /// Each agent's pause.
+    pub(crate) pauses: Arc<Pauses>,
     serial: AtomicU64,
 }
 
@@ -44,6 +47,7 @@ impl Ctx {
         snapshots: watch::Receiver<Arc<Snapshot>>,
         status: Arc<watch::Sender<ManagerStatus>>,
         commands: mpsc::Sender<Command>,
+        pauses: Arc<Pauses>,
     ) -> Arc<Ctx> {
         Arc::new(Ctx {
             names: config
@@ -55,16 +59,20 @@ impl Ctx {
             snapshots,
             status,
             commands,
+            pauses,
             live: Default::default(),
             serial: AtomicU64::new(0),
         })
     }
 
     fn update_agent(&self, name: &str, f: impl FnOnce(&mut crate::AgentView)) {
-        self.status.send_modify(|s| {
-            if let Some(v) = s.agents.get_mut(name) {
-                f(v);
-            }
+        self.status.send_if_modified(|s| {
+            let Some(v) = s.agents.get_mut(name) else {
+                return false;
+            };
+            let before = v.clone();
+            f(v);
+            *v != before
         });
     }
 }
@@ -247,7 +255,8 @@ fn refuse(conn: &Conn, code: u32, reason: String) -> SessionError {
     SessionError::Refused(reason)
 }
 
-/// Sends the agent every generation it lacks, one at a time, waiting for each to be applied.
+/// Sends the agent every generation it lacks, one at a time, waiting for each verdict; keeps
+/// the agent's pause in step with the manager's record; sends nothing while it is paused.
 async fn feed(
     ctx: &Ctx,
     conn: &Conn,
@@ -260,78 +269,66 @@ async fn feed(
     let mut held: BTreeMap<String, ManifestDigest> =
         folders.into_iter().map(|f| (f.folder, f.digest)).collect();
     let mut snapshots = ctx.snapshots.clone();
+    let Some(mut pauses) = ctx.pauses.subscribe(name) else {
+        return Err(refuse(
+            conn,
+            close::NOT_ALLOWED,
+            format!("unknown agent {name:?}"),
+        ));
+    };
     // On joining, folders are compared by content: an agent that reports the current generation
     // but holds something else (changed while it was away) is sent the difference once.
     let mut compare_content = true;
     let mut retry = Duration::from_secs(1);
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // The generation sent and not yet answered.
+    let mut pending: Option<Generation> = None;
+    // What the agent last said about its pause; nothing is sent before it has said anything.
+    let mut reported: Option<PauseRecord> = None;
+    // The newest decision relayed to the agent.
+    let mut relayed = 0u64;
     loop {
         let snap = snapshots.borrow_and_update().clone();
+        let record = pauses.borrow_and_update().clone();
+        let now = SystemTime::now();
+        let paused = record
+            .pause
+            .as_ref()
+            .filter(|p| syncd_proto_pause_in_force(p, now))
+            .cloned();
+        ctx.update_agent(name, |v| {
+            v.paused = paused.clone();
+            v.digests = held.clone();
+        });
+        if let Some(r) = &reported
+            && record.set_at > r.set_at
+            && record.set_at > relayed
+        {
+            tx.send(
+                &ManagerMsg::SetPause {
+                    pause: record.pause.clone(),
+                    set_at: record.set_at,
+                },
+                MAX_CONTROL_FRAME,
+            )
+            .await?;
+            relayed = record.set_at;
+        }
         let differs = snap
             .folders
             .iter()
             .any(|(f, s)| held.get(f).is_some_and(|d| *d != s.digest));
         let due = retry_at.is_none_or(|t| t <= tokio::time::Instant::now());
-        if due && (applied != snap.generation || (compare_content && differs)) {
+        if pending.is_none()
+            && reported.is_some()
+            && paused.is_none()
+            && due
+            && (applied != snap.generation || (compare_content && differs))
+        {
             compare_content = false;
             send_generation(tx, &snap, &held).await?;
+            pending = Some(snap.generation);
             ctx.update_agent(name, |v| v.syncing = true);
-            // Wait for the verdict; newer generations wait until then.
-            let reply = match rx.recv::<AgentMsg>(MAX_REQUEST_FRAME).await {
-                Ok(Some(m)) => m,
-                Ok(None) => return Ok(()),
-                Err(TransportError::Decode(e)) => {
-                    return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string()));
-                }
-                Err(e) => return Err(e.into()),
-            };
-            match reply {
-                AgentMsg::Applied {
-                    generation,
-                    folders,
-                } => {
-                    applied = generation;
-                    held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
-                    retry = Duration::from_secs(1);
-                    retry_at = None;
-                    let mismatched: Vec<&String> = snap
-                        .folders
-                        .iter()
-                        .filter(|(f, s)| held.get(*f).is_some_and(|d| *d != s.digest))
-                        .map(|(f, _)| f)
-                        .collect();
-                    if !mismatched.is_empty() {
-                        tracing::warn!(agent = %name, folders = ?mismatched, "agent applied the generation but its folders differ from the manager's (different exclude patterns?)");
-                    }
-                    tracing::info!(agent = %name, %generation, "agent applied generation");
-                    ctx.update_agent(name, |v| {
-                        v.applied = generation;
-                        v.syncing = false;
-                        v.last_error = None;
-                        v.last_seen = Some(SystemTime::now());
-                    });
-                }
-                AgentMsg::Failed {
-                    generation,
-                    reason,
-                    folders,
-                } => {
-                    held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
-                    compare_content = true;
-                    tracing::warn!(agent = %name, %generation, %reason, retry_in = ?retry, "agent could not apply generation");
-                    retry_at = Some(tokio::time::Instant::now() + retry);
-                    retry = (retry * 2).min(RETRY_MAX);
-                    ctx.update_agent(name, |v| {
-                        v.syncing = false;
-                        v.last_error = Some(reason);
-                        v.last_seen = Some(SystemTime::now());
-                    });
-                }
-                AgentMsg::Join { .. } => {
-                    return Err(refuse(conn, close::PROTOCOL_ERROR, "second Join".into()));
-                }
-            }
-            continue;
         }
         let wake = async {
             match retry_at {
@@ -339,23 +336,124 @@ async fn feed(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        // A pause with a time limit ends by itself: look again then.
+        let expiry = async {
+            match paused.as_ref().and_then(|p| p.until) {
+                Some(until) => {
+                    let at = std::time::UNIX_EPOCH + Duration::from_secs(until);
+                    tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default())
+                        .await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let msg = tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() {
                     return Ok(());
                 }
                 // A new generation supersedes a pending retry.
                 retry_at = None;
+                continue;
             }
-            _ = wake => {}
+            _ = pauses.changed() => continue,
+            _ = wake => continue,
+            _ = expiry => continue,
             msg = rx.recv::<AgentMsg>(MAX_REQUEST_FRAME) => match msg {
+                Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
-                Ok(Some(_)) => return Err(refuse(conn, close::PROTOCOL_ERROR, "message while no generation was pending".into())),
-                Err(TransportError::Decode(e)) => return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string())),
+                Err(TransportError::Decode(e)) => {
+                    return Err(refuse(conn, close::PROTOCOL_ERROR, e.to_string()));
+                }
                 Err(e) => return Err(e.into()),
             },
+        };
+        ctx.update_agent(name, |v| v.last_seen = Some(SystemTime::now()));
+        match msg {
+            AgentMsg::PauseState {
+                pause,
+                set_at,
+                folders,
+            } => {
+                held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
+                compare_content = true;
+                let r = PauseRecord { pause, set_at };
+                match &r.pause {
+                    Some(p) => {
+                        tracing::info!(agent = %name, by = %p.by, until = ?p.until, "agent is paused")
+                    }
+                    None if reported.as_ref().is_some_and(|old| old.pause.is_some()) => {
+                        tracing::info!(agent = %name, "agent resumed");
+                    }
+                    None => {}
+                }
+                if let Err(e) = ctx.pauses.decide(name, r.clone()) {
+                    tracing::error!(agent = %name, error = %e, "cannot record the agent's pause");
+                }
+                reported = Some(r);
+            }
+            AgentMsg::Applied {
+                generation,
+                folders,
+            } if pending.is_some() => {
+                pending = None;
+                applied = generation;
+                held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
+                retry = Duration::from_secs(1);
+                retry_at = None;
+                let mismatched: Vec<&String> = snap
+                    .folders
+                    .iter()
+                    .filter(|(f, s)| held.get(*f).is_some_and(|d| *d != s.digest))
+                    .map(|(f, _)| f)
+                    .collect();
+                if !mismatched.is_empty() && generation == snap.generation {
+                    tracing::warn!(agent = %name, folders = ?mismatched, "agent applied the generation but its folders differ from the manager's (different exclude patterns?)");
+                }
+                tracing::info!(agent = %name, %generation, "agent applied generation");
+                ctx.update_agent(name, |v| {
+                    v.applied = generation;
+                    v.syncing = false;
+                    v.last_error = None;
+                });
+            }
+            AgentMsg::Failed {
+                generation,
+                reason,
+                folders,
+            } if pending.is_some() => {
+                pending = None;
+                held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
+                compare_content = true;
+                tracing::warn!(agent = %name, %generation, %reason, retry_in = ?retry, "agent could not apply generation");
+                retry_at = Some(tokio::time::Instant::now() + retry);
+                retry = (retry * 2).min(RETRY_MAX);
+                ctx.update_agent(name, |v| {
+                    v.syncing = false;
+                    v.last_error = Some(reason);
+                });
+            }
+            AgentMsg::Deferred { generation } if pending.is_some() => {
+                // It paused just before the generation arrived; its PauseState says so too.
+                pending = None;
+                tracing::info!(agent = %name, %generation, "agent is paused; generation deferred");
+                retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                ctx.update_agent(name, |v| v.syncing = false);
+            }
+            other => {
+                return Err(refuse(
+                    conn,
+                    close::PROTOCOL_ERROR,
+                    format!("unexpected message {:?}", std::mem::discriminant(&other)),
+                ));
+            }
         }
     }
+}
+
+fn syncd_proto_pause_in_force(p: &syncd_proto::Pause, now: SystemTime) -> bool {
+    p.until
+        .is_none_or(|until| now < std::time::UNIX_EPOCH + Duration::from_secs(until))
 }
 
 /// Sends one generation: for each folder the agent holds differently, the changes from what it

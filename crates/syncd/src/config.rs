@@ -11,7 +11,7 @@ use syncd_transport::NodeId;
 use toml::{Table, Value};
 
 /// Where the admin socket is when the config does not say.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/run/syncd/admin.sock";
+pub const DEFAULT_ADMIN_SOCKET: &str = syncd_admin::DEFAULT_SOCKET;
 /// Where state lives when the config does not say.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/syncd";
 /// The manager's port when an address omits it.
@@ -36,10 +36,6 @@ pub struct NodeSection {
     /// Identity and state.
     pub state_dir: PathBuf,
     /// The admin socket's path.
-    #[allow(
-        dead_code,
-        reason = "read by check-config now; the admin socket itself comes with syncctl"
-    )]
     pub admin_socket: PathBuf,
 }
 

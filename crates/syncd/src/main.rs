@@ -1,5 +1,6 @@
 //! `syncd`: the daemon (manager or agent role) and its set-up commands.
 
+mod admin;
 mod config;
 
 use std::path::{Path, PathBuf};
@@ -212,6 +213,13 @@ async fn run(config: Config, identity: Identity) -> ExitCode {
         tracing::info!("shutting down");
         let _ = shutdown_tx.send(true);
     });
+    let socket = match admin::bind(&config.node.admin_socket) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot open the admin socket: {e}");
+            return ExitCode::from(exit::START);
+        }
+    };
     tracing::info!(node = %config.node.name, id = %identity.id(), role = config.role.name(), "starting");
     match config.role {
         Role::Manager { listen, agents } => {
@@ -232,6 +240,11 @@ async fn run(config: Config, identity: Identity) -> ExitCode {
                     return ExitCode::from(exit::START);
                 }
             };
+            tokio::spawn(admin::serve(
+                socket,
+                admin::Role::Manager(manager.handle()),
+                shutdown.clone(),
+            ));
             match manager.run(shutdown).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -244,6 +257,7 @@ async fn run(config: Config, identity: Identity) -> ExitCode {
             manager,
             manager_id,
         } => {
+            let name = config.node.name.clone();
             let ac = AgentConfig {
                 node_name: config.node.name,
                 state_dir: config.node.state_dir,
@@ -259,6 +273,12 @@ async fn run(config: Config, identity: Identity) -> ExitCode {
                 }
                 Err(e) => std::panic::resume_unwind(e.into_panic()),
             };
+            let role = admin::Role::Agent {
+                handle: agent.handle(),
+                name,
+                manager,
+            };
+            tokio::spawn(admin::serve(socket, role, shutdown.clone()));
             match agent.run(shutdown).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -204,7 +204,7 @@ fn start_syncd(syncd: &Path, dir: &Path, n: usize, port: u16) -> Result<Cluster>
         std::fs::write(
             w.join("syncd.toml"),
             format!(
-                "[node]\nname = \"w{i}\"\nstate_dir = \"state\"\n[agent]\nmanager = \"127.0.0.1:{port}\"\nmanager_id = \"{mid}\"\n[[folders]]\nname = \"deployment\"\npath = \"server\"\n"
+                "[node]\nname = \"w{i}\"\nstate_dir = \"state\"\nadmin_socket = \"admin.sock\"\n[agent]\nmanager = \"127.0.0.1:{port}\"\nmanager_id = \"{mid}\"\n[[folders]]\nname = \"deployment\"\npath = \"server\"\n"
             ),
         )?;
         workers.push(w.join("server"));
@@ -212,7 +212,7 @@ fn start_syncd(syncd: &Path, dir: &Path, n: usize, port: u16) -> Result<Cluster>
     std::fs::write(
         dir.join("mgr/syncd.toml"),
         format!(
-            "[node]\nname = \"mgr\"\nstate_dir = \"state\"\n[manager]\nlisten = \"127.0.0.1:{port}\"\n{agents_toml}[[folders]]\nname = \"deployment\"\npath = \"server\"\n"
+            "[node]\nname = \"mgr\"\nstate_dir = \"state\"\nadmin_socket = \"admin.sock\"\n[manager]\nlisten = \"127.0.0.1:{port}\"\n{agents_toml}[[folders]]\nname = \"deployment\"\npath = \"server\"\n"
         ),
     )?;
     let spawn = |role: &str, cfg: PathBuf, log: PathBuf| -> Result<Child> {

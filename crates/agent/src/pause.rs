@@ -1,0 +1,158 @@
+//! Pausing an agent: while paused it changes nothing in its folders. What changed locally in the
+//! meantime can be listed, and on resume it is backed up before the folders converge again.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use syncd_fsops::LocalManifest;
+use syncd_manifest::{Change, Chunker, Node, NodeKind, diff};
+use syncd_proto::Pause;
+
+use crate::folder::Folder;
+
+/// Milliseconds since the Unix epoch, the clock pause decisions are ordered by.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether `pause` is in force at `now` (not ended by its time limit).
+pub fn in_force(pause: &Pause, now: SystemTime) -> bool {
+    pause
+        .until
+        .is_none_or(|until| now < UNIX_EPOCH + Duration::from_secs(until))
+}
+
+/// When `pause` ends by itself, if it has a limit.
+pub(crate) fn ends_at(pause: &Pause) -> Option<SystemTime> {
+    pause.until.map(|u| UNIX_EPOCH + Duration::from_secs(u))
+}
+
+/// One local difference from what syncd last applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalChange {
+    /// The folder.
+    pub folder: String,
+    /// The path in the folder.
+    pub path: String,
+    /// `added`, `modified` or `removed`.
+    pub kind: &'static str,
+}
+
+/// What a resume did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResumeReport {
+    /// Local changes found (and backed up, where there was something to keep).
+    pub changes: Vec<LocalChange>,
+    /// Where the backup is, if anything was backed up.
+    pub backup: Option<PathBuf>,
+}
+
+/// Scans every folder and returns, per folder, what it holds now and how that differs from what
+/// syncd last applied.
+pub(crate) fn local_changes(
+    folders: &[Folder],
+) -> Result<Vec<(LocalManifest, Vec<Change>)>, String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    folders
+        .iter()
+        .map(|f| {
+            let chunker = Chunker::new(f.local.manifest.params).map_err(|e| e.to_string())?;
+            let (now, _, warnings) = syncd_fsops::scan(
+                f.root.path(),
+                &chunker,
+                &f.excludes,
+                Some(&f.local),
+                threads,
+            )
+            .map_err(|e| e.to_string())?;
+            for w in warnings {
+                tracing::warn!(folder = %f.name, "{w}");
+            }
+            let changes = diff(&f.local.manifest, &now.manifest);
+            Ok((now, changes))
+        })
+        .collect()
+}
+
+/// Describes changes for an operator.
+pub(crate) fn describe(folder: &Folder, changes: &[Change]) -> Vec<LocalChange> {
+    changes
+        .iter()
+        .map(|c| LocalChange {
+            folder: folder.name.clone(),
+            path: c.path().to_string(),
+            kind: match c {
+                Change::Remove(_) => "removed",
+                Change::Put(p, _) if folder.local.manifest.get(p).is_some() => "modified",
+                Change::Put(..) => "added",
+            },
+        })
+        .collect()
+}
+
+/// Copies what changed locally into `backup_root/<folder>/<path>` (files with their mode and
+/// mtime, links as links, directories as directories). Removed paths have nothing to keep; the
+/// list of all changes is written beside them in `CHANGES`.
+pub(crate) fn back_up(
+    backup_root: &Path,
+    folder: &Folder,
+    changes: &[Change],
+) -> std::io::Result<usize> {
+    let mut kept = 0;
+    let base = backup_root.join(&folder.name);
+    for change in changes {
+        let Change::Put(path, node) = change else {
+            continue;
+        };
+        let to = base.join(path.as_str());
+        let from = folder.root.abs(path);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        match &node.kind {
+            NodeKind::Dir => std::fs::create_dir_all(&to)?,
+            NodeKind::Symlink(target) => {
+                let _ = std::fs::remove_file(&to);
+                std::os::unix::fs::symlink(target.as_str(), &to)?;
+            }
+            NodeKind::File(_) => {
+                copy_file(&from, &to, node)?;
+                kept += 1;
+            }
+        }
+    }
+    Ok(kept)
+}
+
+fn copy_file(from: &Path, to: &Path, node: &Node) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(from)?;
+    let mut dst = std::fs::File::create(to)?;
+    std::io::copy(&mut src, &mut dst)?;
+    use std::os::unix::fs::PermissionsExt;
+    dst.set_permissions(std::fs::Permissions::from_mode(node.mode & 0o7777))?;
+    dst.set_times(std::fs::FileTimes::new().set_modified(syncd_fsops::to_system_time(node.mtime)))?;
+    dst.sync_all()
+}
+
+/// Writes the list of changes of a backup, for whoever looks at it later.
+pub(crate) fn write_index(backup_root: &Path, changes: &[LocalChange]) -> std::io::Result<()> {
+    let mut text = String::from("# local changes found on resume, backed up beside this file\n");
+    for c in changes {
+        text.push_str(&format!("{}\t{}/{}\n", c.kind, c.folder, c.path));
+    }
+    std::fs::create_dir_all(backup_root)?;
+    std::fs::write(backup_root.join("CHANGES"), text)
+}
+
+/// A fresh backup directory under the state directory.
+pub(crate) fn backup_dir(state_dir: &Path) -> PathBuf {
+    state_dir
+        .join("backups")
+        .join(format!("resume-{}", now_ms()))
+}

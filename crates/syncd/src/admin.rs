@@ -1,0 +1,436 @@
+//! The admin socket: a Unix socket on which `syncctl` asks for status, pauses, resumes and waits.
+//! Only root, the daemon's own user, and members of the daemon's group may use it: the peer's
+//! credentials are checked on every connection (`SO_PEERCRED`), not only the file mode.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use syncd_admin::{
+    ErrorKind, HeldView, HoldView, Laggard, LocalChange, NodeView, PendingView, Request, Response,
+    Status, WaitReport,
+};
+use syncd_agent::{AgentHandle, AgentStatus};
+use syncd_manager::{ManagerHandle, NodeState};
+use syncd_proto::Generation;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+/// The role whose requests the socket answers.
+#[derive(Debug, Clone)]
+pub enum Role {
+    Manager(ManagerHandle),
+    Agent {
+        handle: AgentHandle,
+        name: String,
+        manager: SocketAddr,
+    },
+}
+
+/// A bound admin socket.
+#[derive(Debug)]
+pub struct AdminSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for AdminSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the socket at `path`: mode 0660, its directory created if missing. A socket file left
+/// by a daemon that died is replaced; one that answers means another daemon is running.
+pub fn bind(path: &Path) -> Result<AdminSocket, String> {
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "{} is in use: another syncd is running with this admin socket",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+    Ok(AdminSocket {
+        listener,
+        path: path.to_owned(),
+    })
+}
+
+/// Answers requests until shutdown.
+pub async fn serve(socket: AdminSocket, role: Role, mut shutdown: watch::Receiver<bool>) {
+    tracing::info!(path = %socket.path.display(), "admin socket ready");
+    loop {
+        let stream = tokio::select! {
+            s = socket.listener.accept() => match s {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let role = role.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, role).await {
+                tracing::debug!(error = %e, "admin request failed");
+            }
+        });
+    }
+}
+
+/// Who may use the socket: root, our user, or a member of our group.
+fn allowed(stream: &UnixStream) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read the caller's credentials: {e}"))?;
+    let our_uid = rustix::process::geteuid().as_raw();
+    let our_gid = rustix::process::getegid().as_raw();
+    if cred.uid() == 0 || cred.uid() == our_uid || cred.gid() == our_gid {
+        return Ok(());
+    }
+    // Supplementary groups of the caller.
+    if let Some(pid) = cred.pid() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let in_group = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(our_gid)));
+        if in_group {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "permission denied: uid {} is neither root nor in the syncd group (gid {our_gid})",
+        cred.uid()
+    ))
+}
+
+async fn answer(stream: UnixStream, role: Role) -> std::io::Result<()> {
+    let permitted = allowed(&stream);
+    let (read, mut write) = stream.into_split();
+    let response = match permitted {
+        Err(message) => {
+            tracing::warn!("{message}");
+            Response::Error {
+                kind: ErrorKind::PermissionDenied,
+                message,
+            }
+        }
+        Ok(()) => {
+            let mut line = String::new();
+            let mut reader = BufReader::new(read).take(syncd_admin::MAX_REQUEST as u64);
+            reader.read_line(&mut line).await?;
+            match serde_json::from_str::<Request>(&line) {
+                Ok(request) => handle(&role, request).await,
+                Err(e) => Response::Error {
+                    kind: ErrorKind::BadRequest,
+                    message: format!("malformed request: {e}"),
+                },
+            }
+        }
+    };
+    let mut out = serde_json::to_string(&response).map_err(std::io::Error::other)?;
+    out.push('\n');
+    write.write_all(out.as_bytes()).await?;
+    write.shutdown().await
+}
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error {
+        kind,
+        message: message.into(),
+    }
+}
+
+fn done(message: impl Into<String>) -> Response {
+    Response::Done {
+        message: message.into(),
+        generation: None,
+        changes: Vec::new(),
+        backup: None,
+    }
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn until(for_secs: Option<u64>) -> Option<u64> {
+    for_secs.map(|s| secs(SystemTime::now()) + s)
+}
+
+async fn handle(role: &Role, request: Request) -> Response {
+    match role {
+        Role::Manager(m) => manager(m, request).await,
+        Role::Agent {
+            handle,
+            name,
+            manager,
+        } => agent(handle, name, *manager, request).await,
+    }
+}
+
+async fn manager(m: &ManagerHandle, request: Request) -> Response {
+    match request {
+        Request::Status => Response::Status(manager_status(m)),
+        Request::Pause {
+            node: None,
+            for_secs,
+        } => match m.hold(until(for_secs)).await {
+            Ok(_) => done(
+                "holding publication: the manager's folders may change, nothing is sent until `syncctl resume`",
+            ),
+            Err(e) => error(ErrorKind::Failed, e),
+        },
+        Request::Pause {
+            node: Some(node),
+            for_secs,
+        } => match m.pause_agent(&node, until(for_secs)) {
+            Ok(_) => done(format!(
+                "{node} paused: nothing is sent to it until `syncctl resume {node}`{}",
+                for_secs
+                    .map(|s| format!(" or for {s} s"))
+                    .unwrap_or_default()
+            )),
+            Err(e) => error(ErrorKind::UnknownNode, e),
+        },
+        Request::Resume { node: None } => match m.release().await {
+            Ok(g) => Response::Done {
+                message: "publication resumed: what changed meanwhile is published".into(),
+                generation: Some(g.0),
+                changes: Vec::new(),
+                backup: None,
+            },
+            Err(e) => error(ErrorKind::Failed, e),
+        },
+        Request::Resume { node: Some(node) } => match m.resume_agent(&node) {
+            Ok(()) => done(format!("{node} resumed")),
+            Err(e) => error(ErrorKind::UnknownNode, e),
+        },
+        Request::Wait {
+            generation,
+            timeout_secs,
+            all,
+        } => {
+            let timeout = Duration::from_secs_f64(timeout_secs.clamp(0.0, 86_400.0 * 7.0));
+            let w = m.wait(generation.map(Generation), timeout, all).await;
+            Response::Wait(WaitReport {
+                generation: w.generation.0,
+                reached: w.reached,
+                laggards: w
+                    .laggards
+                    .into_iter()
+                    .map(|l| Laggard {
+                        name: l.name,
+                        state: l.state.as_str().into(),
+                        applied: l.applied.0,
+                        counted: l.counted,
+                        last_error: l.last_error,
+                    })
+                    .collect(),
+            })
+        }
+        Request::Changes => error(
+            ErrorKind::WrongRole,
+            "`changes` lists an agent's local changes: run it on the worker",
+        ),
+    }
+}
+
+fn manager_status(m: &ManagerHandle) -> Status {
+    let s = m.status().borrow().clone();
+    let nodes = s
+        .agents
+        .iter()
+        .map(|(name, v)| {
+            let state = v.state(s.generation);
+            let (behind_generations, behind_bytes) = if state == NodeState::InSync {
+                (0, 0)
+            } else {
+                m.behind(v)
+            };
+            NodeView {
+                name: name.clone(),
+                address: v.addr.map(|a| a.to_string()),
+                state: state.as_str().into(),
+                applied: v.applied.0,
+                behind_generations,
+                behind_bytes,
+                last_seen: v.last_seen.map(secs),
+                last_error: v.last_error.clone(),
+                paused_until: v.paused.as_ref().and_then(|p| p.until),
+                paused_by: v.paused.as_ref().map(|p| p.by.clone()),
+            }
+        })
+        .collect();
+    Status {
+        role: "manager".into(),
+        node: m.node_name().to_owned(),
+        generation: s.generation.0,
+        hold: s.hold.as_ref().map(|h| HoldView {
+            since: h.since_ms / 1000,
+            until: h.until,
+        }),
+        pending: s
+            .pending
+            .iter()
+            .map(|p| PendingView {
+                folder: p.folder.clone(),
+                path: p.path.clone(),
+                change: p.kind.into(),
+            })
+            .collect(),
+        pending_total: s.pending_total,
+        held_files: s
+            .held
+            .iter()
+            .map(|h| HeldView {
+                folder: h.folder.clone(),
+                path: h.path.clone(),
+                reason: h.reason.clone(),
+                since: secs(h.since),
+            })
+            .collect(),
+        nodes,
+    }
+}
+
+async fn agent(a: &AgentHandle, name: &str, manager: SocketAddr, request: Request) -> Response {
+    match request {
+        Request::Status => Response::Status(agent_status(&a.status().borrow(), name, manager)),
+        Request::Pause { node: Some(_), .. } | Request::Resume { node: Some(_) } => error(
+            ErrorKind::WrongRole,
+            "this is an agent: run `syncctl pause` / `syncctl resume` without a node name here, or name the node on the manager",
+        ),
+        Request::Pause {
+            node: None,
+            for_secs,
+        } => match a.pause(until(for_secs)).await {
+            Ok(_) => {
+                done("paused: nothing in this node's folders will change until `syncctl resume`")
+            }
+            Err(e) => error(ErrorKind::Failed, e),
+        },
+        Request::Resume { node: None } => match a.resume().await {
+            Ok(report) => Response::Done {
+                message: if report.changes.is_empty() {
+                    "resumed: no local changes; converging".into()
+                } else {
+                    format!(
+                        "resumed: {} local change(s) backed up; converging",
+                        report.changes.len()
+                    )
+                },
+                generation: None,
+                changes: report.changes.into_iter().map(local_change).collect(),
+                backup: report.backup.map(|b| b.display().to_string()),
+            },
+            Err(e) => error(ErrorKind::Failed, e),
+        },
+        Request::Changes => match a.changes().await {
+            Ok(changes) => Response::Changes {
+                changes: changes.into_iter().map(local_change).collect(),
+            },
+            Err(e) => error(ErrorKind::Failed, e),
+        },
+        Request::Wait {
+            generation,
+            timeout_secs,
+            ..
+        } => {
+            let Some(target) = generation else {
+                return error(
+                    ErrorKind::WrongRole,
+                    "on an agent, give --generation N (or run `syncctl wait` on the manager)",
+                );
+            };
+            let mut status = a.status();
+            let timeout = Duration::from_secs_f64(timeout_secs.clamp(0.0, 86_400.0 * 7.0));
+            let reached = tokio::time::timeout(timeout, status.wait_for(|s| s.applied.0 >= target))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            let s = a.status().borrow().clone();
+            let row = agent_row(&s, name, manager);
+            Response::Wait(WaitReport {
+                generation: target,
+                reached,
+                laggards: if reached {
+                    Vec::new()
+                } else {
+                    vec![Laggard {
+                        name: name.to_owned(),
+                        state: row.state,
+                        applied: s.applied.0,
+                        counted: true,
+                        last_error: s.last_error,
+                    }]
+                },
+            })
+        }
+    }
+}
+
+fn local_change(c: syncd_agent::LocalChange) -> LocalChange {
+    LocalChange {
+        folder: c.folder,
+        path: c.path,
+        change: c.kind.into(),
+    }
+}
+
+fn agent_row(s: &AgentStatus, name: &str, manager: SocketAddr) -> NodeView {
+    let state = if s.paused.is_some() {
+        "paused"
+    } else if !s.connected {
+        "offline"
+    } else if s.syncing {
+        "syncing"
+    } else if s.last_error.is_some() {
+        "error"
+    } else {
+        "in sync"
+    };
+    NodeView {
+        name: name.to_owned(),
+        address: Some(manager.to_string()),
+        state: state.into(),
+        applied: s.applied.0,
+        behind_generations: 0,
+        behind_bytes: 0,
+        last_seen: s.last_applied.map(secs),
+        last_error: s.last_error.clone(),
+        paused_until: s.paused.as_ref().and_then(|p| p.until),
+        paused_by: s.paused.as_ref().map(|p| p.by.clone()),
+    }
+}
+
+fn agent_status(s: &AgentStatus, name: &str, manager: SocketAddr) -> Status {
+    Status {
+        role: "agent".into(),
+        node: name.to_owned(),
+        generation: s.applied.0,
+        hold: None,
+        pending: Vec::new(),
+        pending_total: 0,
+        held_files: Vec::new(),
+        nodes: vec![agent_row(s, name, manager)],
+    }
+}

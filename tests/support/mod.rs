@@ -6,6 +6,8 @@
     reason = "each test binary uses a different part of the support module"
 )]
 
+pub mod cluster;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

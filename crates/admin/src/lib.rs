@@ -158,6 +158,8 @@ pub struct NodeView {
     pub address: Option<String>,
     /// `in sync`, `syncing`, `paused`, `offline` or `error`.
     pub state: String,
+    /// Whether it is connected (an agent: to its manager) right now.
+    pub connected: bool,
     /// The generation it applied.
     pub applied: u64,
     /// Generations behind the manager's latest.
@@ -172,6 +174,11 @@ pub struct NodeView {
     pub paused_until: Option<u64>,
     /// If paused: who paused it (`agent` or `manager`).
     pub paused_by: Option<String>,
+    /// Chunk bytes that crossed the network to it since its daemon (the manager's, in the
+    /// manager's view; its own, in an agent's view) started.
+    pub bytes_transferred: u64,
+    /// Agent's view only: chunk bytes it found in files it already held instead.
+    pub bytes_reused: u64,
 }
 
 /// How a wait ended.
@@ -240,10 +247,14 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    // A daemon that refuses the caller may answer and close before reading: its answer still
+    // says why, so a failed write is not the end.
+    let written = stream.write_all(line.as_bytes());
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
+    let read = BufReader::new(stream).read_line(&mut answer);
     if answer.is_empty() {
+        written?;
+        read?;
         return Err(ClientError::Io(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             "the daemon closed the connection without answering",

@@ -542,6 +542,13 @@ impl Control {
             let empty = syncd_manifest::Manifest::new(next.manifest.params);
             let before = f.published.as_deref().map_or(&empty, |p| &p.manifest);
             for change in diff(before, &next.manifest) {
+                // A directory whose mtime moved because its contents changed is not news.
+                if let syncd_manifest::Change::Put(p, n) = &change
+                    && n.is_dir()
+                    && before.get(p).is_some_and(|b| b.is_dir())
+                {
+                    continue;
+                }
                 total += 1;
                 if listed.len() < PENDING_LISTED {
                     listed.push(PendingChange {

@@ -72,6 +72,8 @@ pub struct AgentView {
     pub paused: Option<Pause>,
     /// What each of its folders holds (digest), as it last reported.
     pub digests: BTreeMap<String, ManifestDigest>,
+    /// Chunk bytes sent to it since the manager started.
+    pub bytes_sent: u64,
 }
 
 /// The state of an agent as an operator sees it.
@@ -338,14 +340,26 @@ impl ManagerHandle {
     }
 
     /// Waits until every connected, unpaused agent (every agent, with `require_all`) has
-    /// applied `generation` (the latest, if `None`), or `timeout` passes.
+    /// applied `generation` (if `None`: the latest, once what was deployed before the call has
+    /// been published), or `timeout` passes.
     pub async fn wait(
         &self,
         generation: Option<Generation>,
         timeout: std::time::Duration,
         require_all: bool,
     ) -> WaitOutcome {
-        let target = generation.unwrap_or_else(|| self.status.borrow().generation);
+        // "The latest" includes what was deployed just before the wait: walk the folders and let
+        // changes settle first, so a pipeline's `deploy; syncctl wait` waits for its deploy.
+        let target = match generation {
+            Some(g) => g,
+            None => {
+                let rescan = RescanHandle(self.commands.clone());
+                match tokio::time::timeout(timeout, rescan.rescan()).await {
+                    Ok(Some(g)) => g,
+                    _ => self.status.borrow().generation,
+                }
+            }
+        };
         let mut status = self.status.clone();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

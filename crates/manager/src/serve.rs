@@ -203,7 +203,11 @@ async fn session(ctx: &Arc<Ctx>, conn: &Conn, name: &str, serial: u64) -> Result
         v.last_seen = Some(SystemTime::now());
     });
 
-    let fetches = tokio::spawn(serve_fetches(Arc::clone(ctx), conn.clone()));
+    let fetches = tokio::spawn(serve_fetches(
+        Arc::clone(ctx),
+        conn.clone(),
+        name.to_owned(),
+    ));
     let result = feed(ctx, conn, name, &mut tx, &mut rx, applied, folders).await;
     fetches.abort();
     result
@@ -506,13 +510,14 @@ async fn send_generation(
 }
 
 /// Accepts the agent's fetch streams and serves each on its own task.
-async fn serve_fetches(ctx: Arc<Ctx>, conn: Conn) {
+async fn serve_fetches(ctx: Arc<Ctx>, conn: Conn, name: String) {
     let mut tasks = tokio::task::JoinSet::new();
     while let Ok((tx, rx)) = conn.accept_bi().await {
         let ctx = Arc::clone(&ctx);
         let conn = conn.clone();
+        let name = name.clone();
         tasks.spawn(async move {
-            if let Err(e) = serve_fetch(&ctx, tx, rx).await {
+            if let Err(e) = serve_fetch(&ctx, &name, tx, rx).await {
                 if let FetchError::Protocol(reason) = &e {
                     conn.close(close::PROTOCOL_ERROR, reason);
                 }
@@ -533,7 +538,12 @@ enum FetchError {
 
 /// Answers one fetch request: each asked-for chunk, read from disk and checked against its hash,
 /// in the order asked; `Gone` (and the end of the reply) for a file that changed since.
-async fn serve_fetch(ctx: &Ctx, mut tx: SendStream, mut rx: RecvStream) -> Result<(), FetchError> {
+async fn serve_fetch(
+    ctx: &Ctx,
+    agent: &str,
+    mut tx: SendStream,
+    mut rx: RecvStream,
+) -> Result<(), FetchError> {
     let req: FetchRequest = match rx.expect(MAX_REQUEST_FRAME).await {
         Ok(r) => r,
         Err(TransportError::Decode(e)) => {
@@ -627,7 +637,12 @@ async fn serve_fetch(ctx: &Ctx, mut tx: SendStream, mut rx: RecvStream) -> Resul
         }
     }
     tx.finish();
-    ctx.status.send_modify(|s| s.bytes_served += served);
+    ctx.status.send_modify(|s| {
+        s.bytes_served += served;
+        if let Some(v) = s.agents.get_mut(agent) {
+            v.bytes_sent += served;
+        }
+    });
     Ok(())
 }
 

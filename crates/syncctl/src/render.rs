@@ -47,8 +47,8 @@ pub fn status(s: &Status, now: u64) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<12} {:<8} {:>7}  {:<16} {:<9} {}",
-        "NODE", "STATE", "APPLIED", "BEHIND", "LAST SEEN", "ADDRESS"
+        "{:<12} {:<8} {:>7}  {:<16} {:<9} ADDRESS",
+        "NODE", "STATE", "APPLIED", "BEHIND", "LAST SEEN"
     );
     for n in &s.nodes {
         row(&mut out, n, now);
@@ -168,6 +168,7 @@ mod tests {
             name: name.into(),
             address: Some("10.20.30.40:45012".into()),
             state: state.into(),
+            connected: true,
             applied: 40,
             behind_generations: 2,
             behind_bytes: 123_456_789,
@@ -177,6 +178,8 @@ mod tests {
             ),
             paused_until: Some(8_000),
             paused_by: Some("manager".into()),
+            bytes_transferred: 0,
+            bytes_reused: 0,
         }
     }
 

@@ -126,6 +126,11 @@ fn allowed(stream: &UnixStream) -> Result<(), String> {
 async fn answer(stream: UnixStream, role: Role) -> std::io::Result<()> {
     let permitted = allowed(&stream);
     let (read, mut write) = stream.into_split();
+    // The request is read in every case, so that a refused client still gets its answer instead
+    // of a broken pipe.
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(syncd_admin::MAX_REQUEST as u64);
+    reader.read_line(&mut line).await?;
     let response = match permitted {
         Err(message) => {
             tracing::warn!("{message}");
@@ -134,18 +139,13 @@ async fn answer(stream: UnixStream, role: Role) -> std::io::Result<()> {
                 message,
             }
         }
-        Ok(()) => {
-            let mut line = String::new();
-            let mut reader = BufReader::new(read).take(syncd_admin::MAX_REQUEST as u64);
-            reader.read_line(&mut line).await?;
-            match serde_json::from_str::<Request>(&line) {
-                Ok(request) => handle(&role, request).await,
-                Err(e) => Response::Error {
-                    kind: ErrorKind::BadRequest,
-                    message: format!("malformed request: {e}"),
-                },
-            }
-        }
+        Ok(()) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handle(&role, request).await,
+            Err(e) => Response::Error {
+                kind: ErrorKind::BadRequest,
+                message: format!("malformed request: {e}"),
+            },
+        },
     };
     let mut out = serde_json::to_string(&response).map_err(std::io::Error::other)?;
     out.push('\n');
@@ -271,6 +271,7 @@ fn manager_status(m: &ManagerHandle) -> Status {
                 name: name.clone(),
                 address: v.addr.map(|a| a.to_string()),
                 state: state.as_str().into(),
+                connected: v.connected,
                 applied: v.applied.0,
                 behind_generations,
                 behind_bytes,
@@ -278,6 +279,8 @@ fn manager_status(m: &ManagerHandle) -> Status {
                 last_error: v.last_error.clone(),
                 paused_until: v.paused.as_ref().and_then(|p| p.until),
                 paused_by: v.paused.as_ref().map(|p| p.by.clone()),
+                bytes_transferred: v.bytes_sent,
+                bytes_reused: 0,
             }
         })
         .collect();
@@ -412,6 +415,7 @@ fn agent_row(s: &AgentStatus, name: &str, manager: SocketAddr) -> NodeView {
         name: name.to_owned(),
         address: Some(manager.to_string()),
         state: state.into(),
+        connected: s.connected,
         applied: s.applied.0,
         behind_generations: 0,
         behind_bytes: 0,
@@ -419,6 +423,8 @@ fn agent_row(s: &AgentStatus, name: &str, manager: SocketAddr) -> NodeView {
         last_error: s.last_error.clone(),
         paused_until: s.paused.as_ref().and_then(|p| p.until),
         paused_by: s.paused.as_ref().map(|p| p.by.clone()),
+        bytes_transferred: s.bytes_fetched,
+        bytes_reused: s.bytes_reused,
     }
 }
 

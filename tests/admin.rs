@@ -1,0 +1,218 @@
+//! The admin socket and syncctl: who may use it, how syncctl finds it, what its exit codes say,
+//! and pauses decided on the agent or on the manager, with time limits and while offline.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use support::cluster::{Cluster, MANAGER, SYNCCTL};
+use support::{assert_same_tree, snapshot};
+use syncd_devtools::{Scale, generate};
+
+#[test]
+fn a_non_privileged_user_is_refused_even_when_the_socket_mode_allows_it() {
+    let mut c = Cluster::new(&["worker-1"]);
+    c.start(MANAGER);
+    // Open the way to the socket for everyone: only the credential check stands.
+    for dir in [c.root.path().to_owned(), c.root.path().join(MANAGER)] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::set_permissions(c.socket(MANAGER), fs::Permissions::from_mode(0o666)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            SYNCCTL,
+            "--socket",
+        ])
+        .arg(c.socket(MANAGER))
+        .arg("status")
+        .output();
+    let Ok(out) = out else {
+        eprintln!("skipping: setpriv is not available");
+        return;
+    };
+    if String::from_utf8_lossy(&out.stderr).contains("setpriv:") {
+        eprintln!(
+            "skipping: cannot drop privileges here: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("permission denied: uid 65534"));
+    // Root still can.
+    c.ctl(MANAGER, &["status"]);
+}
+
+#[test]
+fn syncctl_finds_the_socket_and_says_what_went_wrong_with_distinct_exit_codes() {
+    let mut c = Cluster::new(&["worker-1"]);
+    c.start(MANAGER);
+    c.start("worker-1");
+    // SYNCD_SOCKET is used when --socket is absent.
+    let out = Command::new(SYNCCTL)
+        .arg("status")
+        .env("SYNCD_SOCKET", c.socket(MANAGER))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mgr (manager)"));
+    // Unreachable daemon.
+    let out = Command::new(SYNCCTL)
+        .args(["--socket", "/nonexistent/admin.sock", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is syncd running"));
+    // Unknown node, and a request that does not fit the role.
+    assert_eq!(
+        c.syncctl(MANAGER, &["pause", "no-such-worker"])
+            .status
+            .code(),
+        Some(6)
+    );
+    assert_eq!(
+        c.syncctl("worker-1", &["pause", "worker-2"]).status.code(),
+        Some(6)
+    );
+    assert_eq!(c.syncctl(MANAGER, &["changes"]).status.code(), Some(6));
+    // Bad command line.
+    assert_eq!(
+        c.syncctl(MANAGER, &["pause", "--for", "soon"])
+            .status
+            .code(),
+        Some(2)
+    );
+    // JSON status has the documented fields.
+    let v: serde_json::Value =
+        serde_json::from_str(&c.ctl(MANAGER, &["status", "--json"])).unwrap();
+    for key in [
+        "role",
+        "node",
+        "generation",
+        "hold",
+        "pending",
+        "pending_total",
+        "held_files",
+        "nodes",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    let row = &v["nodes"][0];
+    for key in [
+        "name",
+        "address",
+        "state",
+        "connected",
+        "applied",
+        "behind_generations",
+        "behind_bytes",
+        "last_seen",
+        "last_error",
+        "paused_until",
+        "paused_by",
+        "bytes_transferred",
+        "bytes_reused",
+    ] {
+        assert!(row.get(key).is_some(), "missing nodes[].{key}: {row}");
+    }
+}
+
+#[test]
+fn a_pause_on_the_agent_holds_until_resumed_or_its_time_limit() {
+    let mut c = Cluster::new(&["worker-1"]);
+    generate(&c.data(MANAGER), Scale::SMALL, 8).unwrap();
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+
+    let out = c.ctl("worker-1", &["pause"]);
+    assert!(out.contains("paused"), "{out}");
+    c.wait_row("worker-1", Duration::from_secs(10), |r| {
+        r.state == "paused" && r.paused_by.as_deref() == Some("agent")
+    });
+    let frozen = snapshot(&c.data("worker-1"));
+    fs::write(
+        c.data(MANAGER).join("synapse-configs/default/api/x.xml"),
+        b"<x/>",
+    )
+    .unwrap();
+    // The paused agent does not count for wait, and is named.
+    let out = c.ctl(MANAGER, &["wait", "--timeout", "10s"]);
+    assert!(out.contains("worker-1: paused"), "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(snapshot(&c.data("worker-1")), frozen);
+    // A local resume: it converges, with nothing to back up.
+    let out = c.ctl("worker-1", &["resume"]);
+    assert!(out.contains("no local changes"), "{out}");
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+
+    // A pause with a time limit ends by itself.
+    c.ctl("worker-1", &["pause", "--for", "2s"]);
+    fs::write(
+        c.data(MANAGER).join("synapse-configs/default/api/y.xml"),
+        b"<y/>",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !c.data("worker-1")
+            .join("synapse-configs/default/api/y.xml")
+            .exists()
+    );
+    c.wait_row("worker-1", Duration::from_secs(10), |r| {
+        r.state == "in sync"
+    });
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+}
+
+#[test]
+fn an_offline_agent_is_paused_when_it_connects_and_is_sent_nothing_meanwhile() {
+    let mut c = Cluster::new(&["worker-1"]);
+    generate(&c.data(MANAGER), Scale::SMALL, 9).unwrap();
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    c.stop("worker-1");
+    let frozen = snapshot(&c.data("worker-1"));
+
+    c.ctl(MANAGER, &["pause", "worker-1", "--for", "1h"]);
+    fs::write(
+        c.data(MANAGER)
+            .join("synapse-configs/default/api/while-away.xml"),
+        b"<a/>",
+    )
+    .unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "10s"]);
+    c.start("worker-1");
+    c.wait_row("worker-1", Duration::from_secs(10), |r| {
+        r.state == "paused" && r.connected
+    });
+    let own = c.status("worker-1").nodes[0].clone();
+    assert_eq!(own.state, "paused");
+    assert_eq!(own.paused_by.as_deref(), Some("manager"));
+    assert!(own.paused_until.is_some());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        snapshot(&c.data("worker-1")),
+        frozen,
+        "sent a generation to a paused agent"
+    );
+
+    // Resumed from the agent's side: the manager learns it and sends what it lacks.
+    c.ctl("worker-1", &["resume"]);
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    assert_eq!(c.row("worker-1").state, "in sync");
+}

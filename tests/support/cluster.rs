@@ -1,0 +1,268 @@
+//! A cluster of real `syncd` processes on loopback, driven the way an operator drives one:
+//! config files, `syncd init`, starting and stopping daemons, and `syncctl`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SYNCD: &str = env!("CARGO_BIN_EXE_syncd");
+pub const SYNCCTL: &str = env!("CARGO_BIN_EXE_syncctl");
+pub const MANAGER: &str = "mgr";
+
+/// A manager (`mgr`) and named agents, each in its own directory under `root`.
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    port: u16,
+    ids: BTreeMap<String, String>,
+    agents: Vec<String>,
+    /// Extra folders: (name, directory under each node).
+    folders: Vec<(String, String)>,
+    procs: BTreeMap<String, Child>,
+}
+
+impl Cluster {
+    /// Creates identities and configs for a manager and `agents` (all listed in the manager's
+    /// config); starts nothing.
+    pub fn new(agents: &[&str]) -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut ids = BTreeMap::new();
+        for node in std::iter::once(MANAGER).chain(agents.iter().copied()) {
+            std::fs::create_dir_all(root.path().join(node).join("data")).unwrap();
+            let out = Command::new(SYNCD)
+                .args(["init", "--state-dir"])
+                .arg(root.path().join(node).join("state"))
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let id = String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap()
+                .to_owned();
+            ids.insert(node.to_owned(), id);
+        }
+        let c = Cluster {
+            root,
+            port,
+            ids,
+            agents: agents.iter().map(|a| (*a).to_owned()).collect(),
+            folders: vec![("deployment".into(), "data".into())],
+            procs: BTreeMap::new(),
+        };
+        c.write_configs();
+        c
+    }
+
+    /// Adds a folder (synced under `name`, at `dir` in every node's directory) to every config.
+    pub fn add_folder(&mut self, name: &str, dir: &str) {
+        for node in std::iter::once(MANAGER.to_owned()).chain(self.agents.clone()) {
+            std::fs::create_dir_all(self.root.path().join(&node).join(dir)).unwrap();
+        }
+        self.folders.push((name.into(), dir.into()));
+        self.write_configs();
+    }
+
+    fn write_configs(&self) {
+        let folders = |node: &str| {
+            self.folders
+                .iter()
+                .map(|(name, dir)| {
+                    format!("[[folders]]\nname = \"{name}\"\npath = \"{node}/{dir}\"\n")
+                })
+                .collect::<String>()
+        };
+        let mut m = format!(
+            "[node]\nname = \"mgr\"\nstate_dir = \"mgr/state\"\nadmin_socket = \"mgr/admin.sock\"\n\
+             [manager]\nlisten = \"127.0.0.1:{}\"\n",
+            self.port
+        );
+        for a in &self.agents {
+            m.push_str(&format!(
+                "[[manager.agents]]\nname = \"{a}\"\nid = \"{}\"\n",
+                self.ids[a]
+            ));
+        }
+        m.push_str(&folders(MANAGER));
+        std::fs::write(self.root.path().join("mgr.toml"), m).unwrap();
+        for a in &self.agents {
+            let text = format!(
+                "[node]\nname = \"{a}\"\nstate_dir = \"{a}/state\"\nadmin_socket = \"{a}/admin.sock\"\n\
+                 [agent]\nmanager = \"127.0.0.1:{}\"\nmanager_id = \"{}\"\n{}",
+                self.port,
+                self.ids[MANAGER],
+                folders(a)
+            );
+            std::fs::write(self.root.path().join(format!("{a}.toml")), text).unwrap();
+        }
+    }
+
+    /// The directory of a folder on a node (`data` is the `deployment` folder).
+    pub fn dir(&self, node: &str, dir: &str) -> PathBuf {
+        self.root.path().join(node).join(dir)
+    }
+
+    /// The `deployment` folder of a node.
+    pub fn data(&self, node: &str) -> PathBuf {
+        self.dir(node, "data")
+    }
+
+    /// Starts a node's daemon and waits until its admin socket answers.
+    pub fn start(&mut self, node: &str) {
+        let role = if node == MANAGER { "manager" } else { "agent" };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join(format!("{node}.log")))
+            .unwrap();
+        let child = Command::new(SYNCD)
+            .arg(role)
+            .arg("--config")
+            .arg(self.root.path().join(format!("{node}.toml")))
+            .env("SYNCD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.procs.insert(node.to_owned(), child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.syncctl(node, &["status"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "{node} did not start; see {}",
+                self.log(node)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // An agent is started once it is connected, if its manager runs.
+        if node != MANAGER && self.procs.contains_key(MANAGER) {
+            while !self.status(node).nodes[0].connected {
+                assert!(
+                    Instant::now() < deadline,
+                    "{node} did not connect; see {}",
+                    self.log(node)
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Stops a node's daemon with SIGTERM and waits for it.
+    pub fn stop(&mut self, node: &str) {
+        if let Some(mut c) = self.procs.remove(node) {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let status = c.wait().unwrap();
+            assert!(
+                status.success(),
+                "{node} exited with {status}; see {}",
+                self.log(node)
+            );
+        }
+    }
+
+    /// Kills a node's daemon with SIGKILL.
+    pub fn kill(&mut self, node: &str) {
+        if let Some(mut c) = self.procs.remove(node) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The log of a node, for failure messages.
+    pub fn log(&self, node: &str) -> String {
+        self.root
+            .path()
+            .join(format!("{node}.log"))
+            .display()
+            .to_string()
+    }
+
+    /// Runs syncctl against a node's admin socket.
+    pub fn syncctl(&self, node: &str, args: &[&str]) -> Output {
+        Command::new(SYNCCTL)
+            .arg("--socket")
+            .arg(self.socket(node))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs syncctl and asserts it succeeded; returns its stdout.
+    pub fn ctl(&self, node: &str, args: &[&str]) -> String {
+        let out = self.syncctl(node, args);
+        assert!(
+            out.status.success(),
+            "syncctl {args:?} on {node}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn socket(&self, node: &str) -> PathBuf {
+        self.root.path().join(node).join("admin.sock")
+    }
+
+    /// `syncctl status --json`, parsed.
+    pub fn status(&self, node: &str) -> syncd_admin::Status {
+        serde_json::from_str(&self.ctl(node, &["status", "--json"])).unwrap()
+    }
+
+    /// One node's row in the manager's status.
+    pub fn row(&self, agent: &str) -> syncd_admin::NodeView {
+        self.status(MANAGER)
+            .nodes
+            .into_iter()
+            .find(|n| n.name == agent)
+            .unwrap()
+    }
+
+    /// Waits until `pred` holds for the manager's row of `agent`.
+    pub fn wait_row(
+        &self,
+        agent: &str,
+        timeout: Duration,
+        pred: impl Fn(&syncd_admin::NodeView) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let row = self.row(agent);
+            if pred(&row) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{agent}: condition not reached: {row:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, mut c) in std::mem::take(&mut self.procs) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Copies a tree as `cp -a` does.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

@@ -68,6 +68,9 @@ impl FakeManager {
         )
         .await
         .unwrap();
+        // The agent says whether it is paused before anything is sent to it.
+        let state: AgentMsg = rx.expect(MAX_REQUEST_FRAME).await.unwrap();
+        assert!(matches!(state, AgentMsg::PauseState { pause: None, .. }), "{state:?}");
         (conn, tx, rx)
     }
 }

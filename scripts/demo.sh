@@ -124,4 +124,28 @@ echo "after 1 s: not on any worker (still being written)"
 wait $!
 wait_converged
 
+say "syncctl status on the manager"
+"$BIN/syncctl" --socket mgr/admin.sock status
+
+say "the update procedure: hold publication, deploy a patch, check nothing moved, resume, wait"
+"$BIN/syncctl" --socket mgr/admin.sock pause
+cp mgr/server/carbonapps/app-000_1.0.0.car mgr/server/carbonapps/app-000_1.0.1.car
+sed -i 's/POST/PATCH/' mgr/server/synapse-configs/default/api/service-0001.xml
+sleep 1
+"$BIN/syncctl" --socket mgr/admin.sock status | sed -n '1,6p'
+if [ -e worker-1/server/carbonapps/app-000_1.0.1.car ]; then echo "published during the hold!"; exit 1; fi
+"$BIN/syncctl" --socket mgr/admin.sock resume
+"$BIN/syncctl" --socket mgr/admin.sock wait --timeout 30s
+wait_converged
+
+say "pausing worker-2 from the manager; a hand edit there is listed, then backed up on resume"
+"$BIN/syncctl" --socket mgr/admin.sock pause worker-2 --for 10m
+sleep 0.5
+echo '<api name="hand-edit"/>' > worker-2/server/synapse-configs/default/api/service-0002.xml
+"$BIN/syncctl" --socket worker-2/admin.sock changes
+"$BIN/syncctl" --socket mgr/admin.sock resume worker-2
+"$BIN/syncctl" --socket mgr/admin.sock wait --timeout 30s
+wait_converged
+find worker-2/state/backups -type f | sed 's/^/backed up: /'
+
 say "done; files and logs are in $DIR"

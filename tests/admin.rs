@@ -152,9 +152,16 @@ fn a_pause_on_the_agent_holds_until_resumed_or_its_time_limit() {
     assert!(out.contains("worker-1: paused"), "{out}");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(snapshot(&c.data("worker-1")), frozen);
-    // A local resume: it converges, with nothing to back up.
+    // A hand edit while paused; a local resume backs it up, and `wait` returns only once the
+    // worker holds the manager's version again.
+    fs::write(
+        c.data("worker-1")
+            .join("synapse-configs/default/api/service-0002.xml"),
+        b"<edited/>",
+    )
+    .unwrap();
     let out = c.ctl("worker-1", &["resume"]);
-    assert!(out.contains("no local changes"), "{out}");
+    assert!(out.contains("1 local change(s) backed up"), "{out}");
     c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
 

@@ -70,7 +70,10 @@ impl FakeManager {
         .unwrap();
         // The agent says whether it is paused before anything is sent to it.
         let state: AgentMsg = rx.expect(MAX_REQUEST_FRAME).await.unwrap();
-        assert!(matches!(state, AgentMsg::PauseState { pause: None, .. }), "{state:?}");
+        assert!(
+            matches!(state, AgentMsg::PauseState { pause: None, .. }),
+            "{state:?}"
+        );
         (conn, tx, rx)
     }
 }

@@ -98,6 +98,15 @@ fn procedure_2_updating_a_service_with_an_extra_worker_and_a_hold() {
     let status = c.status(MANAGER);
     assert!(status.hold.is_some());
     assert_eq!(status.pending_total, 2, "{:?}", status.pending);
+    assert!(
+        status
+            .nodes
+            .iter()
+            .filter(|n| n.connected)
+            .all(|n| n.state == "held"),
+        "{:?}",
+        status.nodes
+    );
     let table = c.ctl(MANAGER, &["status"]);
     assert!(table.contains("HOLDING publication"), "{table}");
     assert!(table.contains("carbonapps/app-001_1.0.0.car"), "{table}");

@@ -156,7 +156,8 @@ pub struct NodeView {
     pub name: String,
     /// Its address (on an agent: the manager's).
     pub address: Option<String>,
-    /// `in sync`, `syncing`, `paused`, `offline` or `error`.
+    /// `in sync`, `syncing`, `paused`, `held` (up to date, but the manager holds changes back),
+    /// `offline` or `error`.
     pub state: String,
     /// Whether it is connected (an agent: to its manager) right now.
     pub connected: bool,

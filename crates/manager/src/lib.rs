@@ -74,6 +74,9 @@ pub struct AgentView {
     pub digests: BTreeMap<String, ManifestDigest>,
     /// Chunk bytes sent to it since the manager started.
     pub bytes_sent: u64,
+    /// Its folders hold something else than the generation it applied (changed locally, e.g.
+    /// during a pause) and the difference is about to be sent.
+    pub resync_pending: bool,
 }
 
 /// The state of an agent as an operator sees it.
@@ -111,7 +114,7 @@ impl AgentView {
             NodeState::Offline
         } else if self.paused.is_some() {
             NodeState::Paused
-        } else if self.syncing {
+        } else if self.syncing || self.resync_pending {
             NodeState::Syncing
         } else if self.applied >= generation {
             NodeState::InSync
@@ -368,7 +371,7 @@ impl ManagerHandle {
                 let mut laggards: Vec<Laggard> = s
                     .agents
                     .iter()
-                    .filter(|(_, v)| v.applied < target)
+                    .filter(|(_, v)| v.applied < target || v.resync_pending || v.syncing)
                     .map(|(name, v)| {
                         let state = v.state(s.generation);
                         Laggard {

@@ -322,6 +322,8 @@ async fn feed(
             .folders
             .iter()
             .any(|(f, s)| held.get(f).is_some_and(|d| *d != s.digest));
+        let resync_pending = compare_content && differs && applied == snap.generation;
+        ctx.update_agent(name, |v| v.resync_pending = resync_pending);
         let due = retry_at.is_none_or(|t| t <= tokio::time::Instant::now());
         if pending.is_none()
             && reported.is_some()

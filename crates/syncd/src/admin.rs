@@ -267,10 +267,16 @@ fn manager_status(m: &ManagerHandle) -> Status {
             } else {
                 m.behind(v)
             };
+            // During a hold with changes pending, an up-to-date agent is waiting on the hold.
+            let shown = if state == NodeState::InSync && s.hold.is_some() && s.pending_total > 0 {
+                "held"
+            } else {
+                state.as_str()
+            };
             NodeView {
                 name: name.clone(),
                 address: v.addr.map(|a| a.to_string()),
-                state: state.as_str().into(),
+                state: shown.into(),
                 connected: v.connected,
                 applied: v.applied.0,
                 behind_generations,

@@ -18,6 +18,8 @@ pub struct Cluster {
     agents: Vec<String>,
     /// Extra folders: (name, directory under each node).
     folders: Vec<(String, String)>,
+    /// Extra lines in every `[[folders]]` table, per node.
+    folder_options: BTreeMap<String, Vec<String>>,
     procs: BTreeMap<String, Child>,
 }
 
@@ -54,6 +56,7 @@ impl Cluster {
             ids,
             agents: agents.iter().map(|a| (*a).to_owned()).collect(),
             folders: vec![("deployment".into(), "data".into())],
+            folder_options: BTreeMap::new(),
             procs: BTreeMap::new(),
         };
         c.write_configs();
@@ -69,12 +72,26 @@ impl Cluster {
         self.write_configs();
     }
 
+    /// Adds `line` (e.g. `drift = "report"`) to every folder of `node`'s config.
+    pub fn folder_option(&mut self, node: &str, line: &str) {
+        self.folder_options
+            .entry(node.to_owned())
+            .or_default()
+            .push(line.to_owned());
+        self.write_configs();
+    }
+
     fn write_configs(&self) {
         let folders = |node: &str| {
+            let extra: String = self
+                .folder_options
+                .get(node)
+                .map(|lines| lines.iter().map(|l| format!("{l}\n")).collect())
+                .unwrap_or_default();
             self.folders
                 .iter()
                 .map(|(name, dir)| {
-                    format!("[[folders]]\nname = \"{name}\"\npath = \"{node}/{dir}\"\n")
+                    format!("[[folders]]\nname = \"{name}\"\npath = \"{node}/{dir}\"\n{extra}")
                 })
                 .collect::<String>()
         };

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use syncd_agent::{Agent, AgentConfig, AgentStatus};
-use syncd_fsops::{Excludes, FolderSpec};
+use syncd_fsops::FolderSpec;
 use syncd_manager::{AgentEntry, Manager, ManagerConfig, ManagerStatus, RescanHandle};
 use syncd_transport::{Identity, NodeId};
 use tokio::sync::watch;
@@ -54,11 +54,7 @@ impl NodeDirs {
 }
 
 pub fn folder(path: &Path) -> Vec<FolderSpec> {
-    vec![FolderSpec {
-        name: FOLDER.into(),
-        path: path.to_owned(),
-        excludes: Excludes::none(),
-    }]
+    vec![FolderSpec::new(FOLDER, path)]
 }
 
 pub struct TestManager {

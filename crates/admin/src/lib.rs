@@ -44,6 +44,13 @@ pub enum Request {
     },
     /// What changed locally on an agent since syncd last applied (while paused, say).
     Changes,
+    /// On the manager: publish what the delete guard holds back (in `folder`, or everywhere).
+    Confirm {
+        /// The folder.
+        folder: Option<String>,
+    },
+    /// On an agent: the backups of local changes it made.
+    Backups,
 }
 
 /// The daemon's answer.
@@ -112,8 +119,21 @@ pub struct Status {
     pub pending_total: usize,
     /// Manager: files not published yet because they are not complete.
     pub held_files: Vec<HeldView>,
+    /// Manager: folders whose next generation the delete guard holds back.
+    pub guarded: Vec<GuardView>,
     /// One row per node: every agent on the manager; the agent itself on an agent.
     pub nodes: Vec<NodeView>,
+}
+
+/// A folder held back by the delete guard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardView {
+    /// Folder name.
+    pub folder: String,
+    /// Why (`would delete 76 of 76 files`, `the folder root is gone or unreadable`).
+    pub reason: String,
+    /// Since when, in seconds since the Unix epoch.
+    pub since: u64,
 }
 
 /// A hold of publication.

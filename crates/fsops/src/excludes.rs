@@ -7,6 +7,20 @@ use syncd_manifest::RelPath;
 /// place. Hidden, never synced, never reported as drift, removed after every generation.
 pub const STAGING_DIR: &str = ".syncd-staging";
 
+/// Patterns excluded by default in every folder (`default_excludes = false` turns them off):
+/// what WSO2's runtime and editors leave in deployment folders, never artifacts.
+pub const WSO2_DEFAULT_EXCLUDES: &[&str] = &[
+    // Synapse's backup of a file it rewrote or failed to parse.
+    "**/*.back",
+    // Runtime scratch directories.
+    "tmp/**",
+    "work/**",
+    // Editors' swap and backup files.
+    "**/*.swp",
+    "**/*~",
+    "**/.#*",
+];
+
 /// A compiled set of exclude patterns. The staging directory is always excluded.
 #[derive(Debug, Clone)]
 pub struct Excludes {

@@ -15,15 +15,15 @@ pub use archive::{
     locate_central_directory,
 };
 pub use durable::write_atomic;
-pub use excludes::{ExcludeError, Excludes, STAGING_DIR};
+pub use excludes::{ExcludeError, Excludes, STAGING_DIR, WSO2_DEFAULT_EXCLUDES};
 pub use folder::{FolderRoot, StagedFile, Staging, mtime_of, to_system_time};
 pub use scan::{
     HashResult, LocalManifest, ScanError, ScanStats, ScanWarning, Seen, StatKey, hash_file,
     hash_files, observe, scan, stat_key, walk,
 };
 
-/// A configured synced folder: its name (the same on every node), where it is on this node, and
-/// what in it is never synced.
+/// A configured synced folder: its name (the same on every node), where it is on this node,
+/// what in it is never synced, and the policies that guard it.
 #[derive(Debug, Clone)]
 pub struct FolderSpec {
     /// Name shared by the manager's and the agents' configs.
@@ -32,4 +32,32 @@ pub struct FolderSpec {
     pub path: std::path::PathBuf,
     /// Paths never read, sent, changed or deleted.
     pub excludes: Excludes,
+    /// Agent: what to do about local changes syncd did not make.
+    pub drift: DriftPolicy,
+    /// Manager: the share of a folder's files one generation may delete without the operator's
+    /// confirmation (`None`: no guard). Deleting every file always needs it, with the guard on.
+    pub delete_guard: Option<f64>,
+}
+
+impl FolderSpec {
+    /// A folder with the defaults: no excludes but the built-in ones, drift reverted, deletions
+    /// of more than half the files held for confirmation.
+    pub fn new(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> FolderSpec {
+        FolderSpec {
+            name: name.into(),
+            path: path.into(),
+            excludes: Excludes::none(),
+            drift: DriftPolicy::Revert,
+            delete_guard: Some(0.5),
+        }
+    }
+}
+
+/// What an agent does about a local change in a synced folder that syncd did not make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftPolicy {
+    /// Back the local version up, restore the manager's version, log and count it.
+    Revert,
+    /// Leave it, flag it in status and the log.
+    Report,
 }

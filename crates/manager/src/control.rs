@@ -15,9 +15,11 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::history::{History, Step};
 use crate::inotify::{CHANNEL, FolderWatch, Signal, WatchMsg};
-use crate::live::LiveFolder;
+use crate::live::{GuardReason, LiveFolder};
 use crate::state::ManagerState;
-use crate::{HeldFile, Hold, ManagerConfig, ManagerError, ManagerStatus, PendingChange};
+use crate::{
+    GuardedFolder, HeldFile, Hold, ManagerConfig, ManagerError, ManagerStatus, PendingChange,
+};
 
 /// Quiet time after the last hint before paths are looked at (events of one write come together).
 const DEBOUNCE: Duration = Duration::from_millis(2);
@@ -42,6 +44,11 @@ pub(crate) enum Command {
     },
     /// End the hold, publishing everything since as one generation.
     Release {
+        reply: oneshot::Sender<Result<Generation, String>>,
+    },
+    /// Publish what the delete guard holds back in `folder` (every guarded folder if `None`).
+    Confirm {
+        folder: Option<String>,
         reply: oneshot::Sender<Result<Generation, String>>,
     },
 }
@@ -250,6 +257,10 @@ impl Control {
                         let _ = reply.send(result);
                         self.report(&status);
                     }
+                    Some(Command::Confirm { folder, reply }) => {
+                        let _ = reply.send(self.confirm(folder.as_deref()));
+                        self.report(&status);
+                    }
                     None => break,
                 },
                 _ = hold_expiry(&self.hold) => {
@@ -402,19 +413,56 @@ impl Control {
         let started = Instant::now();
         let mut steps = BTreeMap::new();
         let mut next: Vec<Option<LocalManifest>> = Vec::with_capacity(self.folders.len());
-        for f in &self.folders {
-            let Some(candidate) = f.publishable() else {
-                next.push(None);
-                continue;
+        for f in &mut self.folders {
+            let candidate = match f.publishable() {
+                Some(c) => c,
+                // The root vanished or cannot be read: publishing it empty would delete every
+                // worker's copy; only the operator can confirm that.
+                None if f.published.is_some() => {
+                    let empty = LocalManifest {
+                        manifest: syncd_manifest::Manifest::new(ChunkParams::DEFAULT),
+                        ..LocalManifest::default()
+                    };
+                    if !f.guard_allows(GuardReason::RootUnreadable, &empty.manifest) {
+                        next.push(None);
+                        continue;
+                    }
+                    empty
+                }
+                None => {
+                    next.push(None);
+                    continue;
+                }
             };
-            let before = f.published.as_deref();
+            let published = f.published.clone();
+            let before = published.as_deref();
             if before.is_some_and(|b| b.manifest == candidate.manifest) {
+                f.clear_guard();
                 next.push(None);
                 continue;
             }
             let empty = syncd_manifest::Manifest::new(candidate.manifest.params);
             let old = before.map_or(&empty, |b| &b.manifest);
             let changes = diff(old, &candidate.manifest);
+            if let Some(share) = f.spec.delete_guard {
+                let total = old.iter().filter(|(_, n)| n.file().is_some()).count();
+                let removed = changes
+                    .iter()
+                    .filter(|c| matches!(c, syncd_manifest::Change::Remove(p) if old.get(p).is_some_and(|n| n.file().is_some())))
+                    .count();
+                let trips =
+                    total > 0 && (removed == total || removed as f64 > share * total as f64);
+                if trips
+                    && !f.guard_allows(
+                        GuardReason::MassDelete { removed, total },
+                        &candidate.manifest,
+                    )
+                {
+                    next.push(None);
+                    continue;
+                }
+            }
+            f.clear_guard();
             log_changes(&f.spec.name, &changes);
             steps.insert(
                 f.spec.name.clone(),
@@ -506,6 +554,30 @@ impl Control {
         Ok(())
     }
 
+    /// Confirms what the delete guard holds back, and publishes it.
+    fn confirm(&mut self, folder: Option<&str>) -> Result<Generation, String> {
+        if let Some(name) = folder
+            && !self.folders.iter().any(|f| f.spec.name == name)
+        {
+            return Err(format!("no folder named {name:?}"));
+        }
+        let mut any = false;
+        for f in &mut self.folders {
+            if folder.is_none_or(|n| n == f.spec.name) {
+                any |= f.confirm();
+            }
+        }
+        if !any {
+            return Err("the delete guard holds nothing back".into());
+        }
+        if self.hold.is_some() {
+            return Err("confirmed, but publication is held: `syncctl resume` publishes it".into());
+        }
+        self.publish_and_announce(false)
+            .map_err(|e| e.to_string())?;
+        Ok(self.generation)
+    }
+
     /// Updates the status: generation, held files, hold and pending changes.
     fn report(&self, status: &watch::Sender<ManagerStatus>) {
         let held = self.held();
@@ -516,17 +588,38 @@ impl Control {
         } else {
             (Vec::new(), 0)
         };
+        let guarded: Vec<GuardedFolder> = self
+            .folders
+            .iter()
+            .filter_map(|f| {
+                let g = f.guarded.as_ref()?;
+                Some(GuardedFolder {
+                    folder: f.spec.name.clone(),
+                    reason: match g.reason {
+                        GuardReason::RootUnreadable => {
+                            "the folder root is gone or unreadable".into()
+                        }
+                        GuardReason::MassDelete { removed, total } => {
+                            format!("would delete {removed} of {total} files")
+                        }
+                    },
+                    since: g.since,
+                })
+            })
+            .collect();
         status.send_if_modified(|s| {
             let changed = s.generation != generation
                 || s.held != held
                 || s.hold != hold
                 || s.pending_total != pending_total
-                || s.pending != pending;
+                || s.pending != pending
+                || s.guarded != guarded;
             s.generation = generation;
             s.held = held;
             s.hold = hold;
             s.pending = pending;
             s.pending_total = pending_total;
+            s.guarded = guarded;
             changed
         });
     }

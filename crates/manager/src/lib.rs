@@ -178,6 +178,19 @@ pub struct ManagerStatus {
     pub pending: Vec<PendingChange>,
     /// While holding: how many changes are pending in all.
     pub pending_total: usize,
+    /// Folders whose next generation the delete guard holds back.
+    pub guarded: Vec<GuardedFolder>,
+}
+
+/// A folder whose next generation the delete guard holds back until `syncctl confirm`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardedFolder {
+    /// The folder.
+    pub folder: String,
+    /// Why.
+    pub reason: String,
+    /// Since when.
+    pub since: SystemTime,
 }
 
 /// Why the manager could not start.
@@ -299,6 +312,16 @@ impl ManagerHandle {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.commands
             .send(control::Command::Release { reply })
+            .await
+            .map_err(|_| "the manager stopped".to_owned())?;
+        rx.await.map_err(|_| "the manager stopped".to_owned())?
+    }
+
+    /// Publishes what the delete guard holds back in `folder` (every guarded folder if `None`).
+    pub async fn confirm(&self, folder: Option<String>) -> Result<Generation, String> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(control::Command::Confirm { folder, reply })
             .await
             .map_err(|_| "the manager stopped".to_owned())?;
         rx.await.map_err(|_| "the manager stopped".to_owned())?
@@ -450,6 +473,7 @@ impl Manager {
             hold: control.hold(),
             pending: Vec::new(),
             pending_total: 0,
+            guarded: Vec::new(),
         };
         let (snap_tx, snapshots) = watch::channel(snapshot);
         let (commands, commands_rx) = mpsc::channel(16);

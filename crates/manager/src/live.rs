@@ -54,6 +54,31 @@ pub struct Held {
     pub since: std::time::SystemTime,
 }
 
+/// Why the delete guard holds a folder's next generation back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardReason {
+    /// The folder's root vanished or cannot be read.
+    RootUnreadable,
+    /// The generation would delete `removed` of the folder's `total` files.
+    MassDelete {
+        /// Files it would delete.
+        removed: usize,
+        /// Files published now.
+        total: usize,
+    },
+}
+
+/// A generation held back by the delete guard, waiting for `syncctl confirm`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guarded {
+    /// Why.
+    pub reason: GuardReason,
+    /// Digest of the manifest it would publish: a confirmation applies to exactly that.
+    pub target: syncd_manifest::ManifestDigest,
+    /// Since when.
+    pub since: std::time::SystemTime,
+}
+
 /// A folder as the manager watches it.
 #[derive(Debug)]
 pub(crate) struct LiveFolder {
@@ -77,6 +102,10 @@ pub(crate) struct LiveFolder {
     pub held: BTreeMap<RelPath, Held>,
     /// Whether the last attempt to read the root failed (logged once per outage).
     root_failed: bool,
+    /// The delete guard's verdict on the pending generation, if it holds it back.
+    pub guarded: Option<Guarded>,
+    /// What the operator confirmed publishing despite the guard.
+    confirmed: Option<syncd_manifest::ManifestDigest>,
 }
 
 impl LiveFolder {
@@ -98,6 +127,61 @@ impl LiveFolder {
             candidates: HashMap::new(),
             held: BTreeMap::new(),
             root_failed: false,
+            guarded: None,
+            confirmed: None,
+        }
+    }
+
+    /// Whether the guard lets `target` be published (the operator confirmed exactly it);
+    /// otherwise records and logs (once) why it is held.
+    pub(crate) fn guard_allows(&mut self, reason: GuardReason, target: &Manifest) -> bool {
+        let digest = target.digest();
+        if self.confirmed == Some(digest) {
+            tracing::warn!(folder = %self.spec.name, ?reason, "publishing on the operator's confirmation");
+            return true;
+        }
+        if self.guarded.as_ref().map(|g| g.target) != Some(digest) {
+            match &reason {
+                GuardReason::RootUnreadable => tracing::error!(
+                    folder = %self.spec.name,
+                    path = %self.spec.path.display(),
+                    "DELETE GUARD: the folder root is gone or unreadable; nothing is published (workers keep their copy). `syncctl confirm {}` would delete it on every worker",
+                    self.spec.name
+                ),
+                GuardReason::MassDelete { removed, total } => tracing::error!(
+                    folder = %self.spec.name,
+                    removed,
+                    total,
+                    "DELETE GUARD: this change would delete {removed} of {total} files on every worker; held until `syncctl confirm {}`",
+                    self.spec.name
+                ),
+            }
+            self.guarded = Some(Guarded {
+                reason,
+                target: digest,
+                since: std::time::SystemTime::now(),
+            });
+        }
+        false
+    }
+
+    /// The pending generation passes the guard (or there is none): forget any verdict.
+    pub(crate) fn clear_guard(&mut self) {
+        if self.guarded.take().is_some() {
+            tracing::info!(folder = %self.spec.name, "delete guard released");
+        }
+        self.confirmed = None;
+    }
+
+    /// The operator confirms publishing what the guard holds back. Returns whether there was
+    /// anything to confirm.
+    pub(crate) fn confirm(&mut self) -> bool {
+        match &self.guarded {
+            Some(g) => {
+                self.confirmed = Some(g.target);
+                true
+            }
+            None => false,
         }
     }
 
@@ -512,19 +596,10 @@ impl LiveFolder {
 mod tests {
     use std::fs;
 
-    use syncd_fsops::Excludes;
-
     use super::*;
 
     fn folder(dir: &std::path::Path) -> LiveFolder {
-        LiveFolder::new(
-            FolderSpec {
-                name: "f".into(),
-                path: dir.to_owned(),
-                excludes: Excludes::none(),
-            },
-            None,
-        )
+        LiveFolder::new(FolderSpec::new("f", dir), None)
     }
 
     fn chunker() -> Chunker {

@@ -87,6 +87,14 @@ enum Command {
     },
     /// On an agent: list what changed locally since syncd last applied (e.g. during a pause).
     Changes,
+    /// On the manager: publish what the delete guard holds back (a folder emptied, removed,
+    /// unmounted, or losing more than its allowed share of files).
+    Confirm {
+        /// The folder (every guarded folder if absent).
+        folder: Option<String>,
+    },
+    /// On an agent: list the backups of local changes it overwrote or found on resume.
+    Backups,
 }
 
 /// Runs `syncctl` with the process's arguments.
@@ -121,6 +129,10 @@ pub fn run() -> ExitCode {
             false,
         ),
         Command::Changes => (Request::Changes, Duration::from_secs(600), false),
+        Command::Confirm { folder } => {
+            (Request::Confirm { folder }, Duration::from_secs(600), false)
+        }
+        Command::Backups => (Request::Backups, Duration::from_secs(60), false),
     };
     let response = match syncd_admin::call(&socket, &request, timeout) {
         Ok(r) => r,

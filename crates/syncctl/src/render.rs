@@ -31,6 +31,16 @@ pub fn status(s: &Status, now: u64) -> String {
             let _ = writeln!(out, "  ... and {} more", s.pending_total - s.pending.len());
         }
     }
+    for g in &s.guarded {
+        let _ = writeln!(
+            out,
+            "DELETE GUARD on folder {}: {} (for {}); nothing published for it until `syncctl confirm {}`",
+            g.folder,
+            g.reason,
+            human_secs(now.saturating_sub(g.since)),
+            g.folder
+        );
+    }
     if !s.held_files.is_empty() {
         let _ = writeln!(out, "not published yet (incomplete):");
         for h in &s.held_files {
@@ -195,6 +205,7 @@ mod tests {
             }),
             pending: vec![],
             pending_total: 0,
+            guarded: vec![],
             held_files: vec![],
             nodes: vec![
                 node("worker-with-a-very-long-name", "paused"),

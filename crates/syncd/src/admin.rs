@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncd_admin::{
-    ErrorKind, HeldView, HoldView, Laggard, LocalChange, NodeView, PendingView, Request, Response,
-    Status, WaitReport,
+    ErrorKind, GuardView, HeldView, HoldView, Laggard, LocalChange, NodeView, PendingView, Request,
+    Response, Status, WaitReport,
 };
 use syncd_agent::{AgentHandle, AgentStatus};
 use syncd_manager::{ManagerHandle, NodeState};
@@ -248,10 +248,19 @@ async fn manager(m: &ManagerHandle, request: Request) -> Response {
                     .collect(),
             })
         }
-        Request::Changes => error(
+        Request::Changes | Request::Backups => error(
             ErrorKind::WrongRole,
-            "`changes` lists an agent's local changes: run it on the worker",
+            "`changes` and `backups` are about an agent's local changes: run them on the worker",
         ),
+        Request::Confirm { folder } => match m.confirm(folder).await {
+            Ok(g) => Response::Done {
+                message: "confirmed: the held-back generation is published".into(),
+                generation: Some(g.0),
+                changes: Vec::new(),
+                backup: None,
+            },
+            Err(e) => error(ErrorKind::Failed, e),
+        },
     }
 }
 
@@ -308,6 +317,15 @@ fn manager_status(m: &ManagerHandle) -> Status {
             })
             .collect(),
         pending_total: s.pending_total,
+        guarded: s
+            .guarded
+            .iter()
+            .map(|g| GuardView {
+                folder: g.folder.clone(),
+                reason: g.reason.clone(),
+                since: secs(g.since),
+            })
+            .collect(),
         held_files: s
             .held
             .iter()
@@ -354,6 +372,11 @@ async fn agent(a: &AgentHandle, name: &str, manager: SocketAddr, request: Reques
             },
             Err(e) => error(ErrorKind::Failed, e),
         },
+        Request::Confirm { .. } => error(
+            ErrorKind::WrongRole,
+            "`confirm` releases the manager's delete guard: run it on the manager",
+        ),
+        Request::Backups => error(ErrorKind::Failed, "backups: not available yet"),
         Request::Changes => match a.changes().await {
             Ok(changes) => Response::Changes {
                 changes: changes.into_iter().map(local_change).collect(),
@@ -442,6 +465,7 @@ fn agent_status(s: &AgentStatus, name: &str, manager: SocketAddr) -> Status {
         hold: None,
         pending: Vec::new(),
         pending_total: 0,
+        guarded: Vec::new(),
         held_files: Vec::new(),
         nodes: vec![agent_row(s, name, manager)],
     }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
-use syncd_fsops::{Excludes, FolderSpec};
+use syncd_fsops::{DriftPolicy, Excludes, FolderSpec, WSO2_DEFAULT_EXCLUDES};
 use syncd_transport::NodeId;
 use toml::{Table, Value};
 
@@ -231,7 +231,30 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         if path.is_none() && !f.contains_key("path") {
             p.problem(&format!("{key}.path"), "missing");
         }
-        let patterns = p.string_array(&mut f, &key, "exclude");
+        let mut patterns = p.string_array(&mut f, &key, "exclude");
+        if p.boolean(&mut f, &key, "default_excludes").unwrap_or(true) {
+            patterns.extend(WSO2_DEFAULT_EXCLUDES.iter().map(|s| (*s).to_owned()));
+        }
+        let drift = match p.string(&mut f, &key, "drift", false).as_deref() {
+            None | Some("revert") => DriftPolicy::Revert,
+            Some("report") => DriftPolicy::Report,
+            Some(other) => {
+                p.problem(
+                    &format!("{key}.drift"),
+                    &format!("{other:?} is not a drift policy: use \"revert\" or \"report\""),
+                );
+                DriftPolicy::Revert
+            }
+        };
+        let guard_on = p.boolean(&mut f, &key, "delete_guard").unwrap_or(true);
+        let share = p.float(&mut f, &key, "max_delete_share").unwrap_or(0.5);
+        if !(0.0..=1.0).contains(&share) {
+            p.problem(
+                &format!("{key}.max_delete_share"),
+                &format!("{share} is not a share between 0.0 and 1.0"),
+            );
+        }
+        let delete_guard = guard_on.then_some(share);
         p.unknown(&f, &key);
         if let Some(name) = &name {
             p.check_name(&format!("{key}.name"), name);
@@ -266,6 +289,8 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
                 name,
                 path,
                 excludes,
+                drift,
+                delete_guard,
             });
         }
     }
@@ -396,6 +421,33 @@ impl Checker {
                 self.problem(
                     &join(prefix, key),
                     &format!("must be a string, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, t: &mut Table, prefix: &str, key: &str) -> Option<bool> {
+        match self.take(t, prefix, key, false)? {
+            Value::Boolean(b) => Some(b),
+            other => {
+                self.problem(
+                    &join(prefix, key),
+                    &format!("must be true or false, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn float(&mut self, t: &mut Table, prefix: &str, key: &str) -> Option<f64> {
+        match self.take(t, prefix, key, false)? {
+            Value::Float(f) => Some(f),
+            Value::Integer(i) => Some(i as f64),
+            other => {
+                self.problem(
+                    &join(prefix, key),
+                    &format!("must be a number, not {}", other.type_str()),
                 );
                 None
             }

@@ -1,0 +1,190 @@
+//! The delete guard: a manager folder that vanishes, is emptied or unmounted, or loses most of
+//! its files is not published as mass deletion until the operator confirms it.
+
+mod support;
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use support::cluster::{Cluster, MANAGER};
+use support::{assert_same_tree, snapshot};
+use syncd_devtools::{Scale, generate};
+
+fn cluster(seed: u64) -> Cluster {
+    let mut c = Cluster::new(&["worker-1"]);
+    generate(&c.data(MANAGER), Scale::SMALL, seed).unwrap();
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    c
+}
+
+/// Waits until the manager's status shows the guard on the deployment folder.
+fn wait_guarded(c: &Cluster) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = c.status(MANAGER);
+        if let Some(g) = s.guarded.iter().find(|g| g.folder == "deployment") {
+            return g.reason.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guard never engaged: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn empty_dir(dir: &std::path::Path) {
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() && !p.is_symlink() {
+            fs::remove_dir_all(p).unwrap();
+        } else {
+            fs::remove_file(p).unwrap();
+        }
+    }
+}
+
+#[test]
+fn an_emptied_folder_deletes_nothing_until_confirmed_then_exactly_everything() {
+    let c = cluster(11);
+    let before = snapshot(&c.data("worker-1"));
+    empty_dir(&c.data(MANAGER));
+    let reason = wait_guarded(&c);
+    assert!(
+        reason.starts_with("would delete") && reason.contains("files"),
+        "{reason}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        snapshot(&c.data("worker-1")),
+        before,
+        "deleted before confirmation"
+    );
+    let table = c.ctl(MANAGER, &["status"]);
+    assert!(
+        table.contains("DELETE GUARD on folder deployment"),
+        "{table}"
+    );
+
+    let out = c.ctl(MANAGER, &["confirm", "deployment"]);
+    assert!(out.contains("confirmed"), "{out}");
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    assert!(c.status(MANAGER).guarded.is_empty());
+}
+
+#[test]
+fn a_removed_folder_root_deletes_nothing_until_confirmed() {
+    let c = cluster(12);
+    let before = snapshot(&c.data("worker-1"));
+    fs::remove_dir_all(c.data(MANAGER)).unwrap();
+    let reason = wait_guarded(&c);
+    assert!(reason.contains("gone or unreadable"), "{reason}");
+    // The root comes back with one artifact changed: no confirmation needed, nothing lost.
+    generate(&c.data(MANAGER), Scale::SMALL, 12).unwrap();
+    fs::write(
+        c.data(MANAGER).join("synapse-configs/default/api/back.xml"),
+        b"<back/>",
+    )
+    .unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    assert!(snapshot(&c.data("worker-1")).len() > before.len());
+    assert!(c.status(MANAGER).guarded.is_empty());
+}
+
+#[test]
+fn most_files_deleted_is_held_some_is_not() {
+    let c = cluster(13);
+    let api = c.data(MANAGER).join("synapse-configs/default/api");
+    let files: Vec<_> = fs::read_dir(&api)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    // A third of the XMLs: fine.
+    let third = files.len() / 3;
+    for f in &files[..third] {
+        fs::remove_file(f).unwrap();
+    }
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    // Then everything but a handful of files in the folder: held.
+    let before = snapshot(&c.data("worker-1"));
+    for dir in ["synapse-configs", "webapps", "carbonapps/app-000_1.0.0.car"] {
+        let p = c.data(MANAGER).join(dir);
+        if p.is_dir() {
+            fs::remove_dir_all(p).unwrap();
+        } else {
+            fs::remove_file(p).unwrap();
+        }
+    }
+    assert!(wait_guarded(&c).starts_with("would delete"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(snapshot(&c.data("worker-1")), before);
+    c.ctl(MANAGER, &["confirm"]);
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+}
+
+#[test]
+fn an_unmounted_folder_deletes_nothing_until_confirmed() {
+    let mut c = Cluster::new(&["worker-1"]);
+    let mnt = c.data(MANAGER);
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipping: cannot mount a tmpfs here (not root?)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let guard = Unmount(mnt.clone());
+    generate(&mnt, Scale::SMALL, 14).unwrap();
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    let before = snapshot(&c.data("worker-1"));
+    // The manager holds the mount busy (its watch, its open folder): detach it lazily, as an
+    // administrator would, or as a failing network mount does.
+    assert!(
+        Command::new("umount")
+            .arg("-l")
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::mem::forget(guard);
+    // The mount point is an empty directory now.
+    wait_guarded(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        snapshot(&c.data("worker-1")),
+        before,
+        "an unmount deleted files on a worker"
+    );
+}
+
+#[test]
+fn with_the_guard_off_an_emptied_folder_is_published_at_once() {
+    let mut c = Cluster::new(&["worker-1"]);
+    c.folder_option(MANAGER, "delete_guard = false");
+    generate(&c.data(MANAGER), Scale::SMALL, 15).unwrap();
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    empty_dir(&c.data(MANAGER));
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    assert!(c.status(MANAGER).guarded.is_empty());
+}

@@ -74,6 +74,12 @@ impl FakeManager {
             matches!(state, AgentMsg::PauseState { pause: None, .. }),
             "{state:?}"
         );
+        // And which local changes it left in place (none here).
+        let drift: AgentMsg = rx.expect(MAX_REQUEST_FRAME).await.unwrap();
+        assert!(
+            matches!(&drift, AgentMsg::Drift { entries, .. } if entries.is_empty()),
+            "{drift:?}"
+        );
         (conn, tx, rx)
     }
 }

@@ -17,8 +17,8 @@ pub use codec::{
 };
 pub use hello::{ALPN, HELLO_LEN, Hello, HelloError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 pub use messages::{
-    AgentMsg, Base, ChunkEncoding, FetchFile, FetchReply, FetchRequest, FolderState, Generation,
-    MAX_CHUNK_LEN, ManagerMsg, Pause,
+    AgentMsg, Base, ChunkEncoding, DriftEntry, FetchFile, FetchReply, FetchRequest, FolderState,
+    Generation, MAX_CHUNK_LEN, ManagerMsg, Pause,
 };
 pub use update::{AssembleError, MAX_UPDATE_ITEMS, PAGE_BUDGET, UpdateAssembler, paginate};
 

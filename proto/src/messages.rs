@@ -72,6 +72,27 @@ pub enum AgentMsg {
         /// The generation.
         generation: Generation,
     },
+    /// Local changes syncd did not make, as the agent sees them now (sent when they change).
+    Drift {
+        /// Changes left in place (reported, or drifting again and again), for status.
+        entries: Vec<DriftEntry>,
+        /// Local changes reverted since the agent started.
+        reverted_total: u64,
+    },
+}
+
+/// A local change on an agent that syncd did not make and has not undone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftEntry {
+    /// The folder.
+    pub folder: String,
+    /// The path in it.
+    pub path: String,
+    /// `added`, `modified` or `removed`.
+    pub change: String,
+    /// Why it is left: `reported` (the folder's policy), `flapping` (changed again and again),
+    /// `waiting` (to be reverted once the manager is reachable).
+    pub action: String,
 }
 
 /// A pause of an agent: it changes nothing in its folders until resumed or until `until`.

@@ -84,6 +84,18 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "agent_drift",
+            frame(&AgentMsg::Drift {
+                entries: vec![DriftEntry {
+                    folder: "deployment".into(),
+                    path: "synapse-configs/default/api/a.xml".into(),
+                    change: "modified".into(),
+                    action: "flapping".into(),
+                }],
+                reverted_total: 3,
+            }),
+        ),
+        (
             "agent_deferred",
             frame(&AgentMsg::Deferred {
                 generation: Generation(43),

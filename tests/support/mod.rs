@@ -63,6 +63,7 @@ pub struct TestManager {
     pub addr: std::net::SocketAddr,
     pub status: watch::Receiver<ManagerStatus>,
     pub rescan: RescanHandle,
+    pub handle: syncd_manager::ManagerHandle,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -99,6 +100,7 @@ impl TestManager {
         let addr = manager.local_addr();
         let status = manager.status();
         let rescan = manager.rescan_handle();
+        let handle = manager.handle();
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(async move { manager.run(rx).await.unwrap() });
         TestManager {
@@ -107,6 +109,7 @@ impl TestManager {
             addr,
             status,
             rescan,
+            handle,
             shutdown,
             task,
         }
@@ -151,6 +154,8 @@ impl TestAgent {
             manager_addr: addr,
             manager_id,
             folders: folder(&dirs.data),
+            max_backups: AgentConfig::DEFAULT_MAX_BACKUPS,
+            max_backup_bytes: AgentConfig::DEFAULT_MAX_BACKUP_BYTES,
         };
         let agent = tokio::task::spawn_blocking(move || Agent::open(config, identity))
             .await
@@ -333,4 +338,19 @@ pub async fn pair(scale: syncd_devtools::Scale, seed: u64) -> (TestManager, Test
     agent.wait_applied(manager.generation()).await;
     assert_same_tree(&manager.dirs.data, &agent.dirs.data);
     (manager, agent)
+}
+
+/// Like [`converge`], for tests without a runtime.
+pub fn converge_blocking(manager: &Path, agent: &Path, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let m = try_snapshot(manager);
+        if m.is_some() && m == try_snapshot(agent) {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            assert_same_tree(manager, agent);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

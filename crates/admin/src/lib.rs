@@ -77,6 +77,11 @@ pub enum Response {
         /// The changes.
         changes: Vec<LocalChange>,
     },
+    /// Backups on an agent, oldest first.
+    Backups {
+        /// The backups.
+        backups: Vec<BackupView>,
+    },
     /// The request failed.
     Error {
         /// What kind of failure.
@@ -200,6 +205,35 @@ pub struct NodeView {
     pub bytes_transferred: u64,
     /// Agent's view only: chunk bytes it found in files it already held instead.
     pub bytes_reused: u64,
+    /// Local changes left in place on it (reported, flapping, or waiting to be reverted).
+    pub drift: Vec<DriftView>,
+    /// Local changes it reverted since its daemon started.
+    pub drift_reverted: u64,
+}
+
+/// A local change on an agent, left in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftView {
+    /// Folder name.
+    pub folder: String,
+    /// Path in it.
+    pub path: String,
+    /// `added`, `modified` or `removed`.
+    pub change: String,
+    /// Why it is left: `reported` (policy), `flapping` (keeps changing back), `waiting` (for
+    /// the manager, to be reverted).
+    pub action: String,
+}
+
+/// A backup of local changes on an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupView {
+    /// Directory name under `<state_dir>/backups` (`drift-`, `resume-` or `start-` and a time).
+    pub name: String,
+    /// Bytes it holds.
+    pub bytes: u64,
+    /// One line per change: `kind<TAB>folder/path`.
+    pub changes: Vec<String>,
 }
 
 /// How a wait ended.

@@ -16,6 +16,8 @@ pub(crate) struct Folder {
     pub root: Arc<FolderRoot>,
     /// What this node never touches.
     pub excludes: Excludes,
+    /// What to do about local changes.
+    pub policy: syncd_fsops::DriftPolicy,
     /// What the folder holds, as of the last scan or apply.
     pub local: LocalManifest,
 }
@@ -63,6 +65,7 @@ impl Folder {
             name: spec.name.clone(),
             root,
             excludes: spec.excludes.clone(),
+            policy: spec.drift,
             local,
         })
     }

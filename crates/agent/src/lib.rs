@@ -5,6 +5,7 @@
 //! durable, rename into place, delete last, record the generation.
 
 mod apply;
+mod drift;
 mod folder;
 mod pause;
 mod session;
@@ -41,6 +42,17 @@ pub struct AgentConfig {
     pub manager_id: NodeId,
     /// The folders kept in sync.
     pub folders: Vec<FolderSpec>,
+    /// Backups of local changes kept at most (oldest removed first).
+    pub max_backups: usize,
+    /// Bytes of backups kept at most (oldest removed first).
+    pub max_backup_bytes: u64,
+}
+
+impl AgentConfig {
+    /// Default limits of the backups of local changes: 100 backups, 1 GiB.
+    pub const DEFAULT_MAX_BACKUPS: usize = 100;
+    /// See [`AgentConfig::DEFAULT_MAX_BACKUPS`].
+    pub const DEFAULT_MAX_BACKUP_BYTES: u64 = 1 << 30;
 }
 
 /// What the agent is doing, for status displays and tests.
@@ -64,6 +76,10 @@ pub struct AgentStatus {
     pub syncing: bool,
     /// When the last generation was applied.
     pub last_applied: Option<std::time::SystemTime>,
+    /// Local changes left in place (reported, flapping, or waiting for the manager).
+    pub drift: Vec<syncd_proto::DriftEntry>,
+    /// Local changes reverted since start.
+    pub drift_reverted: u64,
 }
 
 /// What an operator asks of a running agent (through [`AgentHandle`]).
@@ -79,6 +95,20 @@ pub(crate) enum Command {
     Changes {
         reply: oneshot::Sender<Result<Vec<LocalChange>, String>>,
     },
+    Backups {
+        reply: oneshot::Sender<Vec<BackupInfo>>,
+    },
+}
+
+/// One backup of local changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupInfo {
+    /// Its directory name under `<state_dir>/backups`.
+    pub name: String,
+    /// Bytes it holds.
+    pub bytes: u64,
+    /// Its index: one line per change (`kind<TAB>folder/path`).
+    pub changes: Vec<String>,
 }
 
 /// Controls a running agent: pause, resume, list local changes, watch its status.
@@ -109,6 +139,13 @@ impl AgentHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Changes { reply }).await?;
         rx.await.map_err(|_| "the agent stopped".to_owned())?
+    }
+
+    /// The backups of local changes, oldest first.
+    pub async fn backups(&self) -> Result<Vec<BackupInfo>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Backups { reply }).await?;
+        rx.await.map_err(|_| "the agent stopped".to_owned())
     }
 
     /// A live view of the agent's status.
@@ -143,6 +180,45 @@ pub enum AgentError {
     Transport(#[from] syncd_transport::TransportError),
 }
 
+/// What changed in a folder while the agent was not running (or was cut off in the middle of an
+/// apply) is backed up first, so nothing is lost. Under `revert`, the folder is then taken as it
+/// is, and the manager's difference brings it back; under `report`, what was applied stays the
+/// reference, so the changes stay reported instead of being undone.
+fn adopt_changes_made_while_down(
+    config: &AgentConfig,
+    folder: &mut Folder,
+    applied: &syncd_fsops::LocalManifest,
+) {
+    let changes = syncd_manifest::diff(&applied.manifest, &folder.local.manifest);
+    if changes.is_empty() {
+        return;
+    }
+    let root = pause::backup_dir_named(&config.state_dir, "start");
+    let described = pause::describe_against(&folder.name, &applied.manifest, &changes);
+    let kept = pause::back_up(&root, folder, &changes)
+        .and_then(|kept| pause::write_index(&root, &described).map(|()| kept));
+    match kept {
+        Ok(kept) => tracing::warn!(
+            folder = %folder.name,
+            changes = changes.len(),
+            backed_up = kept,
+            backup = %root.display(),
+            "found local changes made while the agent was not running; backed up"
+        ),
+        Err(e) => {
+            tracing::error!(folder = %folder.name, error = %e, "cannot back up local changes found at start")
+        }
+    }
+    drift::prune_backups(
+        &config.state_dir,
+        config.max_backups,
+        config.max_backup_bytes,
+    );
+    if folder.policy == syncd_fsops::DriftPolicy::Report {
+        folder.local = applied.clone();
+    }
+}
+
 /// A prepared agent: folders opened and scanned, ready to connect.
 #[derive(Debug)]
 pub struct Agent {
@@ -153,6 +229,7 @@ pub struct Agent {
     status: watch::Sender<AgentStatus>,
     commands: mpsc::Receiver<Command>,
     commands_tx: mpsc::Sender<Command>,
+    drift: drift::Tracker,
 }
 
 impl Agent {
@@ -168,7 +245,13 @@ impl Agent {
             let folder_chunker = previous
                 .and_then(|p| Chunker::new(p.manifest.params).ok())
                 .unwrap_or_else(|| chunker.clone());
-            folders.push(Folder::open(spec, &folder_chunker, previous)?);
+            let mut folder = Folder::open(spec, &folder_chunker, previous)?;
+            if let Some(previous) = previous
+                && previous.manifest.params == folder.local.manifest.params
+            {
+                adopt_changes_made_while_down(&config, &mut folder, previous);
+            }
+            folders.push(folder);
         }
         state.folders = folders
             .iter()
@@ -197,6 +280,7 @@ impl Agent {
             status,
             commands,
             commands_tx,
+            drift: drift::Tracker::default(),
         })
     }
 

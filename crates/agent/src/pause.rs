@@ -78,16 +78,21 @@ pub(crate) fn local_changes(
 
 /// Describes changes for an operator.
 pub(crate) fn describe(folder: &Folder, changes: &[Change]) -> Vec<LocalChange> {
+    describe_against(&folder.name, &folder.local.manifest, changes)
+}
+
+/// Describes changes from `expected` (what syncd applied) for an operator.
+pub(crate) fn describe_against(
+    folder: &str,
+    expected: &syncd_manifest::Manifest,
+    changes: &[Change],
+) -> Vec<LocalChange> {
     changes
         .iter()
         .map(|c| LocalChange {
-            folder: folder.name.clone(),
+            folder: folder.to_owned(),
             path: c.path().to_string(),
-            kind: match c {
-                Change::Remove(_) => "removed",
-                Change::Put(p, _) if folder.local.manifest.get(p).is_some() => "modified",
-                Change::Put(..) => "added",
-            },
+            kind: crate::drift::kind(expected, c),
         })
         .collect()
 }
@@ -152,7 +157,12 @@ pub(crate) fn write_index(backup_root: &Path, changes: &[LocalChange]) -> std::i
 
 /// A fresh backup directory under the state directory.
 pub(crate) fn backup_dir(state_dir: &Path) -> PathBuf {
+    backup_dir_named(state_dir, "resume")
+}
+
+/// A fresh backup directory under the state directory: `<why>-<milliseconds>`.
+pub(crate) fn backup_dir_named(state_dir: &Path, why: &str) -> PathBuf {
     state_dir
         .join("backups")
-        .join(format!("resume-{}", now_ms()))
+        .join(format!("{why}-{}", now_ms()))
 }

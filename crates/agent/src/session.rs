@@ -12,6 +12,7 @@ use syncd_transport::{Conn, Endpoint, RecvStream, SendStream, TransportError};
 use tokio::sync::{mpsc, watch};
 
 use crate::apply::{self, ApplyError, ApplyStats, Target};
+use crate::drift;
 use crate::pause::{self, LocalChange, ResumeReport};
 use crate::{Agent, AgentError, Command};
 
@@ -48,6 +49,16 @@ pub(crate) async fn run(
     };
     // A pause that ended while the agent was down ends now.
     expire_pause(&mut agent, None).await.ok();
+    let paths: Vec<std::path::PathBuf> = agent
+        .folders
+        .iter()
+        .map(|f| f.root.path().to_owned())
+        .collect();
+    let mut drift = DriftCtl {
+        watch: drift::watch(&paths),
+        verify: tokio::time::interval(drift::VERIFY_EVERY),
+        due: None,
+    };
     let mut backoff = BACKOFF_MIN;
     'outer: loop {
         if *shutdown.borrow() {
@@ -56,7 +67,14 @@ pub(crate) async fn run(
         let started = Instant::now();
         // The session watches `shutdown` itself, between frames: an apply in progress is
         // finished, never cut off in the middle of its renames.
-        let result = session(&mut agent, &endpoint, &mut shutdown, &mut commands).await;
+        let result = session(
+            &mut agent,
+            &endpoint,
+            &mut shutdown,
+            &mut commands,
+            &mut drift,
+        )
+        .await;
         agent.status.send_modify(|s| s.connected = false);
         match result {
             Ok(End::Shutdown) => break,
@@ -75,6 +93,7 @@ pub(crate) async fn run(
         tokio::pin!(sleep);
         loop {
             let expiry = pause_expiry(&agent);
+            let check = drift.check_due();
             tokio::select! {
                 _ = &mut sleep => break,
                 _ = shutdown.changed() => break 'outer,
@@ -83,6 +102,12 @@ pub(crate) async fn run(
                 }
                 _ = expiry => {
                     let _ = expire_pause(&mut agent, None).await;
+                }
+                _ = drift.watch.changed.notified() => drift.schedule(),
+                _ = drift.verify.tick() => drift.now(),
+                _ = check => {
+                    drift.due = None;
+                    let _ = check_drift(&mut agent, None, None).await;
                 }
             }
         }
@@ -114,6 +139,7 @@ async fn session(
     endpoint: &Endpoint,
     shutdown: &mut watch::Receiver<bool>,
     commands: &mut mpsc::Receiver<Command>,
+    drift: &mut DriftCtl,
 ) -> Result<End, SessionError> {
     let addr = agent.config.manager_addr;
     let identity = std::sync::Arc::clone(&agent.identity);
@@ -173,8 +199,12 @@ async fn session(
     });
 
     let mut updates: Vec<(syncd_proto::ManagerMsg, UpdateAssembler)> = Vec::new();
+    // Drift left in place while the manager was out of reach: tell it, and look again now.
+    send_drift(agent, &mut tx).await?;
+    drift.now();
     loop {
         let expiry = pause_expiry(agent);
+        let check = drift.check_due();
         let msg = tokio::select! {
             m = rx.recv::<ManagerMsg>(MAX_CONTROL_FRAME) => m,
             Some(cmd) = commands.recv() => {
@@ -183,6 +213,19 @@ async fn session(
             }
             _ = expiry => {
                 expire_pause(agent, Some(&mut tx)).await?;
+                continue;
+            }
+            _ = drift.watch.changed.notified() => {
+                drift.schedule();
+                continue;
+            }
+            _ = drift.verify.tick() => {
+                drift.now();
+                continue;
+            }
+            _ = check => {
+                drift.due = None;
+                check_drift(agent, Some(&conn), Some(&mut tx)).await?;
                 continue;
             }
             _ = shutdown.changed() => {
@@ -257,6 +300,166 @@ async fn session(
     }
 }
 
+/// When the folders are next compared with what was applied.
+pub(crate) struct DriftCtl {
+    watch: drift::Watch,
+    verify: tokio::time::Interval,
+    due: Option<tokio::time::Instant>,
+}
+
+impl DriftCtl {
+    /// A change was seen: compare once things are quiet.
+    fn schedule(&mut self) {
+        self.due
+            .get_or_insert_with(|| tokio::time::Instant::now() + drift::DEBOUNCE);
+    }
+
+    /// Compare at once.
+    fn now(&mut self) {
+        self.due = Some(tokio::time::Instant::now());
+    }
+
+    fn check_due(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let due = self.due;
+        async move {
+            match due {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+}
+
+async fn send_drift(agent: &Agent, tx: &mut SendStream) -> Result<(), TransportError> {
+    tx.send(
+        &AgentMsg::Drift {
+            entries: agent.drift.entries.clone(),
+            reverted_total: agent.drift.reverted_total,
+        },
+        MAX_REQUEST_FRAME,
+    )
+    .await
+}
+
+/// Compares the folders with what was applied; reverts or reports what differs (see
+/// `drift.rs`). Nothing happens while paused. Without a connection, changes are only reported
+/// (as waiting for the manager).
+async fn check_drift(
+    agent: &mut Agent,
+    conn: Option<&Conn>,
+    tx: Option<&mut SendStream>,
+) -> Result<(), TransportError> {
+    if agent.state.pause.is_some() {
+        return Ok(());
+    }
+    let folders = std::mem::take(&mut agent.folders);
+    let (folders, found) = tokio::task::spawn_blocking(move || {
+        let found = drift::compare(&folders);
+        (folders, found)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    agent.folders = folders;
+    let now = Instant::now();
+    let mut left = Vec::new();
+    let mut reverted = 0u64;
+    for found in found {
+        let i = found.folder;
+        if found.changes.is_empty() {
+            // Same content: only metadata such as ctime moved; remember the new stat keys.
+            agent.folders[i].local.stats = found.actual.stats;
+            continue;
+        }
+        let plan = drift::plan(
+            &agent.folders[i],
+            &found,
+            &mut agent.drift,
+            conn.is_some(),
+            now,
+            &mut left,
+        );
+        let Some(conn) = conn.filter(|_| !plan.revert.is_empty()) else {
+            continue;
+        };
+        let described = pause::describe(&agent.folders[i], &plan.revert);
+        let backup_root = pause::backup_dir_named(&agent.config.state_dir, "drift");
+        let backed_up = {
+            let folder = &agent.folders[i];
+            pause::back_up(&backup_root, folder, &plan.revert)
+                .and_then(|_| pause::write_index(&backup_root, &described))
+        };
+        if let Err(e) = backed_up {
+            // Nothing is overwritten unless its local version is kept.
+            tracing::error!(folder = %agent.folders[i].name, error = %e, "cannot back up local changes; not reverting them");
+            continue;
+        }
+        drift::prune_backups(
+            &agent.config.state_dir,
+            agent.config.max_backups,
+            agent.config.max_backup_bytes,
+        );
+        let expected = std::mem::replace(&mut agent.folders[i].local, found.actual);
+        let mut stats = ApplyStats::default();
+        let target = Target {
+            folder: i,
+            manifest: plan.target,
+        };
+        let result = apply::apply(conn, &agent.folders, vec![target], &mut stats).await;
+        let mut expected = expected;
+        match result {
+            Ok(locals) => {
+                for (_, applied) in locals {
+                    for (p, key) in applied.stats {
+                        if applied.manifest.get(&p) == expected.manifest.get(&p) {
+                            expected.stats.insert(p, key);
+                        }
+                    }
+                }
+                for c in &described {
+                    tracing::warn!(
+                        folder = %c.folder,
+                        path = %c.path,
+                        change = c.kind,
+                        backup = %backup_root.display(),
+                        "reverted a local change (the local version is backed up)"
+                    );
+                }
+                reverted += described.len() as u64;
+            }
+            Err(e) => {
+                tracing::error!(folder = %agent.folders[i].name, error = %e, "could not revert local changes; will try again");
+                for c in described {
+                    left.push(syncd_proto::DriftEntry {
+                        folder: c.folder,
+                        path: c.path,
+                        change: c.kind.into(),
+                        action: "waiting".into(),
+                    });
+                }
+            }
+        }
+        agent.folders[i].local = expected;
+    }
+    let left = drift::normalize(left);
+    let changed = left != agent.drift.entries || reverted > 0;
+    for e in left.iter().filter(|e| !agent.drift.entries.contains(e)) {
+        tracing::warn!(folder = %e.folder, path = %e.path, change = %e.change, action = %e.action, "local change left in place");
+    }
+    agent.drift.entries = left;
+    agent.drift.reverted_total += reverted;
+    if changed {
+        let (entries, total) = (agent.drift.entries.clone(), agent.drift.reverted_total);
+        agent.status.send_modify(|s| {
+            s.drift = entries;
+            s.drift_reverted = total;
+        });
+        if let Some(tx) = tx {
+            send_drift(agent, tx).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn send_pause_state(agent: &Agent, tx: &mut SendStream) -> Result<(), TransportError> {
     tx.send(
         &AgentMsg::PauseState {
@@ -286,11 +489,25 @@ async fn handle_command(
             let _ = reply.send(Ok(p));
         }
         Command::Resume { reply } => {
+            // `syncctl resume` also tells the agent to fight flapping paths again.
+            agent.drift.forgive_all();
             let result = resume(agent, pause::now_ms(), "resumed").await;
             let _ = reply.send(result);
         }
         Command::Changes { reply } => {
             let _ = reply.send(changes(agent).await);
+            return Ok(());
+        }
+        Command::Backups { reply } => {
+            let list = drift::list_backups(&agent.config.state_dir)
+                .into_iter()
+                .map(|(name, bytes, changes)| crate::BackupInfo {
+                    name,
+                    bytes,
+                    changes,
+                })
+                .collect();
+            let _ = reply.send(list);
             return Ok(());
         }
     }
@@ -387,6 +604,11 @@ async fn resume(agent: &mut Agent, set_at: u64, why: &str) -> Result<ResumeRepor
     };
     agent.folders = folders;
     let report = outcome?;
+    drift::prune_backups(
+        &agent.config.state_dir,
+        agent.config.max_backups,
+        agent.config.max_backup_bytes,
+    );
     agent.state.pause = None;
     agent.state.pause_set_at = set_at;
     agent.state.folders = agent

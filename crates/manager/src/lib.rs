@@ -77,6 +77,10 @@ pub struct AgentView {
     /// Its folders hold something else than the generation it applied (changed locally, e.g.
     /// during a pause) and the difference is about to be sent.
     pub resync_pending: bool,
+    /// Local changes it left in place (reported, flapping, waiting), as it last said.
+    pub drift: Vec<syncd_proto::DriftEntry>,
+    /// Local changes it reverted since it started.
+    pub drift_reverted: u64,
 }
 
 /// The state of an agent as an operator sees it.
@@ -92,6 +96,8 @@ pub enum NodeState {
     Error,
     /// It holds the latest generation.
     InSync,
+    /// It holds the latest generation, but local changes are left in place.
+    Drifted,
 }
 
 impl NodeState {
@@ -103,6 +109,7 @@ impl NodeState {
             NodeState::Syncing => "syncing",
             NodeState::Error => "error",
             NodeState::InSync => "in sync",
+            NodeState::Drifted => "drifted",
         }
     }
 }
@@ -116,6 +123,8 @@ impl AgentView {
             NodeState::Paused
         } else if self.syncing || self.resync_pending {
             NodeState::Syncing
+        } else if self.applied >= generation && !self.drift.is_empty() {
+            NodeState::Drifted
         } else if self.applied >= generation {
             NodeState::InSync
         } else if self.last_error.is_some() {

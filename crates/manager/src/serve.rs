@@ -439,6 +439,18 @@ async fn feed(
                     v.last_error = Some(reason);
                 });
             }
+            AgentMsg::Drift {
+                entries,
+                reverted_total,
+            } => {
+                if !entries.is_empty() {
+                    tracing::warn!(agent = %name, left = entries.len(), reverted_total, "agent reports local changes left in place");
+                }
+                ctx.update_agent(name, |v| {
+                    v.drift = entries;
+                    v.drift_reverted = reverted_total;
+                });
+            }
             AgentMsg::Deferred { generation } if pending.is_some() => {
                 // It paused just before the generation arrived; its PauseState says so too.
                 pending = None;

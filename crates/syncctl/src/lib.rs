@@ -183,6 +183,21 @@ pub fn run() -> ExitCode {
                 ExitCode::from(exit::WAIT_TIMEOUT)
             }
         }
+        Response::Backups { backups } => {
+            if backups.is_empty() {
+                println!("no backups");
+            }
+            for b in &backups {
+                println!("{}  ({})", b.name, render::human_bytes(b.bytes));
+                for line in b.changes.iter().take(20) {
+                    println!("  {line}");
+                }
+                if b.changes.len() > 20 {
+                    println!("  ... and {} more", b.changes.len() - 20);
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Response::Changes { changes } => {
             if changes.is_empty() {
                 println!("no local changes");

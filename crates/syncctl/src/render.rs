@@ -101,6 +101,24 @@ fn row(out: &mut String, n: &NodeView, now: u64) {
     if let Some(e) = &n.last_error {
         let _ = writeln!(out, "{:<12} last error: {}", "", clip(e, 54));
     }
+    // Paths are shown whole, even if the line wraps: an operator needs the exact path.
+    for d in n.drift.iter().take(5) {
+        let _ = writeln!(
+            out,
+            "{:<12} drift: {} {}/{} ({})",
+            "", d.change, d.folder, d.path, d.action
+        );
+    }
+    if n.drift.len() > 5 {
+        let _ = writeln!(out, "{:<12} drift: ... and {} more", "", n.drift.len() - 5);
+    }
+    if n.drift_reverted > 0 {
+        let _ = writeln!(
+            out,
+            "{:<12} {} local change(s) reverted since start",
+            "", n.drift_reverted
+        );
+    }
 }
 
 /// How a wait ended, as text.
@@ -190,6 +208,8 @@ mod tests {
             paused_by: Some("manager".into()),
             bytes_transferred: 0,
             bytes_reused: 0,
+            drift: vec![],
+            drift_reverted: 0,
         }
     }
 

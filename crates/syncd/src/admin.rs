@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncd_admin::{
-    ErrorKind, GuardView, HeldView, HoldView, Laggard, LocalChange, NodeView, PendingView, Request,
-    Response, Status, WaitReport,
+    BackupView, DriftView, ErrorKind, GuardView, HeldView, HoldView, Laggard, LocalChange,
+    NodeView, PendingView, Request, Response, Status, WaitReport,
 };
 use syncd_agent::{AgentHandle, AgentStatus};
 use syncd_manager::{ManagerHandle, NodeState};
@@ -296,6 +296,8 @@ fn manager_status(m: &ManagerHandle) -> Status {
                 paused_by: v.paused.as_ref().map(|p| p.by.clone()),
                 bytes_transferred: v.bytes_sent,
                 bytes_reused: 0,
+                drift: v.drift.iter().map(drift_view).collect(),
+                drift_reverted: v.drift_reverted,
             }
         })
         .collect();
@@ -376,7 +378,19 @@ async fn agent(a: &AgentHandle, name: &str, manager: SocketAddr, request: Reques
             ErrorKind::WrongRole,
             "`confirm` releases the manager's delete guard: run it on the manager",
         ),
-        Request::Backups => error(ErrorKind::Failed, "backups: not available yet"),
+        Request::Backups => match a.backups().await {
+            Ok(list) => Response::Backups {
+                backups: list
+                    .into_iter()
+                    .map(|b| BackupView {
+                        name: b.name,
+                        bytes: b.bytes,
+                        changes: b.changes,
+                    })
+                    .collect(),
+            },
+            Err(e) => error(ErrorKind::Failed, e),
+        },
         Request::Changes => match a.changes().await {
             Ok(changes) => Response::Changes {
                 changes: changes.into_iter().map(local_change).collect(),
@@ -437,6 +451,8 @@ fn agent_row(s: &AgentStatus, name: &str, manager: SocketAddr) -> NodeView {
         "syncing"
     } else if s.last_error.is_some() {
         "error"
+    } else if !s.drift.is_empty() {
+        "drifted"
     } else {
         "in sync"
     };
@@ -454,6 +470,17 @@ fn agent_row(s: &AgentStatus, name: &str, manager: SocketAddr) -> NodeView {
         paused_by: s.paused.as_ref().map(|p| p.by.clone()),
         bytes_transferred: s.bytes_fetched,
         bytes_reused: s.bytes_reused,
+        drift: s.drift.iter().map(drift_view).collect(),
+        drift_reverted: s.drift_reverted,
+    }
+}
+
+fn drift_view(e: &syncd_proto::DriftEntry) -> DriftView {
+    DriftView {
+        folder: e.folder.clone(),
+        path: e.path.clone(),
+        change: e.change.clone(),
+        action: e.action.clone(),
     }
 }
 

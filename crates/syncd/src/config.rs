@@ -26,6 +26,9 @@ pub struct Config {
     pub role: Role,
     /// `[[folders]]`.
     pub folders: Vec<FolderSpec>,
+    /// `[agent] max_backups` and `max_backup_mb` (in bytes): limits of the backups of local
+    /// changes.
+    pub backups: (usize, u64),
 }
 
 /// `[node]`.
@@ -134,6 +137,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
 
     let manager = p.table(&mut root, "", "manager", false);
     let agent = p.table(&mut root, "", "agent", false);
+    let mut backups = (100usize, 1u64 << 30);
     let role = match (manager, agent) {
         (Some(_), Some(_)) => {
             p.problem(
@@ -195,6 +199,20 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             listen.map(|listen| Role::Manager { listen, agents })
         }
         (None, Some(mut a)) => {
+            if let Some(n) = p.float(&mut a, "agent", "max_backups") {
+                if n >= 1.0 && n.fract() == 0.0 {
+                    backups.0 = n as usize;
+                } else {
+                    p.problem("agent.max_backups", "must be a whole number of at least 1");
+                }
+            }
+            if let Some(mb) = p.float(&mut a, "agent", "max_backup_mb") {
+                if mb >= 1.0 {
+                    backups.1 = (mb * 1024.0 * 1024.0) as u64;
+                } else {
+                    p.problem("agent.max_backup_mb", "must be at least 1");
+                }
+            }
             let manager = p
                 .string(&mut a, "agent", "manager", true)
                 .and_then(|s| p.addr("agent.manager", &s, true));
@@ -331,6 +349,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             },
             role,
             folders,
+            backups,
         }),
         _ => Err(p.problems),
     }

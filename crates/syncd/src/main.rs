@@ -264,6 +264,8 @@ async fn run(config: Config, identity: Identity) -> ExitCode {
                 manager_addr: manager,
                 manager_id,
                 folders: config.folders,
+                max_backups: config.backups.0,
+                max_backup_bytes: config.backups.1,
             };
             let agent = match tokio::task::spawn_blocking(move || Agent::open(ac, identity)).await {
                 Ok(Ok(a)) => a,

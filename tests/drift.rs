@@ -1,0 +1,252 @@
+//! Read-only workers: local changes on a worker are caught within seconds, backed up, and
+//! reverted (or only reported); a path rewritten in a loop is left alone after a few reverts;
+//! excluded paths are untouched on both sides.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant, SystemTime};
+
+use support::cluster::{Cluster, MANAGER};
+use support::{assert_same_tree, converge_blocking, snapshot};
+use syncd_devtools::{Scale, generate};
+
+fn cluster(seed: u64, report: bool) -> Cluster {
+    let mut c = Cluster::new(&["worker-1"]);
+    if report {
+        c.folder_option("worker-1", "drift = \"report\"");
+    }
+    generate(&c.data(MANAGER), Scale::SMALL, seed).unwrap();
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    c
+}
+
+/// The hand changes of the issue, applied to a worker's folder.
+fn tamper(w: &std::path::Path) {
+    let api = w.join("synapse-configs/default/api");
+    fs::write(api.join("service-0001.xml"), b"<api name=\"hand-edited\"/>").unwrap();
+    fs::remove_file(api.join("service-0002.xml")).unwrap();
+    fs::write(api.join("hand-added.xml"), b"<api name=\"stray\"/>").unwrap();
+    fs::set_permissions(
+        api.join("service-0003.xml"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    fs::File::options()
+        .write(true)
+        .open(api.join("service-0005.xml"))
+        .unwrap()
+        .set_times(fs::FileTimes::new().set_modified(t))
+        .unwrap();
+}
+
+fn backed_up_files(c: &Cluster) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![c.dir("worker-1", "state/backups")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn hand_changes_are_reverted_within_seconds_and_kept_in_backups() {
+    let c = cluster(31, false);
+    tamper(&c.data("worker-1"));
+    let started = Instant::now();
+    converge_blocking(
+        &c.data(MANAGER),
+        &c.data("worker-1"),
+        Duration::from_secs(10),
+    );
+    eprintln!("reverted in {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let kept = backed_up_files(&c);
+    assert!(
+        kept.iter()
+            .any(|(n, b)| n == "service-0001.xml" && b == b"<api name=\"hand-edited\"/>"),
+        "{:?}",
+        kept.iter().map(|k| &k.0).collect::<Vec<_>>()
+    );
+    assert!(
+        kept.iter()
+            .any(|(n, b)| n == "hand-added.xml" && b == b"<api name=\"stray\"/>")
+    );
+    let index = kept
+        .iter()
+        .find(|(n, _)| n == "CHANGES")
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .unwrap();
+    for want in [
+        "modified\tdeployment/synapse-configs/default/api/service-0001.xml",
+        "removed\tdeployment/synapse-configs/default/api/service-0002.xml",
+        "added\tdeployment/synapse-configs/default/api/hand-added.xml",
+    ] {
+        assert!(index.contains(want), "{want} not in {index}");
+    }
+    let listed = c.ctl("worker-1", &["backups"]);
+    assert!(
+        listed.contains("drift-") && listed.contains("service-0001.xml"),
+        "{listed}"
+    );
+    let row = c.row("worker-1");
+    assert!(row.drift_reverted >= 5, "{row:?}");
+    assert_eq!(row.state, "in sync");
+}
+
+#[test]
+fn under_report_hand_changes_are_flagged_and_left() {
+    let c = cluster(32, true);
+    tamper(&c.data("worker-1"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = c.row("worker-1");
+        if row.drift.len() == 5 {
+            assert_eq!(row.state, "drifted");
+            assert!(row.drift.iter().all(|d| d.action == "reported"), "{row:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "drift not reported: {row:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let table = c.ctl(MANAGER, &["status"]);
+    assert!(
+        table.contains("drifted")
+            && table.contains(
+                "drift: modified deployment/synapse-configs/default/api/service-0001.xml (reported)"
+            ),
+        "{table}"
+    );
+    // Nothing was touched.
+    let w = c.data("worker-1").join("synapse-configs/default/api");
+    assert_eq!(
+        fs::read(w.join("service-0001.xml")).unwrap(),
+        b"<api name=\"hand-edited\"/>"
+    );
+    assert!(!w.join("service-0002.xml").exists());
+    assert!(w.join("hand-added.xml").exists());
+    // A restart keeps reporting them instead of undoing them.
+    let mut c = c;
+    c.stop("worker-1");
+    c.start("worker-1");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        fs::read(w.join("service-0001.xml")).unwrap(),
+        b"<api name=\"hand-edited\"/>"
+    );
+    c.wait_row("worker-1", Duration::from_secs(10), |r| r.drift.len() == 5);
+}
+
+#[test]
+fn a_path_rewritten_in_a_loop_is_left_alone_after_a_few_reverts() {
+    let c = cluster(33, false);
+    let target = c
+        .data("worker-1")
+        .join("synapse-configs/default/api/service-0004.xml");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, target) = (stop.clone(), target.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = fs::write(&target, format!("<api rewritten=\"{i}\"/>"));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    c.wait_row("worker-1", Duration::from_secs(20), |r| {
+        r.drift.iter().any(|d| d.action == "flapping")
+    });
+    let reverted_then = c.row("worker-1").drift_reverted;
+    std::thread::sleep(Duration::from_secs(2));
+    let row = c.row("worker-1");
+    assert_eq!(
+        row.drift_reverted, reverted_then,
+        "kept fighting the loop: {row:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    writer.join().unwrap();
+    assert!(String::from_utf8_lossy(&fs::read(&target).unwrap()).contains("rewritten"));
+    // The operator takes it back: resume forgives the path, and it is reverted.
+    c.ctl("worker-1", &["resume"]);
+    converge_blocking(
+        &c.data(MANAGER),
+        &c.data("worker-1"),
+        Duration::from_secs(10),
+    );
+}
+
+#[test]
+fn excluded_paths_are_untouched_on_both_sides() {
+    let c = cluster(34, false);
+    fs::write(
+        c.data(MANAGER)
+            .join("synapse-configs/default/api/service-0001.xml.back"),
+        b"manager backup",
+    )
+    .unwrap();
+    fs::create_dir_all(c.data(MANAGER).join("work/cache")).unwrap();
+    fs::write(c.data(MANAGER).join("work/cache/x"), b"scratch").unwrap();
+    let worker_back = c
+        .data("worker-1")
+        .join("synapse-configs/default/api/local.xml.back");
+    fs::write(&worker_back, b"worker's own").unwrap();
+    fs::write(
+        c.data(MANAGER)
+            .join("synapse-configs/default/api/trigger.xml"),
+        b"<t/>",
+    )
+    .unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !c.data("worker-1")
+            .join("synapse-configs/default/api/service-0001.xml.back")
+            .exists()
+    );
+    assert!(!c.data("worker-1").join("work").exists());
+    assert_eq!(fs::read(&worker_back).unwrap(), b"worker's own");
+    let row = c.row("worker-1");
+    assert!(row.drift.is_empty() && row.drift_reverted == 0, "{row:?}");
+}
+
+#[test]
+fn changes_made_while_the_agent_was_down_are_backed_up_then_undone() {
+    let mut c = cluster(35, false);
+    c.stop("worker-1");
+    fs::write(
+        c.data("worker-1")
+            .join("synapse-configs/default/api/service-0001.xml"),
+        b"<edited-offline/>",
+    )
+    .unwrap();
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    converge_blocking(
+        &c.data(MANAGER),
+        &c.data("worker-1"),
+        Duration::from_secs(10),
+    );
+    assert!(
+        backed_up_files(&c)
+            .iter()
+            .any(|(n, b)| n == "service-0001.xml" && b == b"<edited-offline/>")
+    );
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    let _ = snapshot(&c.data("worker-1"));
+}

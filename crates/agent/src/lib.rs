@@ -55,8 +55,33 @@ impl AgentConfig {
     pub const DEFAULT_MAX_BACKUP_BYTES: u64 = 1 << 30;
 }
 
+/// Upper bounds (seconds) of the apply-time histogram's buckets.
+pub const APPLY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+
+/// A histogram of apply times, for the metrics endpoint.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative), bounds in [`APPLY_BUCKETS`].
+    pub buckets: [u64; APPLY_BUCKETS.len()],
+    /// Observations in all.
+    pub count: u64,
+    /// Sum of the observations, in seconds.
+    pub sum: f64,
+}
+
+impl Histogram {
+    /// Records one observation in seconds.
+    pub fn observe(&mut self, secs: f64) {
+        if let Some(i) = APPLY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+}
+
 /// What the agent is doing, for status displays and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgentStatus {
     /// Last generation applied completely.
     pub applied: Generation,
@@ -80,6 +105,8 @@ pub struct AgentStatus {
     pub drift: Vec<syncd_proto::DriftEntry>,
     /// Local changes reverted since start.
     pub drift_reverted: u64,
+    /// How long applying generations took.
+    pub apply_seconds: Histogram,
 }
 
 /// What an operator asks of a running agent (through [`AgentHandle`]).

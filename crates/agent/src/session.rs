@@ -686,10 +686,12 @@ async fn apply_generation(
                 .iter()
                 .map(|f| (f.name.clone(), f.local.clone()))
                 .collect();
+            let took = started.elapsed().as_secs_f64();
             agent.status.send_modify(|s| {
                 s.applied = generation;
                 s.last_error = None;
                 s.last_applied = Some(SystemTime::now());
+                s.apply_seconds.observe(took);
             });
             tracing::info!(
                 %generation,

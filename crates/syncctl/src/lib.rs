@@ -97,6 +97,11 @@ enum Command {
     Backups,
 }
 
+/// The command-line definition, for man pages and completions.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Runs `syncctl` with the process's arguments.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();

@@ -29,6 +29,8 @@ pub struct Config {
     /// `[agent] max_backups` and `max_backup_mb` (in bytes): limits of the backups of local
     /// changes.
     pub backups: (usize, u64),
+    /// `[metrics] listen`: where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `[node]`.
@@ -236,6 +238,17 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         }
     };
 
+    let metrics = match p.table(&mut root, "", "metrics", false) {
+        Some(mut m) => {
+            let listen = p
+                .string(&mut m, "metrics", "listen", true)
+                .and_then(|a| p.addr("metrics.listen", &a, false));
+            p.unknown(&m, "metrics");
+            listen
+        }
+        None => None,
+    };
+
     let mut folders = Vec::new();
     let folder_tables = p.array_of_tables(&mut root, "", "folders");
     if folder_tables.is_empty() && p.problems.iter().all(|x| x.key != "folders") {
@@ -350,6 +363,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             role,
             folders,
             backups,
+            metrics,
         }),
         _ => Err(p.problems),
     }

@@ -1,12 +1,16 @@
 //! `syncd`: the daemon (manager or agent role) and its set-up commands.
 
 mod admin;
+mod assets;
 mod config;
+mod metrics;
+mod sdnotify;
+mod setup;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use syncd_agent::{Agent, AgentConfig};
 use syncd_manager::{AgentEntry, Manager, ManagerConfig};
 use syncd_transport::{Identity, IdentityError};
@@ -42,6 +46,9 @@ mod exit {
         Logging: set SYNCD_LOG (or RUST_LOG), e.g. SYNCD_LOG=debug or SYNCD_LOG=syncd_agent=debug."
 )]
 struct Cli {
+    /// Log format: `human` (default) or `json` (one object per line) [env: SYNCD_LOG_FORMAT].
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,11 +85,28 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Write a config for a WSO2 node, with the folders its product needs (found under
+    /// CARBON_HOME) and WSO2's excludes.
+    Config(setup::ConfigArgs),
+    /// Write man pages and shell completions for syncd and syncctl into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Output directory.
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let format = cli
+        .log_format
+        .or_else(|| std::env::var("SYNCD_LOG_FORMAT").ok())
+        .unwrap_or_else(|| "human".into());
+    if format != "human" && format != "json" {
+        eprintln!("syncd: --log-format must be `human` or `json`, not {format:?}");
+        return ExitCode::from(2);
+    }
+    init_logging(format == "json");
     match cli.command {
         Command::Init { state_dir } => init(&state_dir),
         Command::Id { state_dir } => match Identity::load(&state_dir) {
@@ -95,19 +119,34 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Manager { config } => run_role(&config, "manager"),
         Command::Agent { config } => run_role(&config, "agent"),
+        Command::Config(args) => setup::run(args),
+        Command::GenerateAssets { dir } => match assets::generate(&dir, Cli::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("syncd: {e}");
+                ExitCode::from(exit::RUNTIME)
+            }
+        },
     }
 }
 
-fn init_logging() {
+fn init_logging(json: bool) {
     let filter = std::env::var("SYNCD_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info,quinn=warn,rustls=warn".to_owned());
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 fn init(state_dir: &Path) -> ExitCode {
@@ -192,7 +231,11 @@ fn run_role(path: &Path, role: &str) -> ExitCode {
         Ok(i) => i,
         Err(e) => return identity_error(e),
     };
+    // Every log line of the daemon carries the node's name (in its span).
+    let span = tracing::info_span!("syncd", node = %config.node.name);
+    let thread_span = span.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .on_thread_start(move || std::mem::forget(thread_span.clone().entered()))
         .enable_all()
         .build()
     {
@@ -202,6 +245,7 @@ fn run_role(path: &Path, role: &str) -> ExitCode {
             return ExitCode::from(exit::START);
         }
     };
+    let _entered = span.entered();
     runtime.block_on(run(config, identity))
 }
 
@@ -211,6 +255,7 @@ async fn run(config: Config, identity: Identity) -> ExitCode {
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
+        sdnotify::notify("STOPPING=1");
         let _ = shutdown_tx.send(true);
     });
     let socket = match admin::bind(&config.node.admin_socket) {
@@ -220,6 +265,17 @@ async fn run(config: Config, identity: Identity) -> ExitCode {
             return ExitCode::from(exit::START);
         }
     };
+    let metrics = match config.metrics {
+        Some(addr) => match metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(exit::START);
+            }
+        },
+        None => None,
+    };
+    sdnotify::spawn_watchdog();
     tracing::info!(node = %config.node.name, id = %identity.id(), role = config.role.name(), "starting");
     match config.role {
         Role::Manager { listen, agents } => {
@@ -240,10 +296,15 @@ async fn run(config: Config, identity: Identity) -> ExitCode {
                     return ExitCode::from(exit::START);
                 }
             };
-            tokio::spawn(admin::serve(
-                socket,
-                admin::Role::Manager(manager.handle()),
-                shutdown.clone(),
+            let role = admin::Role::Manager(manager.handle());
+            tokio::spawn(admin::serve(socket, role.clone(), shutdown.clone()));
+            if let Some(l) = metrics {
+                tokio::spawn(metrics::serve(l, role, shutdown.clone()));
+            }
+            sdnotify::notify(&format!(
+                "READY=1\nSTATUS=manager: generation {}, listening on {}",
+                manager.handle().status().borrow().generation,
+                manager.local_addr()
             ));
             match manager.run(shutdown).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -280,7 +341,11 @@ async fn run(config: Config, identity: Identity) -> ExitCode {
                 name,
                 manager,
             };
-            tokio::spawn(admin::serve(socket, role, shutdown.clone()));
+            tokio::spawn(admin::serve(socket, role.clone(), shutdown.clone()));
+            if let Some(l) = metrics {
+                tokio::spawn(metrics::serve(l, role, shutdown.clone()));
+            }
+            sdnotify::notify("READY=1\nSTATUS=agent: folders scanned, connecting to the manager");
             match agent.run(shutdown).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -240,9 +240,11 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
 
     let metrics = match p.table(&mut root, "", "metrics", false) {
         Some(mut m) => {
+            // Localhost unless said otherwise: metrics are for the node's own scraper.
             let listen = p
-                .string(&mut m, "metrics", "listen", true)
-                .and_then(|a| p.addr("metrics.listen", &a, false));
+                .string(&mut m, "metrics", "listen", false)
+                .unwrap_or_else(|| "127.0.0.1:9780".to_owned());
+            let listen = p.addr("metrics.listen", &listen, false);
             p.unknown(&m, "metrics");
             listen
         }

@@ -13,9 +13,10 @@ use crate::messages::ManagerMsg;
 /// Target size of one `Changes` or `MoreChunks` payload: well under the frame limit, small
 /// enough that the first page of a large update leaves at once.
 pub const PAGE_BUDGET: usize = 256 * 1024;
-/// Most changes plus chunk references one update may carry (a sanity bound, about 600 MB of
-/// manifest; a million files of 16 chunks each is well inside it).
-pub const MAX_UPDATE_ITEMS: usize = 16 << 20;
+/// Most changes plus chunk references one folder's update may carry: a bound on what a
+/// misbehaving manager can make an agent hold (about 200 MB). 100,000 files with 30 chunks each,
+/// or 250 GiB of files in 64 KiB chunks, fit.
+pub const MAX_UPDATE_ITEMS: usize = 4 << 20;
 
 /// Chunk references that fit in one page. A `ChunkRef` encodes in at most 32 + 5 bytes.
 const CHUNKS_PER_PAGE: usize = PAGE_BUDGET / 37;

@@ -153,6 +153,7 @@ pub(crate) async fn apply(
     folders: &[Folder],
     targets: Vec<Target>,
     stats: &mut ApplyStats,
+    received: &Arc<AtomicU64>,
 ) -> Result<Vec<(usize, LocalManifest)>, ApplyError> {
     let mut jobs = Vec::new();
     let mut plans = Vec::new();
@@ -200,9 +201,16 @@ pub(crate) async fn apply(
     }
 
     let fsync_each = jobs.len() <= FSYNC_EACH_LIMIT;
-    let staged = stage_all(conn, folders, &stagings, &mut jobs, fsync_each, stats).await;
+    let staged = stage_all(
+        conn, folders, &stagings, &mut jobs, fsync_each, stats, received,
+    )
+    .await;
     if let Err(e) = staged {
-        discard_staging(folders, &stagings);
+        // A lost connection keeps what was staged: the next attempt (after a reconnect, or a
+        // restart) reuses every chunk already written and checked. Anything else starts over.
+        if !matches!(e, ApplyError::Transport(_)) {
+            discard_staging(folders, &stagings);
+        }
         return Err(e);
     }
 
@@ -331,6 +339,43 @@ fn local_index(folders: &[Folder]) -> HashMap<ChunkHash, Source> {
     index
 }
 
+/// The name key of a staged file holding content `hash`.
+fn leftover_key(hash: &syncd_manifest::FileHash) -> String {
+    hash.to_hex()[..32].to_owned()
+}
+
+/// Files staged by an interrupted apply for content a job needs now: each of that content's
+/// chunks may already be in them at its offset (checked on read; missing ones are fetched).
+fn add_leftovers(folders: &[Folder], jobs: &[StageJob], index: &mut HashMap<ChunkHash, Source>) {
+    let mut by_key: HashMap<(usize, String), String> = HashMap::new();
+    let mut folders_with_jobs: Vec<usize> = jobs.iter().map(|j| j.folder).collect();
+    folders_with_jobs.sort_unstable();
+    folders_with_jobs.dedup();
+    for f in folders_with_jobs {
+        for (name, key) in folders[f].root.staged_leftovers().unwrap_or_default() {
+            by_key.insert((f, key), name);
+        }
+    }
+    if by_key.is_empty() {
+        return;
+    }
+    for job in jobs {
+        let Some(name) = by_key.get(&(job.folder, leftover_key(&job.content.hash))) else {
+            continue;
+        };
+        let mut offset = 0u64;
+        for c in &job.content.chunks {
+            // A leftover may hold the chunk; an earlier source of the same bytes is as good.
+            index.entry(c.hash).or_insert_with(|| Source::Staged {
+                folder: job.folder,
+                name: name.clone(),
+                offset,
+            });
+            offset += c.len as u64;
+        }
+    }
+}
+
 /// One staged file being written, shared by the tasks that write its chunks.
 struct Dest {
     file: File,
@@ -352,8 +397,10 @@ async fn stage_all(
     jobs: &mut [StageJob],
     fsync_each: bool,
     stats: &mut ApplyStats,
+    received: &Arc<AtomicU64>,
 ) -> Result<(), ApplyError> {
     let mut index = local_index(folders);
+    add_leftovers(folders, jobs, &mut index);
     let mut start = 0;
     while start < jobs.len() {
         let mut end = start;
@@ -371,6 +418,7 @@ async fn stage_all(
             &index,
             fsync_each,
             stats,
+            received,
         )
         .await?;
         // Files staged in this batch are sources for the next ones.
@@ -399,6 +447,7 @@ async fn stage_batch(
     index: &HashMap<ChunkHash, Source>,
     fsync_each: bool,
     stats: &mut ApplyStats,
+    received: &Arc<AtomicU64>,
 ) -> Result<(), ApplyError> {
     let stage_err = |path: &RelPath| {
         let path = path.to_string();
@@ -408,7 +457,9 @@ async fn stage_batch(
     let mut dests = Vec::with_capacity(jobs.len());
     for job in jobs.iter_mut() {
         let staging = &stagings[&job.folder];
-        let staged = staging.create().map_err(stage_err(&job.path))?;
+        let staged = staging
+            .create_for(&leftover_key(&job.content.hash))
+            .map_err(stage_err(&job.path))?;
         staged
             .file
             .set_len(job.content.size)
@@ -488,7 +539,8 @@ async fn stage_batch(
             let conn = conn.clone();
             let dests = Arc::clone(&dests);
             let wanted = Arc::clone(&wanted);
-            in_flight.spawn(async move { fetch(&conn, req, &dests, &wanted).await });
+            let received = Arc::clone(received);
+            in_flight.spawn(async move { fetch(&conn, req, &dests, &wanted, &received).await });
         }
         let Some(done) = in_flight.join_next().await else {
             break;
@@ -668,6 +720,7 @@ async fn fetch(
     req: Request,
     dests: &[Dest],
     wanted: &HashMap<ChunkHash, Vec<(usize, u64)>>,
+    progress: &AtomicU64,
 ) -> Result<u64, ApplyError> {
     let (mut tx, mut rx) = conn.open_bi().await?;
     tx.send(&req.request, MAX_REQUEST_FRAME).await?;
@@ -692,6 +745,7 @@ async fn fetch(
                     return Err(ApplyError::BadChunk { path: path.clone() });
                 }
                 received += *len as u64;
+                progress.fetch_add(*len as u64, Ordering::Relaxed);
                 // Writes of one chunk into the page cache take microseconds; doing them here
                 // keeps the chunk buffer single and the stream flowing.
                 for &(d, offset) in wanted.get(hash).map(Vec::as_slice).unwrap_or(&[]) {

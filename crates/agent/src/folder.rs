@@ -35,7 +35,7 @@ pub struct FolderError {
 }
 
 impl Folder {
-    /// Opens (creating if absent) the folder, clears what an interrupted apply left in its staging
+    /// Opens (creating if absent) the folder, notes what an interrupted apply left in its staging
     /// directory, and scans it, reusing hashes from `previous` where files are unchanged.
     pub(crate) fn open(
         spec: &FolderSpec,
@@ -53,11 +53,16 @@ impl Folder {
             tracing::info!(folder = %spec.name, path = %spec.path.display(), "created the folder");
         }
         let root = Arc::new(FolderRoot::open(&spec.path).map_err(|e| fail(e.to_string()))?);
-        let leftovers = root
-            .clear_staging()
-            .map_err(|e| fail(format!("cannot clear staging: {e}")))?;
-        if leftovers > 0 {
-            tracing::info!(folder = %spec.name, leftovers, "removed files staged by an interrupted apply");
+        // Files an interrupted apply staged stay where they are: their verified chunks are
+        // reused by the next apply, which then clears the staging directory.
+        match root.staged_leftovers() {
+            Ok(l) if !l.is_empty() => tracing::info!(
+                folder = %spec.name,
+                files = l.len(),
+                "found files staged by an interrupted apply; their chunks will be reused"
+            ),
+            Ok(_) => {}
+            Err(e) => return Err(fail(format!("cannot read the staging directory: {e}"))),
         }
         let local =
             scan(&spec.name, &spec.path, chunker, &spec.excludes, previous).map_err(fail)?;

@@ -14,6 +14,7 @@ mod state;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use syncd_fsops::FolderSpec;
 use syncd_manifest::{ChunkParams, Chunker};
@@ -89,7 +90,8 @@ pub struct AgentStatus {
     pub connected: bool,
     /// The last error (connection or apply), cleared by the next success.
     pub last_error: Option<String>,
-    /// Chunk bytes received from the manager since start.
+    /// Chunk bytes received from the manager since start (as of the last apply; the live count
+    /// is [`AgentHandle::bytes_received`]).
     pub bytes_fetched: u64,
     /// Chunk bytes copied from files already on this node since start.
     pub bytes_reused: u64,
@@ -143,6 +145,7 @@ pub struct BackupInfo {
 pub struct AgentHandle {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<AgentStatus>,
+    received: Arc<AtomicU64>,
 }
 
 impl AgentHandle {
@@ -178,6 +181,11 @@ impl AgentHandle {
     /// A live view of the agent's status.
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
         self.status.clone()
+    }
+
+    /// Chunk bytes received from the manager since start, counted as they arrive.
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn send(&self, cmd: Command) -> Result<(), String> {
@@ -257,6 +265,7 @@ pub struct Agent {
     commands: mpsc::Receiver<Command>,
     commands_tx: mpsc::Sender<Command>,
     drift: drift::Tracker,
+    received: Arc<AtomicU64>,
 }
 
 impl Agent {
@@ -308,6 +317,7 @@ impl Agent {
             commands,
             commands_tx,
             drift: drift::Tracker::default(),
+            received: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -321,6 +331,7 @@ impl Agent {
         AgentHandle {
             commands: self.commands_tx.clone(),
             status: self.status.subscribe(),
+            received: Arc::clone(&self.received),
         }
     }
 

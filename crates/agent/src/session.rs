@@ -240,7 +240,18 @@ async fn session(
             Err(e) => return Err(e.into()),
         };
         match msg {
-            header @ ManagerMsg::Update { .. } => updates.push((header, UpdateAssembler::new())),
+            header @ ManagerMsg::Update { .. } => {
+                // One update per folder: more is a peer trying to make us hold without bound.
+                if updates.len() >= agent.folders.len().max(1) * 2 {
+                    return Err(protocol_violation(
+                        &conn,
+                        SessionError::Protocol(
+                            "more folder updates in one generation than folders".into(),
+                        ),
+                    ));
+                }
+                updates.push((header, UpdateAssembler::new()))
+            }
             ManagerMsg::Changes(page) => {
                 let (_, asm) = updates.last_mut().ok_or_else(|| {
                     protocol_violation(&conn, SessionError::Unexpected("Changes before Update"))
@@ -404,7 +415,14 @@ async fn check_drift(
             folder: i,
             manifest: plan.target,
         };
-        let result = apply::apply(conn, &agent.folders, vec![target], &mut stats).await;
+        let result = apply::apply(
+            conn,
+            &agent.folders,
+            vec![target],
+            &mut stats,
+            &agent.received,
+        )
+        .await;
         let mut expected = expected;
         match result {
             Ok(locals) => {
@@ -667,11 +685,14 @@ async fn apply_generation(
     let mut stats = ApplyStats::default();
     let result = match prepare(agent, updates) {
         Ok(targets) if targets.is_empty() => Ok(Vec::new()),
-        Ok(targets) => apply::apply(conn, &agent.folders, targets, &mut stats).await,
+        Ok(targets) => {
+            apply::apply(conn, &agent.folders, targets, &mut stats, &agent.received).await
+        }
         Err(e) => Err(e),
     };
+    let received = agent.received.load(std::sync::atomic::Ordering::Relaxed);
     agent.status.send_modify(|s| {
-        s.bytes_fetched += stats.bytes_fetched;
+        s.bytes_fetched = received;
         s.bytes_reused += stats.bytes_reused;
         s.files_written += stats.files_written;
     });
@@ -679,6 +700,14 @@ async fn apply_generation(
         Ok(locals) => {
             for (i, local) in locals {
                 agent.folders[i].local = local;
+            }
+            // Leftovers of an interrupted apply that this generation did not need.
+            for f in &agent.folders {
+                if f.root.staged_leftovers().is_ok_and(|l| !l.is_empty())
+                    && let Err(e) = f.root.clear_staging()
+                {
+                    tracing::warn!(folder = %f.name, error = %e, "cannot clear the staging directory");
+                }
             }
             agent.state.applied = generation;
             agent.state.folders = agent

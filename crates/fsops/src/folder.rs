@@ -223,6 +223,31 @@ impl FolderRoot {
         })
     }
 
+    /// Files an interrupted apply left in the staging directory: (name, key given to
+    /// [`Staging::create_for`]). Their content is partial: every chunk read from them must be
+    /// checked.
+    pub fn staged_leftovers(&self) -> io::Result<Vec<(String, String)>> {
+        let fd = match rustix::fs::openat2(
+            &self.fd,
+            STAGING_DIR,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(list_names(&fd)?
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .filter_map(|name| {
+                let key = name.strip_prefix("f.")?.split('.').next()?.to_owned();
+                Some((name, key))
+            })
+            .collect())
+    }
+
     /// Removes the staging directory and everything in it (left by an interrupted apply).
     /// Returns how many entries it held.
     pub fn clear_staging(&self) -> io::Result<usize> {
@@ -284,7 +309,13 @@ pub struct StagedFile {
 impl Staging {
     /// Creates a new empty file in the staging directory, readable and writable by the owner only.
     pub fn create(&self) -> io::Result<StagedFile> {
-        let name = unique_name("f");
+        self.create_for("x")
+    }
+
+    /// Like [`Staging::create`], naming the file after `key` (the hex of the content it will
+    /// hold), so that after an interruption [`FolderRoot::staged_leftovers`] can offer it again.
+    pub fn create_for(&self, key: &str) -> io::Result<StagedFile> {
+        let name = unique_name(&format!("f.{key}"));
         let fd = rustix::fs::openat(
             &self.fd,
             name.as_str(),

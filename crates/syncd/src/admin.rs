@@ -344,7 +344,12 @@ fn manager_status(m: &ManagerHandle) -> Status {
 
 async fn agent(a: &AgentHandle, name: &str, manager: SocketAddr, request: Request) -> Response {
     match request {
-        Request::Status => Response::Status(agent_status(&a.status().borrow(), name, manager)),
+        Request::Status => {
+            let mut status = agent_status(&a.status().borrow(), name, manager);
+            // Bytes are counted as they arrive, also in the middle of an apply.
+            status.nodes[0].bytes_transferred = a.bytes_received();
+            Response::Status(status)
+        }
         Request::Pause { node: Some(_), .. } | Request::Resume { node: Some(_) } => error(
             ErrorKind::WrongRole,
             "this is an agent: run `syncctl pause` / `syncctl resume` without a node name here, or name the node on the manager",

@@ -210,7 +210,7 @@ fn agent(a: &AgentHandle) -> String {
         "counter",
         "Chunk bytes received from the manager.",
     );
-    let _ = writeln!(out, "syncd_bytes_received_total {}", s.bytes_fetched);
+    let _ = writeln!(out, "syncd_bytes_received_total {}", a.bytes_received());
     header(
         &mut out,
         "syncd_bytes_saved_total",

@@ -20,6 +20,13 @@ pub struct Cluster {
     folders: Vec<(String, String)>,
     /// Extra lines in every `[[folders]]` table, per node.
     folder_options: BTreeMap<String, Vec<String>>,
+    /// The manager's listen address, and the address agents connect to (loopback by default).
+    listen: Option<String>,
+    connect: Option<String>,
+    /// A command a node's daemon runs under (e.g. `ip netns exec NS`).
+    wrap: BTreeMap<String, Vec<String>>,
+    /// Extra lines in every `[node]` table.
+    node_options: Vec<String>,
     procs: BTreeMap<String, Child>,
 }
 
@@ -57,6 +64,10 @@ impl Cluster {
             agents: agents.iter().map(|a| (*a).to_owned()).collect(),
             folders: vec![("deployment".into(), "data".into())],
             folder_options: BTreeMap::new(),
+            listen: None,
+            connect: None,
+            wrap: BTreeMap::new(),
+            node_options: Vec::new(),
             procs: BTreeMap::new(),
         };
         c.write_configs();
@@ -81,6 +92,32 @@ impl Cluster {
         self.write_configs();
     }
 
+    /// The manager's UDP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where the manager listens and where agents connect (e.g. across network namespaces).
+    pub fn addresses(&mut self, listen: &str, connect: &str) {
+        self.listen = Some(listen.to_owned());
+        self.connect = Some(connect.to_owned());
+        self.write_configs();
+    }
+
+    /// Adds `line` (e.g. `congestion = "bbr"`) to the `[node]` table of every config.
+    pub fn node_option(&mut self, line: &str) {
+        self.node_options.push(line.to_owned());
+        self.write_configs();
+    }
+
+    /// Runs `node`'s daemon under `prefix` (e.g. `["ip", "netns", "exec", "ns1"]`).
+    pub fn wrap(&mut self, node: &str, prefix: &[&str]) {
+        self.wrap.insert(
+            node.to_owned(),
+            prefix.iter().map(|s| (*s).to_owned()).collect(),
+        );
+    }
+
     fn write_configs(&self) {
         let folders = |node: &str| {
             let extra: String = self
@@ -95,10 +132,18 @@ impl Cluster {
                 })
                 .collect::<String>()
         };
+        let listen = self
+            .listen
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", self.port));
+        let connect = self
+            .connect
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", self.port));
+        let node_extra: String = self.node_options.iter().map(|l| format!("{l}\n")).collect();
         let mut m = format!(
-            "[node]\nname = \"mgr\"\nstate_dir = \"mgr/state\"\nadmin_socket = \"mgr/admin.sock\"\n\
-             [manager]\nlisten = \"127.0.0.1:{}\"\n",
-            self.port
+            "[node]\nname = \"mgr\"\nstate_dir = \"mgr/state\"\nadmin_socket = \"mgr/admin.sock\"\n{node_extra}\
+             [manager]\nlisten = \"{listen}\"\n"
         );
         for a in &self.agents {
             m.push_str(&format!(
@@ -110,9 +155,8 @@ impl Cluster {
         std::fs::write(self.root.path().join("mgr.toml"), m).unwrap();
         for a in &self.agents {
             let text = format!(
-                "[node]\nname = \"{a}\"\nstate_dir = \"{a}/state\"\nadmin_socket = \"{a}/admin.sock\"\n\
-                 [agent]\nmanager = \"127.0.0.1:{}\"\nmanager_id = \"{}\"\n{}",
-                self.port,
+                "[node]\nname = \"{a}\"\nstate_dir = \"{a}/state\"\nadmin_socket = \"{a}/admin.sock\"\n{node_extra}\
+                 [agent]\nmanager = \"{connect}\"\nmanager_id = \"{}\"\n{}",
                 self.ids[MANAGER],
                 folders(a)
             );
@@ -138,7 +182,15 @@ impl Cluster {
             .append(true)
             .open(self.root.path().join(format!("{node}.log")))
             .unwrap();
-        let child = Command::new(SYNCD)
+        let mut command = match self.wrap.get(node) {
+            Some(prefix) => {
+                let mut c = Command::new(&prefix[0]);
+                c.args(&prefix[1..]).arg(SYNCD);
+                c
+            }
+            None => Command::new(SYNCD),
+        };
+        let child = command
             .arg(role)
             .arg("--config")
             .arg(self.root.path().join(format!("{node}.toml")))
@@ -268,6 +320,17 @@ impl Drop for Cluster {
         for (_, mut c) in std::mem::take(&mut self.procs) {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // A failed test shows what the daemons said.
+        if std::thread::panicking() {
+            for node in std::iter::once(MANAGER.to_owned()).chain(self.agents.clone()) {
+                let log = std::fs::read_to_string(self.log(&node)).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(25).collect();
+                eprintln!("--- last lines of {node}.log:");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
         }
     }
 }

@@ -303,6 +303,8 @@ async fn feed(
         ctx.update_agent(name, |v| {
             v.paused = paused.clone();
             v.digests = held.clone();
+            // QUIC follows an agent whose address changes: show where it is now.
+            v.addr = Some(conn.remote_addr());
         });
         if let Some(r) = &reported
             && record.set_at > r.set_at

@@ -42,6 +42,8 @@ pub struct NodeSection {
     pub state_dir: PathBuf,
     /// The admin socket's path.
     pub admin_socket: PathBuf,
+    /// QUIC congestion control.
+    pub congestion: syncd_transport::Congestion,
 }
 
 /// The role the config is for.
@@ -135,6 +137,17 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     let admin_socket = p
         .path(&mut node, "node", "admin_socket")
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    let congestion = match p.string(&mut node, "node", "congestion", false).as_deref() {
+        None | Some("cubic") => syncd_transport::Congestion::Cubic,
+        Some("bbr") => syncd_transport::Congestion::Bbr,
+        Some(other) => {
+            p.problem(
+                "node.congestion",
+                &format!("{other:?} is not a congestion controller: use \"cubic\" or \"bbr\""),
+            );
+            syncd_transport::Congestion::Cubic
+        }
+    };
     p.unknown(&node, "node");
 
     let manager = p.table(&mut root, "", "manager", false);
@@ -361,6 +374,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
                 name,
                 state_dir,
                 admin_socket,
+                congestion,
             },
             role,
             folders,

@@ -133,7 +133,7 @@ fn main() -> ExitCode {
 fn init_logging(json: bool) {
     let filter = std::env::var("SYNCD_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info,quinn=warn,rustls=warn".to_owned());
+        .unwrap_or_else(|_| "info,quinn=warn,rustls=warn,notify=warn".to_owned());
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -251,6 +251,7 @@ fn run_role(path: &Path, role: &str) -> ExitCode {
 
 async fn run(config: Config, identity: Identity) -> ExitCode {
     syncd_transport::install_crypto_provider();
+    syncd_transport::set_congestion(config.node.congestion);
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;

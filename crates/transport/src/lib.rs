@@ -8,5 +8,5 @@ mod identity;
 mod verify;
 
 pub use conn::{Conn, ConnStats, RecvStream, SendStream, TransportError};
-pub use endpoint::{Endpoint, Incoming, install_crypto_provider};
+pub use endpoint::{Congestion, Endpoint, Incoming, install_crypto_provider, set_congestion};
 pub use identity::{Identity, IdentityError, NodeId, NodeIdError};

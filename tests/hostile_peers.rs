@@ -465,3 +465,36 @@ async fn an_agent_claiming_another_agents_name_is_refused() {
     agent.stop().await;
     manager.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_stream_of_changes_is_cut_off_at_its_bound() {
+    let dirs = agent_dirs();
+    let fake = FakeManager::new(&dirs.identity());
+    let agent = agent_of(&fake, dirs).await;
+    let (conn, mut tx, _rx) = fake.accept(Hello::OURS).await;
+    tx.send(&update_header(Manifest::default().digest()), MAX_CONTROL_FRAME)
+        .await
+        .unwrap();
+    // Pages of valid removals, forever: the agent must refuse once the update passes its bound,
+    // not keep allocating.
+    let page: Vec<RawChange> = (0..10_000)
+        .map(|i| RawChange::Put(format!("f{i}"), file_node(b"x")))
+        .collect();
+    let frame = RawManagerMsg::Changes(page);
+    let mut sent = 0usize;
+    let closed = loop {
+        if tx.send(&frame, MAX_CONTROL_FRAME).await.is_err() {
+            break true;
+        }
+        sent += 10_000;
+        if sent > 3 * MAX_UPDATE_ITEMS {
+            break false;
+        }
+    };
+    assert!(closed, "the agent accepted {sent} changes");
+    let (code, reason) = closed_reason(&conn).await;
+    assert_eq!(code, close::PROTOCOL_ERROR);
+    assert!(reason.contains("exceeds"), "{reason}");
+    let dirs = agent.stop().await;
+    assert_nothing_written(&dirs);
+}

@@ -472,9 +472,12 @@ async fn an_endless_stream_of_changes_is_cut_off_at_its_bound() {
     let fake = FakeManager::new(&dirs.identity());
     let agent = agent_of(&fake, dirs).await;
     let (conn, mut tx, _rx) = fake.accept(Hello::OURS).await;
-    tx.send(&update_header(Manifest::default().digest()), MAX_CONTROL_FRAME)
-        .await
-        .unwrap();
+    tx.send(
+        &update_header(Manifest::default().digest()),
+        MAX_CONTROL_FRAME,
+    )
+    .await
+    .unwrap();
     // Pages of valid removals, forever: the agent must refuse once the update passes its bound,
     // not keep allocating.
     let page: Vec<RawChange> = (0..10_000)

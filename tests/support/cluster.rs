@@ -194,7 +194,10 @@ impl Cluster {
             .arg(role)
             .arg("--config")
             .arg(self.root.path().join(format!("{node}.toml")))
-            .env("SYNCD_LOG", "info")
+            .env(
+                "SYNCD_LOG",
+                std::env::var("SYNCD_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -266,6 +266,8 @@ pub struct Agent {
     commands_tx: mpsc::Sender<Command>,
     drift: drift::Tracker,
     received: Arc<AtomicU64>,
+    /// Whether the last session got as far as joining (resets the reconnection backoff).
+    joined: bool,
 }
 
 impl Agent {
@@ -318,6 +320,7 @@ impl Agent {
             commands_tx,
             drift: drift::Tracker::default(),
             received: Arc::new(AtomicU64::new(0)),
+            joined: false,
         })
     }
 

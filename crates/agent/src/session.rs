@@ -16,7 +16,9 @@ use crate::drift;
 use crate::pause::{self, LocalChange, ResumeReport};
 use crate::{Agent, AgentError, Command};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A handshake takes a few round trips; QUIC ignores ICMP errors, so an unreachable manager
+/// is only noticed by this timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -85,7 +87,9 @@ pub(crate) async fn run(
                     .send_modify(|s| s.last_error = Some(e.to_string()));
             }
         }
-        if started.elapsed() > BACKOFF_MAX {
+        // A session that got as far as joining resets the backoff: a restarted manager is
+        // reconnected to at once, an unreachable one is retried less and less often.
+        if started.elapsed() > BACKOFF_MAX || std::mem::take(&mut agent.joined) {
             backoff = BACKOFF_MIN;
         }
         // Operators may pause, resume and look while the manager is out of reach.
@@ -191,6 +195,7 @@ async fn session(
         }
         Err(e) => return Err(e.into()),
     }
+    agent.joined = true;
     // The manager sends nothing before it knows whether this agent is paused.
     send_pause_state(agent, &mut tx).await?;
     agent.status.send_modify(|s| {

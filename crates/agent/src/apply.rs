@@ -201,10 +201,19 @@ pub(crate) async fn apply(
     }
 
     let fsync_each = jobs.len() <= FSYNC_EACH_LIMIT;
-    let staged = stage_all(
-        conn, folders, &stagings, &mut jobs, fsync_each, stats, received,
-    )
-    .await;
+    tracing::debug!(
+        files = jobs.len(),
+        bytes = jobs.iter().map(|j| j.content.size).sum::<u64>(),
+        "staging files"
+    );
+    let cx = StageCtx {
+        conn,
+        folders,
+        stagings: &stagings,
+        fsync_each,
+        received,
+    };
+    let staged = stage_all(&cx, &mut jobs, stats).await;
     if let Err(e) = staged {
         // A lost connection keeps what was staged: the next attempt (after a reconnect, or a
         // restart) reuses every chunk already written and checked. Anything else starts over.
@@ -390,17 +399,25 @@ struct Request {
     expect: Vec<(ChunkHash, u32, RelPath)>,
 }
 
-async fn stage_all(
-    conn: &Conn,
-    folders: &[Folder],
-    stagings: &HashMap<usize, Arc<Staging>>,
-    jobs: &mut [StageJob],
+/// What every batch of one apply shares.
+struct StageCtx<'a> {
+    conn: &'a Conn,
+    folders: &'a [Folder],
+    stagings: &'a HashMap<usize, Arc<Staging>>,
+    /// Whether each staged file is fsynced as it is finished (few files), or the filesystem
+    /// once before the renames (many).
     fsync_each: bool,
+    /// The live count of bytes received, for status.
+    received: &'a Arc<AtomicU64>,
+}
+
+async fn stage_all(
+    cx: &StageCtx<'_>,
+    jobs: &mut [StageJob],
     stats: &mut ApplyStats,
-    received: &Arc<AtomicU64>,
 ) -> Result<(), ApplyError> {
-    let mut index = local_index(folders);
-    add_leftovers(folders, jobs, &mut index);
+    let mut index = local_index(cx.folders);
+    add_leftovers(cx.folders, jobs, &mut index);
     let mut start = 0;
     while start < jobs.len() {
         let mut end = start;
@@ -410,17 +427,7 @@ async fn stage_all(
             bytes += jobs[end].content.size;
             end += 1;
         }
-        stage_batch(
-            conn,
-            folders,
-            stagings,
-            &mut jobs[start..end],
-            &index,
-            fsync_each,
-            stats,
-            received,
-        )
-        .await?;
+        stage_batch(cx, &mut jobs[start..end], &index, stats).await?;
         // Files staged in this batch are sources for the next ones.
         for job in &jobs[start..end] {
             let name = job.staged.clone().expect("a staged batch names every file");
@@ -440,15 +447,18 @@ async fn stage_all(
 }
 
 async fn stage_batch(
-    conn: &Conn,
-    folders: &[Folder],
-    stagings: &HashMap<usize, Arc<Staging>>,
+    cx: &StageCtx<'_>,
     jobs: &mut [StageJob],
     index: &HashMap<ChunkHash, Source>,
-    fsync_each: bool,
     stats: &mut ApplyStats,
-    received: &Arc<AtomicU64>,
 ) -> Result<(), ApplyError> {
+    let StageCtx {
+        conn,
+        folders,
+        stagings,
+        fsync_each,
+        received,
+    } = *cx;
     let stage_err = |path: &RelPath| {
         let path = path.to_string();
         move |source| ApplyError::Stage { path, source }
@@ -529,6 +539,12 @@ async fn stage_batch(
 
     // Fetch what is missing, several requests at once.
     let requests = build_requests(folders, jobs, fetch_lists);
+    tracing::debug!(
+        files = jobs.len(),
+        requests = requests.len(),
+        chunks = wanted.len(),
+        "fetching missing chunks"
+    );
     let wanted = Arc::new(wanted);
     let mut in_flight = JoinSet::new();
     let mut requests = requests.into_iter();

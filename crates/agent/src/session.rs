@@ -368,6 +368,7 @@ async fn check_drift(
     if agent.state.pause.is_some() {
         return Ok(());
     }
+    tracing::debug!(connected = conn.is_some(), "comparing the folders with what was applied");
     let folders = std::mem::take(&mut agent.folders);
     let (folders, found) = tokio::task::spawn_blocking(move || {
         let found = drift::compare(&folders);
@@ -688,6 +689,7 @@ async fn apply_generation(
 ) -> AgentMsg {
     let started = Instant::now();
     let mut stats = ApplyStats::default();
+    tracing::debug!(%generation, folders = updates.len(), "applying generation");
     let result = match prepare(agent, updates) {
         Ok(targets) if targets.is_empty() => Ok(Vec::new()),
         Ok(targets) => {

@@ -334,6 +334,7 @@ async fn feed(
             && (applied != snap.generation || (compare_content && differs))
         {
             compare_content = false;
+            tracing::debug!(agent = %name, generation = %snap.generation, "sending generation");
             send_generation(tx, &snap, &held).await?;
             pending = Some(snap.generation);
             ctx.update_agent(name, |v| v.syncing = true);
@@ -385,6 +386,7 @@ async fn feed(
             } => {
                 held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
                 compare_content = true;
+                tracing::debug!(agent = %name, paused = pause.is_some(), "agent reported its pause state");
                 let r = PauseRecord { pause, set_at };
                 match &r.pause {
                     Some(p) => {
@@ -567,6 +569,7 @@ async fn serve_fetch(
         }
         Err(e) => return Err(e.into()),
     };
+    tracing::debug!(%agent, folder = %req.folder, files = req.files.len(), "fetch request");
     let snap = ctx.snapshots.borrow().clone();
     let Some(folder) = snap.folders.get(&req.folder) else {
         return Err(FetchError::Protocol(format!(

@@ -166,6 +166,18 @@ fn an_agent_killed_at_random_moments_never_exposes_a_partial_file_and_converges(
             !c.data("worker-1").join(".syncd-staging").exists(),
             "iteration {v}: staging left after converging"
         );
+        // Nobody edited the worker: its own interrupted renames are not taken for edits.
+        let backups = c.dir("worker-1", "state/backups");
+        let found: Vec<_> = fs::read_dir(&backups)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            found.is_empty(),
+            "iteration {v}: the agent backed up its own partial apply as local changes: {found:?}"
+        );
     }
     eprintln!("{n} kills of the agent, {killed_during_apply} while it was applying");
     assert!(

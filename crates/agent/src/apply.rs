@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -24,6 +25,7 @@ use syncd_transport::{Conn, TransportError};
 use tokio::task::JoinSet;
 
 use crate::folder::Folder;
+use crate::journal::Journal;
 
 /// Files staged together; bounds the number of open staged files.
 const BATCH_FILES: usize = 128;
@@ -92,6 +94,14 @@ pub enum ApplyError {
         /// The error.
         source: io::Error,
     },
+    /// The apply journal could not be written; nothing was renamed into place.
+    #[error("cannot write the apply journal in {dir}: {source}")]
+    Journal {
+        /// The state directory.
+        dir: String,
+        /// The error.
+        source: io::Error,
+    },
     /// A disk operation failed while renaming into place; some files of the generation may be
     /// in place (each one complete), the rest not.
     #[error("applying {path}: {source}")]
@@ -154,6 +164,7 @@ pub(crate) async fn apply(
     targets: Vec<Target>,
     stats: &mut ApplyStats,
     received: &Arc<AtomicU64>,
+    state_dir: &Path,
 ) -> Result<Vec<(usize, LocalManifest)>, ApplyError> {
     let mut jobs = Vec::new();
     let mut plans = Vec::new();
@@ -241,6 +252,23 @@ pub(crate) async fn apply(
         })
         .await?;
     }
+
+    // Before the first rename: what is about to change, so that a crash part-way through is
+    // not later mistaken for local edits.
+    let mut journal = Journal::default();
+    for (target, changes) in &plans {
+        journal.add(&folders[target.folder].name, changes);
+    }
+    let state_dir = state_dir.to_owned();
+    blocking(move || {
+        journal
+            .write(&state_dir)
+            .map_err(|source| ApplyError::Journal {
+                dir: state_dir.display().to_string(),
+                source,
+            })
+    })
+    .await?;
 
     let mut staged_names: HashMap<(usize, RelPath), String> = HashMap::new();
     for job in jobs {

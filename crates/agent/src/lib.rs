@@ -7,6 +7,7 @@
 mod apply;
 mod drift;
 mod folder;
+mod journal;
 mod pause;
 mod session;
 mod state;
@@ -28,6 +29,7 @@ pub use pause::{LocalChange, ResumeReport, in_force};
 pub use syncd_proto::Pause;
 
 use crate::folder::Folder;
+use crate::journal::Journal;
 use crate::state::AgentState;
 
 /// What the agent needs to run, already validated.
@@ -216,15 +218,30 @@ pub enum AgentError {
 }
 
 /// What changed in a folder while the agent was not running (or was cut off in the middle of an
-/// apply) is backed up first, so nothing is lost. Under `revert`, the folder is then taken as it
-/// is, and the manager's difference brings it back; under `report`, what was applied stays the
-/// reference, so the changes stay reported instead of being undone.
+/// apply) is backed up first, so nothing is lost. Changes the apply journal planned are the
+/// agent's own unfinished work, not edits: they are taken as they are. Under `revert`, the folder
+/// is then taken as it is, and the manager's difference brings it back; under `report`, what was
+/// applied (plus the agent's own work) stays the reference, so edits stay reported instead of
+/// being undone.
 fn adopt_changes_made_while_down(
     config: &AgentConfig,
     folder: &mut Folder,
     applied: &syncd_fsops::LocalManifest,
+    journal: Option<&Journal>,
 ) {
-    let changes = syncd_manifest::diff(&applied.manifest, &folder.local.manifest);
+    let (own, changes): (Vec<_>, Vec<_>) =
+        syncd_manifest::diff(&applied.manifest, &folder.local.manifest)
+            .into_iter()
+            .partition(|c| {
+                journal.is_some_and(|j| j.planned(&folder.name, applied.manifest.get(c.path()), c))
+            });
+    if !own.is_empty() {
+        tracing::info!(
+            folder = %folder.name,
+            paths = own.len(),
+            "found the work of an apply that was interrupted; the manager will complete it"
+        );
+    }
     if changes.is_empty() {
         return;
     }
@@ -250,7 +267,26 @@ fn adopt_changes_made_while_down(
         config.max_backup_bytes,
     );
     if folder.policy == syncd_fsops::DriftPolicy::Report {
-        folder.local = applied.clone();
+        // The edits are undone in the reference: it holds what was applied there.
+        for change in &changes {
+            let path = change.path();
+            match applied.manifest.get(path) {
+                Some(node) => {
+                    folder.local.manifest.insert(path.clone(), node.clone());
+                }
+                None => {
+                    folder.local.manifest.remove(path);
+                }
+            }
+            match applied.stats.get(path) {
+                Some(key) => {
+                    folder.local.stats.insert(path.clone(), *key);
+                }
+                None => {
+                    folder.local.stats.remove(path);
+                }
+            }
+        }
     }
 }
 
@@ -277,6 +313,7 @@ impl Agent {
         let mut state = AgentState::load(&config.state_dir);
         let chunker =
             Chunker::new(ChunkParams::DEFAULT).expect("default chunk parameters are valid");
+        let journal = Journal::load(&config.state_dir);
         let mut folders = Vec::new();
         for spec in &config.folders {
             let previous = state.folders.get(&spec.name);
@@ -287,7 +324,7 @@ impl Agent {
             if let Some(previous) = previous
                 && previous.manifest.params == folder.local.manifest.params
             {
-                adopt_changes_made_while_down(&config, &mut folder, previous);
+                adopt_changes_made_while_down(&config, &mut folder, previous, journal.as_ref());
             }
             folders.push(folder);
         }
@@ -301,6 +338,11 @@ impl Agent {
                 dir: config.state_dir.clone(),
                 source,
             })?;
+        // The state now records whatever the journal covered.
+        Journal::clear(&config.state_dir).map_err(|source| AgentError::State {
+            dir: config.state_dir.clone(),
+            source,
+        })?;
         let (status, _) = watch::channel(AgentStatus {
             applied: state.applied,
             paused: state.pause.clone(),

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::apply::{self, ApplyError, ApplyStats, Target};
 use crate::drift;
+use crate::journal::Journal;
 use crate::pause::{self, LocalChange, ResumeReport};
 use crate::{Agent, AgentError, Command};
 
@@ -284,12 +285,12 @@ async fn session(
                 agent.status.send_modify(|s| s.syncing = true);
                 let reply = apply_generation(agent, &conn, generation, updates).await;
                 agent.status.send_modify(|s| s.syncing = false);
-                tx.send(&reply, MAX_REQUEST_FRAME).await?;
-                // Recorded after the reply: the folders are already right and durable; the
-                // record only spares a rehash after a restart.
-                if let Err(e) = agent.state.save(&agent.config.state_dir) {
-                    tracing::error!(error = %e, "cannot record the applied generation");
-                }
+                // The reply goes first: the folders are already right and durable, and the
+                // record only spares a rehash after a restart. It is written even when the
+                // reply cannot be sent.
+                let sent = tx.send(&reply, MAX_REQUEST_FRAME).await;
+                record_state(agent, matches!(reply, AgentMsg::Applied { .. }));
+                sent?;
             }
             ManagerMsg::SetPause { pause, set_at } => {
                 if set_at > agent.state.pause_set_at {
@@ -313,6 +314,21 @@ async fn session(
                 ));
             }
         }
+    }
+}
+
+/// Saves the agent state; once it records a successful apply, the apply journal goes. After a
+/// failed apply the journal stays, so that a restart tells the agent's partial work from edits.
+fn record_state(agent: &Agent, applied: bool) {
+    let dir = &agent.config.state_dir;
+    match agent.state.save(dir) {
+        Ok(()) if applied => {
+            if let Err(e) = Journal::clear(dir) {
+                tracing::warn!(error = %e, "cannot remove the apply journal");
+            }
+        }
+        Ok(()) => {}
+        Err(e) => tracing::error!(error = %e, "cannot record the applied generation"),
     }
 }
 
@@ -368,7 +384,10 @@ async fn check_drift(
     if agent.state.pause.is_some() {
         return Ok(());
     }
-    tracing::debug!(connected = conn.is_some(), "comparing the folders with what was applied");
+    tracing::debug!(
+        connected = conn.is_some(),
+        "comparing the folders with what was applied"
+    );
     let folders = std::mem::take(&mut agent.folders);
     let (folders, found) = tokio::task::spawn_blocking(move || {
         let found = drift::compare(&folders);
@@ -427,11 +446,16 @@ async fn check_drift(
             vec![target],
             &mut stats,
             &agent.received,
+            &agent.config.state_dir,
         )
         .await;
         let mut expected = expected;
         match result {
             Ok(locals) => {
+                // What the journal covered is what the state already records.
+                if let Err(e) = Journal::clear(&agent.config.state_dir) {
+                    tracing::warn!(error = %e, "cannot remove the apply journal");
+                }
                 for (_, applied) in locals {
                     for (p, key) in applied.stats {
                         if applied.manifest.get(&p) == expected.manifest.get(&p) {
@@ -693,7 +717,15 @@ async fn apply_generation(
     let result = match prepare(agent, updates) {
         Ok(targets) if targets.is_empty() => Ok(Vec::new()),
         Ok(targets) => {
-            apply::apply(conn, &agent.folders, targets, &mut stats, &agent.received).await
+            apply::apply(
+                conn,
+                &agent.folders,
+                targets,
+                &mut stats,
+                &agent.received,
+                &agent.config.state_dir,
+            )
+            .await
         }
         Err(e) => Err(e),
     };
@@ -708,11 +740,10 @@ async fn apply_generation(
             for (i, local) in locals {
                 agent.folders[i].local = local;
             }
-            // Leftovers of an interrupted apply that this generation did not need.
+            // Leftovers of an interrupted apply that this generation did not need (even an
+            // empty staging directory: the folder must hold exactly what was published).
             for f in &agent.folders {
-                if f.root.staged_leftovers().is_ok_and(|l| !l.is_empty())
-                    && let Err(e) = f.root.clear_staging()
-                {
+                if let Err(e) = f.root.clear_staging() {
                     tracing::warn!(folder = %f.name, error = %e, "cannot clear the staging directory");
                 }
             }

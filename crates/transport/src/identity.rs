@@ -7,8 +7,11 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::validity::{Seconds, Standing, Validity};
 
 /// File names inside the state directory.
 const KEY_FILE: &str = "node.key";
@@ -210,6 +213,28 @@ impl Identity {
                 format!("certificate does not match {KEY_FILE}"),
             ));
         }
+        let validity = Validity::of_certificate(&cert_der)
+            .ok_or_else(|| invalid(&cert_path, "no validity period".to_owned()))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        match validity.standing(Seconds(now)) {
+            Standing::Valid => {}
+            Standing::Expired(at) => {
+                return Err(invalid(
+                    &cert_path,
+                    format!(
+                        "the certificate expired on {at}; create a new identity with `syncd init` in a new state directory and update the peers' configs"
+                    ),
+                ));
+            }
+            Standing::NotYetValid(from) => {
+                return Err(invalid(
+                    &cert_path,
+                    format!("the certificate is valid only from {from}; is the clock right?"),
+                ));
+            }
+        }
         Ok(Identity {
             key_der,
             cert_der,
@@ -218,7 +243,20 @@ impl Identity {
     }
 
     /// Creates a new key pair and certificate in `dir` (created with mode 0700 if absent).
+    /// The certificate is valid from 1975 to 4096: identities are pinned by key, and replaced on
+    /// purpose rather than on a schedule.
     pub fn create(dir: &Path) -> Result<Identity, IdentityError> {
+        Identity::create_valid_between(dir, (1975, 1, 1), (4096, 1, 1))
+    }
+
+    /// [`Identity::create`] with a chosen validity period (year, month, day; UTC midnight), for
+    /// tests of expired and not-yet-valid peers. The result is not loadable outside the period.
+    #[doc(hidden)]
+    pub fn create_valid_between(
+        dir: &Path,
+        not_before: (i32, u8, u8),
+        not_after: (i32, u8, u8),
+    ) -> Result<Identity, IdentityError> {
         let io_err = |path: &Path| {
             let path = path.to_owned();
             move |source| IdentityError::Io { path, source }
@@ -235,6 +273,8 @@ impl Identity {
             .map_err(|e| invalid(e.to_string()))?;
         let mut params = rcgen::CertificateParams::new(vec!["syncd".to_owned()])
             .map_err(|e| invalid(e.to_string()))?;
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
             .distinguished_name

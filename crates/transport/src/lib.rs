@@ -5,6 +5,7 @@
 mod conn;
 mod endpoint;
 mod identity;
+mod validity;
 mod verify;
 
 pub use conn::{Conn, ConnStats, RecvStream, SendStream, TransportError};

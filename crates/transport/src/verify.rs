@@ -12,6 +12,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
 use crate::identity::NodeId;
+use crate::validity::{Seconds, Standing, Validity};
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
     rustls::crypto::ring::default_provider().signature_verification_algorithms
@@ -20,6 +21,29 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
 fn id_of(cert: &CertificateDer<'_>) -> Result<NodeId, Error> {
     NodeId::of_certificate(cert)
         .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))
+}
+
+/// Refuses a certificate outside its validity period, even with a pinned key.
+fn check_dates(
+    cert: &CertificateDer<'_>,
+    now: UnixTime,
+    role: &str,
+    id: NodeId,
+) -> Result<(), Error> {
+    let validity = Validity::of_certificate(cert)
+        .ok_or(Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let now = Seconds(now.as_secs() as i64);
+    match validity.standing(now) {
+        Standing::Valid => Ok(()),
+        Standing::Expired(at) => {
+            tracing::warn!(peer = %id, expired = %at, "refusing {role}: its certificate has expired (run `syncd init` with a new state directory there and update the pinned ID)");
+            Err(Error::InvalidCertificate(CertificateError::Expired))
+        }
+        Standing::NotYetValid(from) => {
+            tracing::warn!(peer = %id, valid_from = %from, "refusing {role}: its certificate is not valid yet (is its clock or ours wrong?)");
+            Err(Error::InvalidCertificate(CertificateError::NotValidYet))
+        }
+    }
 }
 
 /// The agent's check of the manager: exactly one ID is acceptable.
@@ -35,10 +59,11 @@ impl ServerCertVerifier for PinnedServer {
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let id = id_of(end_entity)?;
         if id == self.expected {
+            check_dates(end_entity, now, "manager", id)?;
             Ok(ServerCertVerified::assertion())
         } else {
             tracing::warn!(peer = %id, expected = %self.expected, "refusing manager: its node ID is not the configured manager_id");
@@ -89,10 +114,11 @@ impl ClientCertVerifier for PinnedClients {
         &self,
         end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let id = id_of(end_entity)?;
         if self.allowed.contains_key(&id) {
+            check_dates(end_entity, now, "agent", id)?;
             Ok(ClientCertVerified::assertion())
         } else {
             tracing::warn!(peer = %id, "refusing agent: its node ID is not in [[manager.agents]]");

@@ -106,3 +106,77 @@ async fn an_agent_refuses_a_manager_with_another_id() {
         .unwrap_err();
     assert!(matches!(err, TransportError::Connect(_)), "{err}");
 }
+
+/// An identity whose certificate lapsed in 2020 but whose key is pinned.
+fn expired_identity() -> (tempfile::TempDir, Identity) {
+    let dir = tempfile::tempdir().unwrap();
+    let id = Identity::create_valid_between(dir.path(), (2019, 1, 1), (2020, 1, 1)).unwrap();
+    (dir, id)
+}
+
+#[tokio::test]
+async fn a_listed_agent_with_an_expired_certificate_is_refused() {
+    install_crypto_provider();
+    let (_d1, manager) = identity();
+    let (_d2, agent) = expired_identity();
+    let ep = server(&manager, &[&agent]).await;
+    let addr = ep.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        let incoming = ep.accept().await.unwrap();
+        incoming.accept().await.map(|_| ())
+    });
+    let client = Endpoint::client(&agent, addr).unwrap();
+    let outcome = match client.connect(&agent, addr, manager.id()).await {
+        Err(e) => Err(e),
+        Ok(conn) => match conn.open_bi().await {
+            Err(e) => Err(e),
+            Ok((mut tx, mut rx)) => {
+                let _ = tx.send(&1u8, 16).await;
+                tokio::time::timeout(Duration::from_secs(5), rx.recv::<u8>(16))
+                    .await
+                    .expect("refusal arrives promptly")
+                    .map(|_| ())
+            }
+        },
+    };
+    assert!(
+        outcome.is_err(),
+        "an expired agent must not get a working connection"
+    );
+    let err = srv
+        .await
+        .unwrap()
+        .expect_err("server must refuse the handshake");
+    assert!(err.to_string().contains("Expired"), "{err}");
+}
+
+#[tokio::test]
+async fn an_agent_refuses_its_manager_with_an_expired_certificate() {
+    install_crypto_provider();
+    let (_d1, manager) = expired_identity();
+    let (_d2, agent) = identity();
+    let ep = server(&manager, &[&agent]).await;
+    let addr = ep.local_addr().unwrap();
+    tokio::spawn(async move {
+        if let Some(i) = ep.accept().await {
+            let _ = i.accept().await;
+        }
+    });
+    let client = Endpoint::client(&agent, addr).unwrap();
+    let err = client
+        .connect(&agent, addr, manager.id())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Expired"), "{err}");
+}
+
+#[test]
+fn an_expired_or_future_identity_does_not_load() {
+    let (dir, _) = expired_identity();
+    let err = Identity::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("expired on 2020-01-01 00:00:00 UTC"), "{err}");
+    let future = tempfile::tempdir().unwrap();
+    Identity::create_valid_between(future.path(), (2999, 1, 1), (3000, 1, 1)).unwrap();
+    let err = Identity::load(future.path()).unwrap_err().to_string();
+    assert!(err.contains("valid only from 2999-01-01"), "{err}");
+}

@@ -147,13 +147,13 @@ impl Conn {
     /// Opens a bidirectional stream.
     pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let (s, r) = self.inner.open_bi().await?;
-        Ok((SendStream(s), RecvStream(r)))
+        Ok((SendStream(s), RecvStream::new(r)))
     }
 
     /// Waits for the peer to open a bidirectional stream.
     pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let (s, r) = self.inner.accept_bi().await?;
-        Ok((SendStream(s), RecvStream(r)))
+        Ok((SendStream(s), RecvStream::new(r)))
     }
 
     /// Closes the connection, telling the peer why.
@@ -181,8 +181,24 @@ impl Conn {
 pub struct SendStream(quinn::SendStream);
 
 /// The receiving half of a stream.
+///
+/// [`RecvStream::recv`] is cancel-safe: a frame read in part when its future is dropped (the
+/// other branch of a `select!` won) stays in `pending`, and the next call carries on from there.
 #[derive(Debug)]
-pub struct RecvStream(quinn::RecvStream);
+pub struct RecvStream {
+    inner: quinn::RecvStream,
+    /// The bytes of the frame being read so far; never more than that one frame.
+    pending: Vec<u8>,
+}
+
+impl RecvStream {
+    fn new(inner: quinn::RecvStream) -> RecvStream {
+        RecvStream {
+            inner,
+            pending: Vec::new(),
+        }
+    }
+}
 
 impl SendStream {
     /// Sends `msg` as one frame; refuses a message over `limit` (the receiver's limit).
@@ -223,16 +239,38 @@ impl RecvStream {
         &mut self,
         limit: usize,
     ) -> Result<Option<T>, TransportError> {
-        let mut header = [0u8; FRAME_HEADER_LEN];
-        match self.0.read_exact(&mut header).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        // Read exactly what the current frame still needs, so the stream's position only ever
+        // moves together with `pending`: each read either completes (its bytes are kept) or is
+        // dropped before taking any (quinn's `read_chunk` is cancel-safe).
+        loop {
+            let want = if self.pending.len() < FRAME_HEADER_LEN {
+                FRAME_HEADER_LEN
+            } else {
+                let header: [u8; FRAME_HEADER_LEN] = self.pending[..FRAME_HEADER_LEN]
+                    .try_into()
+                    .expect("a whole header");
+                let want = FRAME_HEADER_LEN + syncd_proto::frame_len(header, limit)?;
+                if self.pending.len() == want {
+                    let frame = std::mem::take(&mut self.pending);
+                    return Ok(Some(syncd_proto::decode(&frame[FRAME_HEADER_LEN..])?));
+                }
+                want
+            };
+            match self
+                .inner
+                .read_chunk(want - self.pending.len(), true)
+                .await?
+            {
+                Some(chunk) => {
+                    if self.pending.capacity() < want {
+                        self.pending.reserve_exact(want - self.pending.len());
+                    }
+                    self.pending.extend_from_slice(&chunk.bytes);
+                }
+                None if self.pending.is_empty() => return Ok(None),
+                None => return Err(TransportError::UnexpectedEnd),
+            }
         }
-        let len = syncd_proto::frame_len(header, limit)?;
-        let mut payload = vec![0u8; len];
-        self.0.read_exact(&mut payload).await?;
-        Ok(Some(syncd_proto::decode(&payload)?))
     }
 
     /// Like [`RecvStream::recv`], but a clean end of stream is an error.
@@ -240,13 +278,15 @@ impl RecvStream {
         self.recv(limit).await?.ok_or(TransportError::UnexpectedEnd)
     }
 
-    /// Reads exactly `buf.len()` raw bytes.
+    /// Reads exactly `buf.len()` raw bytes. Not cancel-safe: use it only where nothing else
+    /// races it, and never between the pieces of a frame.
     pub async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
-        Ok(self.0.read_exact(buf).await?)
+        debug_assert!(self.pending.is_empty(), "raw read inside a frame");
+        Ok(self.inner.read_exact(buf).await?)
     }
 
     /// Tells the peer to stop sending on this stream.
     pub fn stop(&mut self, code: u32) {
-        let _ = self.0.stop(code.into());
+        let _ = self.inner.stop(code.into());
     }
 }

@@ -13,7 +13,7 @@ fi
 if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked --quiet
 fi
-for target in frames update paths; do
+for target in frames update paths chunks; do
   mkdir -p "corpus/$target"
   echo "fuzz: $target for ${SECONDS_PER_TARGET}s"
   log=$(mktemp)

@@ -81,7 +81,13 @@ fn a_removed_folder_root_deletes_nothing_until_confirmed() {
     let c = cluster(12);
     let before = snapshot(&c.data("worker-1"));
     fs::remove_dir_all(c.data(MANAGER)).unwrap();
-    let reason = wait_guarded(&c);
+    // The files go first (the guard may hold them as a mass deletion), then the root itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut reason = wait_guarded(&c);
+    while !reason.contains("gone or unreadable") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        reason = wait_guarded(&c);
+    }
     assert!(reason.contains("gone or unreadable"), "{reason}");
     // The root comes back with one artifact changed: no confirmation needed, nothing lost.
     generate(&c.data(MANAGER), Scale::SMALL, 12).unwrap();
@@ -187,4 +193,38 @@ fn with_the_guard_off_an_emptied_folder_is_published_at_once() {
     c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
     assert!(c.status(MANAGER).guarded.is_empty());
+}
+
+/// `rm -rf` of a large tree outlasts one generation: slices of it, each under the share, are
+/// added up over a window of seconds, and the slice that takes the total over is held.
+#[test]
+fn a_tree_deleted_in_slices_is_held_once_the_slices_add_up() {
+    let c = cluster(14);
+    let mut files: Vec<_> = snapshot(&c.data(MANAGER))
+        .into_iter()
+        .filter(|(_, item)| matches!(item, support::Item::File { .. }))
+        .map(|(path, _)| c.data(MANAGER).join(path))
+        .collect();
+    files.sort();
+    let fifth = files.len() / 5;
+    // Two fifths, one at a time, each published on its own: 40% in all, under the 50% share.
+    for slice in files.chunks(fifth).take(2) {
+        for f in slice {
+            fs::remove_file(f).unwrap();
+        }
+        c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    }
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    // The third fifth brings it to 60% within seconds: held.
+    let before = snapshot(&c.data("worker-1"));
+    for f in &files[2 * fifth..3 * fifth] {
+        fs::remove_file(f).unwrap();
+    }
+    let reason = wait_guarded(&c);
+    assert!(reason.starts_with("would delete"), "{reason}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(snapshot(&c.data("worker-1")), before);
+    c.ctl(MANAGER, &["confirm"]);
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
 }

@@ -400,7 +400,9 @@ async fn a_protocol_version_mismatch_is_refused_naming_both_versions() {
     assert_eq!(code, close::VERSION_MISMATCH);
     assert_eq!(
         reason,
-        "protocol version mismatch: we speak 1..=1, the peer speaks 9..=9"
+        format!(
+            "protocol version mismatch: we speak {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer speaks 9..=9"
+        )
     );
     let st = wait_for(&mut agent.status, Duration::from_secs(5), |s| {
         s.last_error.is_some()
@@ -422,9 +424,15 @@ async fn a_protocol_version_mismatch_is_refused_naming_both_versions() {
         .await
         .unwrap();
     let (mut tx, mut rx) = conn.open_bi().await.unwrap();
-    tx.write_all(&Hello { min: 2, max: 2 }.encode())
-        .await
-        .unwrap();
+    tx.write_all(
+        &Hello {
+            min: PROTOCOL_VERSION + 1,
+            max: PROTOCOL_VERSION + 1,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
     // The manager's own hello may or may not arrive before its close; the close says it all.
     let mut hello = [0u8; HELLO_LEN];
     if rx.read_exact(&mut hello).await.is_ok() {
@@ -434,7 +442,10 @@ async fn a_protocol_version_mismatch_is_refused_naming_both_versions() {
     assert_eq!(code, close::VERSION_MISMATCH);
     assert_eq!(
         reason,
-        "agent \"worker-1\": protocol version mismatch: we speak 1..=1, the peer speaks 2..=2"
+        format!(
+            "agent \"worker-1\": protocol version mismatch: we speak {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer speaks {0}..={0}",
+            PROTOCOL_VERSION + 1
+        )
     );
     manager.stop().await;
 }

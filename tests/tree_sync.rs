@@ -110,6 +110,50 @@ async fn an_agent_holding_an_older_copy_receives_only_the_difference() {
     manager.stop().await;
 }
 
+/// Text crosses compressed, and an edit of a small file the manager served before crosses as a
+/// delta against the version the agent holds: about the size of the edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_xml_crosses_as_a_delta_against_the_agents_version() {
+    let mdirs = NodeDirs::new();
+    let adirs = NodeDirs::new();
+    generate(&mdirs.data, Scale::SMALL, 5).unwrap();
+    let xml = mdirs
+        .data
+        .join("synapse-configs/default/api/service-0001.xml");
+    let mut text = fs::read(&xml).unwrap();
+    assert!(text.len() > 4_000, "a file of some size: {}", text.len());
+    let manager = TestManager::start(mdirs, &[("worker-1", adirs.identity().id())]).await;
+    let mut agent = TestAgent::start("worker-1", adirs, &manager).await;
+    agent.wait_applied(manager.generation()).await;
+    let served_initially = manager.status.borrow().bytes_served;
+    let tree_bytes: u64 = snapshot(&manager.dirs.data)
+        .values()
+        .map(|i| match i {
+            support::Item::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+    assert!(served_initially < tree_bytes, "nothing was compressed");
+
+    // 88 bytes change in the middle, deployed by rename.
+    let mid = text.len() / 2;
+    text.splice(mid..mid + 88, std::iter::repeat_n(b'#', 88));
+    let tmp = manager.dirs.data.join("synapse-configs/.edit.tmp");
+    fs::write(&tmp, &text).unwrap();
+    fs::rename(&tmp, &xml).unwrap();
+    let g = manager.rescan.rescan().await.unwrap();
+    agent.wait_applied(g.0).await;
+    assert_same_tree(&manager.dirs.data, &agent.dirs.data);
+    let served = manager.status.borrow().bytes_served - served_initially;
+    assert!(
+        served < 300,
+        "{served} bytes crossed for an 88-byte edit of a {}-byte file",
+        text.len()
+    );
+    agent.stop().await;
+    manager.stop().await;
+}
+
 /// `cp -a` without the process: contents, modes and mtimes, links as links.
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     let status = std::process::Command::new("cp")

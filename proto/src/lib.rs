@@ -6,11 +6,13 @@
 //! `codec.rs`, guarded by golden vectors in `vectors/`, so it can be swapped without touching
 //! callers.
 
+mod chunk;
 mod codec;
 mod hello;
 mod messages;
 mod update;
 
+pub use chunk::{ChunkDecodeError, decode_chunk, encode_chunk, encode_chunk_with_base};
 pub use codec::{
     DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
     MAX_STATE_FILE, decode, decode_state, encode_frame, encode_state, encoded_len, frame_len,

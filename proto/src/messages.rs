@@ -1,7 +1,7 @@
 //! Every message of protocol version 1.
 
 use serde::{Deserialize, Serialize};
-use syncd_manifest::{Change, ChunkParams, ChunkRef, FileHash, ManifestDigest, RelPath};
+use syncd_manifest::{Change, ChunkHash, ChunkParams, ChunkRef, FileHash, ManifestDigest, RelPath};
 
 /// Largest chunk payload a fetch reply may carry (FastCDC's largest maximum).
 pub const MAX_CHUNK_LEN: u32 = 16 << 20;
@@ -183,6 +183,10 @@ pub struct FetchFile {
     pub hash: FileHash,
     /// Indices into that version's chunk list, ascending.
     pub chunks: Vec<u32>,
+    /// A chunk the agent holds that is likely much like the ones it asks for (its current
+    /// version of the same file, when that is one chunk): the manager may send the chunks
+    /// compressed with it as the dictionary ([`ChunkEncoding::ZstdWithBase`]).
+    pub base: Option<ChunkHash>,
 }
 
 /// How a chunk's bytes are carried.
@@ -190,6 +194,11 @@ pub struct FetchFile {
 pub enum ChunkEncoding {
     /// As they are.
     Raw,
+    /// One zstd frame, shorter than the chunk, that decompresses to exactly the chunk's bytes.
+    Zstd,
+    /// Like `Zstd`, with the file's `base` chunk (from the request) as the dictionary: an edit
+    /// of a small file costs about the size of the edit.
+    ZstdWithBase,
 }
 
 /// Header of each item of a fetch reply.

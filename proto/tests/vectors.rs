@@ -180,6 +180,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                     path: p("webapps/x.war"),
                     hash: FileHash([3; 32]),
                     chunks: vec![0, 5, 300],
+                    base: Some(ChunkHash([4; 32])),
                 }],
             }),
         ),
@@ -188,6 +189,20 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             frame(&FetchReply::Chunk {
                 len: 65536,
                 encoding: ChunkEncoding::Raw,
+            }),
+        ),
+        (
+            "fetch_reply_chunk_zstd",
+            frame(&FetchReply::Chunk {
+                len: 1234,
+                encoding: ChunkEncoding::Zstd,
+            }),
+        ),
+        (
+            "fetch_reply_chunk_zstd_with_base",
+            frame(&FetchReply::Chunk {
+                len: 99,
+                encoding: ChunkEncoding::ZstdWithBase,
             }),
         ),
         (

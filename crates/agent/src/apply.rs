@@ -18,9 +18,7 @@ use syncd_fsops::{FolderRoot, LocalManifest, Staging, stat_key};
 use syncd_manifest::{
     Change, ChunkHash, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
 };
-use syncd_proto::{
-    ChunkEncoding, FetchFile, FetchReply, FetchRequest, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
-};
+use syncd_proto::{FetchFile, FetchReply, FetchRequest, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME};
 use syncd_transport::{Conn, TransportError};
 use tokio::task::JoinSet;
 
@@ -35,6 +33,8 @@ const BATCH_BYTES: u64 = 256 << 20;
 const REQUEST_CHUNKS: usize = 512;
 /// Fetch requests in flight at once.
 const REQUESTS_IN_FLIGHT: usize = 4;
+/// Chunks up to this long are offered as bases for deltas of their files' new versions.
+const MAX_BASE: u32 = 256 * 1024;
 /// Up to this many files (or directories), each is fsynced on its own; beyond it one `syncfs`
 /// of the folder's filesystem is cheaper. Per-file fsync keeps a small deploy from waiting on
 /// unrelated dirty data elsewhere on the filesystem.
@@ -424,7 +424,8 @@ struct Dest {
 struct Request {
     folder_name: String,
     request: FetchRequest,
-    expect: Vec<(ChunkHash, u32, RelPath)>,
+    /// Each reply item's chunk (hash, length), its file, and the base offered for that file.
+    expect: Vec<(ChunkHash, u32, RelPath, Option<ChunkHash>)>,
 }
 
 /// What every batch of one apply shares.
@@ -446,6 +447,7 @@ async fn stage_all(
 ) -> Result<(), ApplyError> {
     let mut index = local_index(cx.folders);
     add_leftovers(cx.folders, jobs, &mut index);
+    let mut batches = Vec::new();
     let mut start = 0;
     while start < jobs.len() {
         let mut end = start;
@@ -455,9 +457,27 @@ async fn stage_all(
             bytes += jobs[end].content.size;
             end += 1;
         }
-        stage_batch(cx, &mut jobs[start..end], &index, stats).await?;
+        batches.push(start..end);
+        start = end;
+    }
+    // The next batch's files are created on the blocking pool while this one is fetched:
+    // creating thousands of files costs as much as receiving small ones.
+    let mut next = batches
+        .first()
+        .map(|r| spawn_create(cx.stagings, &jobs[r.clone()]));
+    for (i, range) in batches.iter().enumerate() {
+        let created = next
+            .take()
+            .expect("each batch's creation was started")
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        next = batches
+            .get(i + 1)
+            .map(|r| spawn_create(cx.stagings, &jobs[r.clone()]));
+        let batch = &mut jobs[range.clone()];
+        stage_batch(cx, batch, created, &index, stats).await?;
         // Files staged in this batch are sources for the next ones.
-        for job in &jobs[start..end] {
+        for job in batch.iter() {
             let name = job.staged.clone().expect("a staged batch names every file");
             let mut offset = 0u64;
             for c in &job.content.chunks {
@@ -469,14 +489,59 @@ async fn stage_all(
                 offset += c.len as u64;
             }
         }
-        start = end;
     }
     Ok(())
+}
+
+/// Starts creating the staged files of `jobs` on the blocking pool.
+fn spawn_create(
+    stagings: &HashMap<usize, Arc<Staging>>,
+    jobs: &[StageJob],
+) -> tokio::task::JoinHandle<Result<Vec<(Dest, String)>, ApplyError>> {
+    let files = jobs
+        .iter()
+        .map(|job| {
+            (
+                Arc::clone(&stagings[&job.folder]),
+                leftover_key(&job.content.hash),
+                job.content.size,
+                job.path.clone(),
+            )
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || create_staged(files))
+}
+
+/// Creates a staged file, at its final size, for each of `files` (staging, key, size, path).
+fn create_staged(
+    files: Vec<(Arc<Staging>, String, u64, RelPath)>,
+) -> Result<Vec<(Dest, String)>, ApplyError> {
+    files
+        .into_iter()
+        .map(|(staging, key, size, path)| {
+            let err = |source| ApplyError::Stage {
+                path: path.to_string(),
+                source,
+            };
+            let staged = staging.create_for(&key).map_err(err)?;
+            staged.file.set_len(size).map_err(err)?;
+            let name = staged.name().to_owned();
+            Ok((
+                Dest {
+                    file: staged.file,
+                    path,
+                    written: AtomicU64::new(0),
+                },
+                name,
+            ))
+        })
+        .collect()
 }
 
 async fn stage_batch(
     cx: &StageCtx<'_>,
     jobs: &mut [StageJob],
+    created: Vec<(Dest, String)>,
     index: &HashMap<ChunkHash, Source>,
     stats: &mut ApplyStats,
 ) -> Result<(), ApplyError> {
@@ -487,27 +552,11 @@ async fn stage_batch(
         fsync_each,
         received,
     } = *cx;
-    let stage_err = |path: &RelPath| {
-        let path = path.to_string();
-        move |source| ApplyError::Stage { path, source }
-    };
-    // Create every file of the batch at its final size.
+    let t_start = std::time::Instant::now();
     let mut dests = Vec::with_capacity(jobs.len());
-    for job in jobs.iter_mut() {
-        let staging = &stagings[&job.folder];
-        let staged = staging
-            .create_for(&leftover_key(&job.content.hash))
-            .map_err(stage_err(&job.path))?;
-        staged
-            .file
-            .set_len(job.content.size)
-            .map_err(stage_err(&job.path))?;
-        job.staged = Some(staged.name().to_owned());
-        dests.push(Dest {
-            file: staged.file,
-            path: job.path.clone(),
-            written: AtomicU64::new(0),
-        });
+    for (job, (dest, name)) in jobs.iter_mut().zip(created) {
+        job.staged = Some(name);
+        dests.push(dest);
     }
     let dests = Arc::new(dests);
 
@@ -565,8 +614,36 @@ async fn stage_batch(
         positions.push((d, offset));
     }
 
+    // A small file this node already holds in another version is offered as the base of its
+    // new version: the manager may send the new one as a delta against it.
+    let base_of: HashMap<usize, (ChunkHash, u32, Source)> = fetch_lists
+        .iter()
+        .filter_map(|(d, _)| {
+            let job = &jobs[*d];
+            let old = folders[job.folder].local.manifest.get(&job.path)?.file()?;
+            let [c] = old.chunks.as_slice() else {
+                return None;
+            };
+            (c.len <= MAX_BASE).then_some(())?;
+            Some((*d, (c.hash, c.len, index.get(&c.hash)?.clone())))
+        })
+        .collect();
+    let base_bytes = if base_of.is_empty() {
+        HashMap::new()
+    } else {
+        let roots: Vec<Arc<FolderRoot>> = folders.iter().map(|f| Arc::clone(&f.root)).collect();
+        let wanted_bases: Vec<(ChunkHash, u32, Source)> = base_of.values().cloned().collect();
+        blocking(move || Ok(read_bases(&roots, wanted_bases))).await?
+    };
+    let bases: HashMap<usize, ChunkHash> = base_of
+        .into_iter()
+        .filter(|(_, (h, _, _))| base_bytes.contains_key(h))
+        .map(|(d, (h, _, _))| (d, h))
+        .collect();
+    let base_bytes = Arc::new(base_bytes);
+    let t_copied = t_start.elapsed();
     // Fetch what is missing, several requests at once.
-    let requests = build_requests(folders, jobs, fetch_lists);
+    let requests = build_requests(folders, jobs, fetch_lists, &bases);
     tracing::debug!(
         files = jobs.len(),
         requests = requests.len(),
@@ -584,7 +661,9 @@ async fn stage_batch(
             let dests = Arc::clone(&dests);
             let wanted = Arc::clone(&wanted);
             let received = Arc::clone(received);
-            in_flight.spawn(async move { fetch(&conn, req, &dests, &wanted, &received).await });
+            let bases = Arc::clone(&base_bytes);
+            in_flight
+                .spawn(async move { fetch(&conn, req, &dests, &wanted, &bases, &received).await });
         }
         let Some(done) = in_flight.join_next().await else {
             break;
@@ -598,6 +677,7 @@ async fn stage_batch(
         }
     }
     stats.bytes_fetched += fetched;
+    let t_fetched = t_start.elapsed();
 
     // Every byte of every file must have been written and checked.
     for (job, dest) in jobs.iter().zip(dests.iter()) {
@@ -627,7 +707,15 @@ async fn stage_batch(
         }
         Ok(())
     })
-    .await
+    .await?;
+    tracing::debug!(
+        files = jobs.len(),
+        copied_ms = t_copied.as_millis() as u64,
+        fetched_ms = (t_fetched - t_copied).as_millis() as u64,
+        finished_ms = (t_start.elapsed() - t_fetched).as_millis() as u64,
+        "staged a batch"
+    );
+    Ok(())
 }
 
 /// Sets the final mode and mtime of a staged file, after its last write.
@@ -635,6 +723,32 @@ fn finish_staged(file: &File, mode: u32, mtime: syncd_manifest::Mtime) -> io::Re
     use std::os::unix::fs::PermissionsExt;
     file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
     file.set_times(std::fs::FileTimes::new().set_modified(syncd_fsops::to_system_time(mtime)))
+}
+
+/// Reads the chunks offered as bases, keeping those that still match their hash.
+fn read_bases(
+    roots: &[Arc<FolderRoot>],
+    wanted: Vec<(ChunkHash, u32, Source)>,
+) -> HashMap<ChunkHash, Vec<u8>> {
+    let mut out = HashMap::new();
+    for (hash, len, src) in wanted {
+        let Source::Live {
+            folder,
+            path,
+            offset,
+        } = src
+        else {
+            continue;
+        };
+        let Ok(file) = roots[folder].open_file(&path) else {
+            continue;
+        };
+        let mut buf = vec![0u8; len as usize];
+        if file.read_exact_at(&mut buf, offset).is_ok() && ChunkHash::of(&buf) == hash {
+            out.insert(hash, buf);
+        }
+    }
+    out
 }
 
 /// The index and length of the chunk at `offset` of a file.
@@ -704,6 +818,7 @@ fn build_requests(
     folders: &[Folder],
     jobs: &[StageJob],
     lists: Vec<(usize, Vec<u32>)>,
+    bases: &HashMap<usize, ChunkHash>,
 ) -> Vec<Request> {
     let mut out: Vec<Request> = Vec::new();
     let mut by_folder: HashMap<usize, Vec<(usize, Vec<u32>)>> = HashMap::new();
@@ -739,14 +854,16 @@ fn build_requests(
                         },
                     ));
                 }
+                let base = bases.get(&d).copied();
                 for &i in piece {
                     let c = job.content.chunks[i as usize];
-                    current.expect.push((c.hash, c.len, job.path.clone()));
+                    current.expect.push((c.hash, c.len, job.path.clone(), base));
                 }
                 current.request.files.push(FetchFile {
                     path: job.path.clone(),
                     hash: job.content.hash,
                     chunks: piece.to_vec(),
+                    base,
                 });
             }
         }
@@ -764,27 +881,30 @@ async fn fetch(
     req: Request,
     dests: &[Dest],
     wanted: &HashMap<ChunkHash, Vec<(usize, u64)>>,
+    bases: &HashMap<ChunkHash, Vec<u8>>,
     progress: &AtomicU64,
 ) -> Result<u64, ApplyError> {
     let (mut tx, mut rx) = conn.open_bi().await?;
     tx.send(&req.request, MAX_REQUEST_FRAME).await?;
     tx.finish();
-    let mut buf = Vec::new();
+    let (mut wire, mut buf) = (Vec::new(), Vec::new());
     let mut received = 0u64;
-    for (hash, len, path) in &req.expect {
+    for (hash, len, path, base) in &req.expect {
         match rx.expect::<FetchReply>(MAX_CONTROL_FRAME).await? {
-            FetchReply::Chunk {
-                len: got,
-                encoding: ChunkEncoding::Raw,
-            } => {
-                if got != *len {
+            FetchReply::Chunk { len: got, encoding } => {
+                // Never more on the wire than the chunk itself.
+                if got > *len {
                     return Err(ApplyError::Protocol(format!(
                         "{path}: chunk of {got} bytes where {len} were expected (folder {})",
                         req.folder_name
                     )));
                 }
-                buf.resize(*len as usize, 0);
-                rx.read_exact(&mut buf).await?;
+                wire.resize(got as usize, 0);
+                rx.read_exact(&mut wire).await?;
+                let base = base.and_then(|b| bases.get(&b)).map(Vec::as_slice);
+                syncd_proto::decode_chunk(encoding, &wire, *len as usize, base, &mut buf).map_err(
+                    |e| ApplyError::Protocol(format!("{path}: {e} (folder {})", req.folder_name)),
+                )?;
                 if ChunkHash::of(&buf) != *hash {
                     return Err(ApplyError::BadChunk { path: path.clone() });
                 }

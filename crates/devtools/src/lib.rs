@@ -91,6 +91,20 @@ pub fn write_archive(
     rng: &mut Rng,
     build: u32,
 ) -> io::Result<()> {
+    write_archive_edited(path, kind, len, rng, build, None)
+}
+
+/// [`write_archive`], with `edit` written into the first class (WAR) or API (CAR) entry: given
+/// the same generator state, the archive differs from the unedited one in that entry only (and,
+/// with another `build`, in every entry's timestamp, as a rebuild would).
+pub fn write_archive_edited(
+    path: &Path,
+    kind: Archive,
+    len: u64,
+    rng: &mut Rng,
+    build: u32,
+    edit: Option<&str>,
+) -> io::Result<()> {
     use zip::write::SimpleFileOptions;
     use zip::{CompressionMethod, DateTime};
     let file = fs::File::create(path)?;
@@ -121,13 +135,24 @@ pub fn write_archive(
     };
     zip.start_file(descriptor, deflated).map_err(err)?;
     zip.write_all(synapse_xml("descriptor", 4_000, rng).as_bytes())?;
-    for i in 0..(rng.range(3, 12)) {
+    // A web application has many classes (one for every 50 KB of archive); a CAR a few APIs.
+    let entries = match (kind, rng.range(3, 12)) {
+        (Archive::War, n) => n + len / 50_000,
+        (Archive::Car, n) => n,
+    };
+    for i in 0..entries {
         let name = match kind {
             Archive::Car => format!("api_{i}/api_{i}.xml"),
             Archive::War => format!("WEB-INF/classes/org/example/Service{i}.class"),
         };
         zip.start_file(name, deflated).map_err(err)?;
-        let body = synapse_xml(&format!("entry{i}"), rng.range(1_000, 8_000) as usize, rng);
+        let mut body = synapse_xml(&format!("entry{i}"), rng.range(1_000, 8_000) as usize, rng);
+        if i == 0
+            && let Some(edit) = edit
+        {
+            let at = body.len() / 2;
+            body.insert_str(at, edit);
+        }
         zip.write_all(body.as_bytes())?;
     }
     // Library JARs (already compressed, so stored) make up the size.
@@ -178,6 +203,26 @@ impl Scale {
         war_files: 1,
         war_size: (3_000_000, 5_000_000),
         exploded_files: 30,
+    };
+
+    /// About 200 MB in about 2,000 files: the first scale of the benchmark against rsync.
+    pub const MEDIUM: Scale = Scale {
+        xml_files: 1_700,
+        car_files: 50,
+        car_size: (100_000, 3_000_000),
+        war_files: 1,
+        war_size: (5_000_000, 30_000_000),
+        exploded_files: 200,
+    };
+
+    /// About 1.5 GB in about 10,000 files: the second scale.
+    pub const LARGE: Scale = Scale {
+        xml_files: 8_300,
+        car_files: 140,
+        car_size: (100_000, 10_000_000),
+        war_files: 8,
+        war_size: (5_000_000, 150_000_000),
+        exploded_files: 1_400,
     };
 }
 

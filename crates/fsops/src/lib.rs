@@ -11,7 +11,7 @@ mod folder;
 mod scan;
 
 pub use archive::{
-    ArchiveError, CentralDirectory, check_archive, check_entries, is_archive,
+    ArchiveError, CentralDirectory, check_archive, check_entries, cut_points, is_archive,
     locate_central_directory,
 };
 pub use durable::write_atomic;

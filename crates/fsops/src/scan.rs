@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use syncd_manifest::{
-    Chunker, Manifest, Mtime, Node, NodeKind, RelPath, SymlinkTarget, chunk_reader,
+    Chunker, Manifest, Mtime, Node, NodeKind, RelPath, SymlinkTarget, chunk_reader_with_cuts,
 };
 
 use crate::excludes::Excludes;
@@ -463,7 +463,9 @@ pub fn hash_file(chunker: &Chunker, abs: &Path) -> HashResult {
         if !before.is_file() {
             return Err(ScanWarning::Special(abs.to_owned()));
         }
-        let content = chunk_reader(chunker, &file, |_, _| {}).map_err(unreadable)?;
+        let cuts = archive_cuts(abs, &file, before.len());
+        let content =
+            chunk_reader_with_cuts(chunker, &file, &cuts, |_, _| {}).map_err(unreadable)?;
         let after = file.metadata().map_err(unreadable)?;
         let key = stat_key(&after);
         if stat_key(&before) != key || content.size != key.size {
@@ -477,6 +479,23 @@ pub fn hash_file(chunker: &Chunker, abs: &Path) -> HashResult {
         return Ok((node, key));
     }
     Err(ScanWarning::Unstable(abs.to_owned()))
+}
+
+/// Archives at least this large are chunked along their entries; smaller ones are a few chunks
+/// at most anyway.
+const ARCHIVE_CUTS_FROM: u64 = 256 * 1024;
+
+/// Where an archive's chunks must end (see [`crate::cut_points`]); nothing for other files.
+/// Depends only on the file's name and bytes, so the manager and every agent cut alike.
+fn archive_cuts(abs: &Path, file: &fs::File, size: u64) -> Vec<u64> {
+    let archive = abs
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(crate::is_archive);
+    if !archive || size < ARCHIVE_CUTS_FROM {
+        return Vec::new();
+    }
+    crate::cut_points(file, size).unwrap_or_default()
 }
 
 fn open_nofollow(path: &Path) -> io::Result<fs::File> {

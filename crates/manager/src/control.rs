@@ -444,24 +444,35 @@ impl Control {
             let empty = syncd_manifest::Manifest::new(candidate.manifest.params);
             let old = before.map_or(&empty, |b| &b.manifest);
             let changes = diff(old, &candidate.manifest);
+            let removed = changes
+                .iter()
+                .filter(|c| matches!(c, syncd_manifest::Change::Remove(p) if old.get(p).is_some_and(|n| n.file().is_some())))
+                .count();
+            let mut confirmed = false;
             if let Some(share) = f.spec.delete_guard {
-                let total = old.iter().filter(|(_, n)| n.file().is_some()).count();
-                let removed = changes
-                    .iter()
-                    .filter(|c| matches!(c, syncd_manifest::Change::Remove(p) if old.get(p).is_some_and(|n| n.file().is_some())))
-                    .count();
-                let trips =
-                    total > 0 && (removed == total || removed as f64 > share * total as f64);
-                if trips
-                    && !f.guard_allows(
-                        GuardReason::MassDelete { removed, total },
+                // Removals published moments ago count too, against the folder as it was
+                // before them: a tree deleted over several generations trips as a whole.
+                let earlier = f.recent_removals(started);
+                let total = old.iter().filter(|(_, n)| n.file().is_some()).count() + earlier;
+                let removing = removed + earlier;
+                let trips = total > 0
+                    && removed > 0
+                    && (removing == total || removing as f64 > share * total as f64);
+                if trips {
+                    if !f.guard_allows(
+                        GuardReason::MassDelete {
+                            removed: removing,
+                            total,
+                        },
                         &candidate.manifest,
-                    )
-                {
-                    next.push(None);
-                    continue;
+                    ) {
+                        next.push(None);
+                        continue;
+                    }
+                    confirmed = true;
                 }
             }
+            f.record_removals(started, removed, confirmed);
             f.clear_guard();
             log_changes(&f.spec.name, &changes);
             steps.insert(

@@ -7,6 +7,7 @@
 //! generation, as an immutable [`Snapshot`] through a watch channel that every agent connection
 //! reads. Disk work runs on the blocking pool.
 
+mod cache;
 mod control;
 mod history;
 mod inotify;
@@ -457,18 +458,21 @@ impl RescanHandle {
 }
 
 impl Manager {
-    /// Loads the persisted state, walks every folder (rehashing only changed files, and waiting
-    /// for files being written), publishes the result as a new generation if anything changed,
-    /// and binds the QUIC endpoint.
+    /// Binds the QUIC endpoint, loads the persisted state, walks every folder (rehashing only
+    /// changed files, and waiting for files being written), and publishes the result as a new
+    /// generation if anything changed. No agent is served before [`Manager::run`].
     pub async fn open(config: ManagerConfig, identity: Identity) -> Result<Manager, ManagerError> {
         let config = Arc::new(config);
-        let (control, snapshot) = control::Control::open(Arc::clone(&config)).await?;
+        // Bound before the first walk: a port in use fails at once, not after a long scan, and
+        // agents that connect meanwhile wait in the accept queue (served as soon as the walk is
+        // published) instead of retrying their handshake on a backoff.
         let allowed = config
             .agents
             .iter()
             .map(|a| (a.id, a.name.clone()))
             .collect();
         let endpoint = Endpoint::server(&identity, allowed, config.listen)?;
+        let (control, snapshot) = control::Control::open(Arc::clone(&config)).await?;
         let status = ManagerStatus {
             generation: snapshot.generation,
             agents: config

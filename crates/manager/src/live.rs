@@ -106,7 +106,13 @@ pub(crate) struct LiveFolder {
     pub guarded: Option<Guarded>,
     /// What the operator confirmed publishing despite the guard.
     confirmed: Option<syncd_manifest::ManifestDigest>,
+    /// Files removed by generations published in the last [`GUARD_WINDOW`]: a tree deleted
+    /// over several generations (`rm -rf` outlasts the debounce) counts as one deletion.
+    recent_removals: std::collections::VecDeque<(Instant, usize)>,
 }
+
+/// How far back the delete guard adds up removals.
+pub(crate) const GUARD_WINDOW: Duration = Duration::from_secs(10);
 
 impl LiveFolder {
     /// A folder starting from what was last published (persisted state), to be walked.
@@ -129,6 +135,29 @@ impl LiveFolder {
             root_failed: false,
             guarded: None,
             confirmed: None,
+            recent_removals: Default::default(),
+        }
+    }
+
+    /// Files removed by generations published within [`GUARD_WINDOW`] of `now`.
+    pub(crate) fn recent_removals(&mut self, now: Instant) -> usize {
+        while self
+            .recent_removals
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > GUARD_WINDOW)
+        {
+            self.recent_removals.pop_front();
+        }
+        self.recent_removals.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Records that a generation removing `files` files was published at `now`; a confirmed
+    /// deletion starts the count afresh.
+    pub(crate) fn record_removals(&mut self, now: Instant, files: usize, confirmed: bool) {
+        if confirmed {
+            self.recent_removals.clear();
+        } else if files > 0 {
+            self.recent_removals.push_back((now, files));
         }
     }
 

@@ -15,6 +15,7 @@ use syncd_proto::{
 use syncd_transport::{Conn, Endpoint, Incoming, NodeId, RecvStream, SendStream, TransportError};
 use tokio::sync::{mpsc, watch};
 
+use crate::cache::ChunkCache;
 use crate::control::{Command, Snapshot};
 use crate::pauses::{PauseRecord, Pauses};
 use crate::{ManagerConfig, ManagerStatus};
@@ -39,6 +40,8 @@ pub(crate) struct Ctx {
     /// Each agent's pause.
     pub(crate) pauses: Arc<Pauses>,
     serial: AtomicU64,
+    /// Compressible chunks served lately: bases for deltas when those files change.
+    cache: Arc<ChunkCache>,
 }
 
 impl Ctx {
@@ -62,6 +65,7 @@ impl Ctx {
             pauses,
             live: Default::default(),
             serial: AtomicU64::new(0),
+            cache: Arc::new(ChunkCache::new(crate::cache::CACHE_BYTES)),
         })
     }
 
@@ -612,17 +616,10 @@ async fn serve_fetch(
             wanted.push((offsets[i as usize], c.len, c.hash));
         }
         // Read in batches on the blocking pool; send as they come.
-        let root = Arc::clone(&folder.root);
-        let path = file.path.clone();
-        let source = match tokio::task::spawn_blocking(move || root.open_file(&path))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-        {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                return gone(ctx, &mut tx, file.path, format!("cannot open: {e}")).await;
-            }
-        };
+        // Each batch is read on the blocking pool; the first also opens the file and fetches
+        // the agent's base (its current version of a small file, if this manager served it
+        // lately), so a small file costs one trip there.
+        let mut opened: Option<Opened> = None;
         let mut start = 0;
         while start < wanted.len() {
             let mut end = start;
@@ -632,19 +629,41 @@ async fn serve_fetch(
                 end += 1;
             }
             let batch: Vec<(u64, u32, ChunkHash)> = wanted[start..end].to_vec();
-            let source = Arc::clone(&source);
-            let read = tokio::task::spawn_blocking(move || read_chunks(&source, &batch))
-                .await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            let (root, path, cache) = (
+                Arc::clone(&folder.root),
+                file.path.clone(),
+                Arc::clone(&ctx.cache),
+            );
+            let (wanted_base, was_opened) = (file.base, opened.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                let (source, base) = match was_opened {
+                    Some(o) => o,
+                    None => (
+                        Arc::new(
+                            root.open_file(&path)
+                                .map_err(|e| format!("cannot open: {e}"))?,
+                        ),
+                        wanted_base.and_then(|h| cache.get(&h)).map(Arc::new),
+                    ),
+                };
+                let chunks =
+                    read_chunks(&source, &batch, base.as_deref().map(Vec::as_slice), &cache)?;
+                Ok::<_, String>((source, base, chunks))
+            })
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
             let chunks = match read {
-                Ok(c) => c,
+                Ok((source, base, chunks)) => {
+                    opened = Some((source, base));
+                    chunks
+                }
                 Err(reason) => return gone(ctx, &mut tx, file.path, reason).await,
             };
-            for data in chunks {
+            for (data, encoding) in chunks {
                 tx.send(
                     &FetchReply::Chunk {
                         len: data.len() as u32,
-                        encoding: ChunkEncoding::Raw,
+                        encoding,
                     },
                     MAX_CONTROL_FRAME,
                 )
@@ -665,11 +684,18 @@ async fn serve_fetch(
     Ok(())
 }
 
-/// Reads and checks chunks; an error names the first that no longer matches.
+/// A file being served, and the agent's base for it if the cache had it.
+type Opened = (Arc<std::fs::File>, Option<Arc<Vec<u8>>>);
+
+/// Reads, checks and encodes chunks for the wire (compressed where that pays, against `base`
+/// when that is shorter); an error names the first that no longer matches. Chunks that
+/// compress are kept in `cache`, as bases for their files' next versions.
 fn read_chunks(
     file: &std::fs::File,
     batch: &[(u64, u32, ChunkHash)],
-) -> Result<Vec<Bytes>, String> {
+    base: Option<&[u8]>,
+    cache: &ChunkCache,
+) -> Result<Vec<(Bytes, ChunkEncoding)>, String> {
     use std::os::unix::fs::FileExt;
     let mut out = Vec::with_capacity(batch.len());
     for &(offset, len, hash) in batch {
@@ -681,7 +707,26 @@ fn read_chunks(
                 "changed on disk since it was scanned (chunk at {offset})"
             ));
         }
-        out.push(Bytes::from(buf));
+        let (wire, encoding) = match base {
+            Some(base) => {
+                let (wire, encoding) = syncd_proto::encode_chunk_with_base(buf.clone(), Some(base));
+                if encoding != ChunkEncoding::Raw {
+                    let (plain, e) = syncd_proto::encode_chunk(buf);
+                    if e == ChunkEncoding::Zstd {
+                        cache.insert(hash, len, plain);
+                    }
+                }
+                (wire, encoding)
+            }
+            None => {
+                let (wire, encoding) = syncd_proto::encode_chunk(buf);
+                if encoding == ChunkEncoding::Zstd {
+                    cache.insert(hash, len, wire.clone());
+                }
+                (wire, encoding)
+            }
+        };
+        out.push((Bytes::from(wire), encoding));
     }
     Ok(out)
 }

@@ -15,7 +15,7 @@ use crate::manifest::{ChunkRef, FileContent};
 /// with the same parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChunkParams {
-    /// No chunk but a file's last is shorter.
+    /// No content-defined cut comes sooner (a forced cut, at an archive entry, may).
     pub min: u32,
     /// The size the cut-point mask aims for.
     pub avg: u32,
@@ -59,11 +59,6 @@ impl ChunkParams {
         } else {
             Err(ChunkParamsError { min, avg, max })
         }
-    }
-
-    /// The most chunks a file of `size` bytes can have under these parameters.
-    pub fn max_chunks(&self, size: u64) -> u64 {
-        size.div_ceil(self.min as u64).max(1)
     }
 }
 
@@ -141,9 +136,22 @@ impl Chunker {
 /// benchmark use it to look at boundaries).
 pub fn chunk_reader(
     chunker: &Chunker,
+    reader: impl Read,
+    on_chunk: impl FnMut(&[u8], &ChunkHash),
+) -> io::Result<FileContent> {
+    chunk_reader_with_cuts(chunker, reader, &[], on_chunk)
+}
+
+/// [`chunk_reader`] that also ends a chunk at each offset of `cuts` (sorted): the file is
+/// chunked as if each stretch between two cuts were a file of its own. Archives use it to keep
+/// each entry's data in chunks of its own (see `syncd_fsops::cut_points`).
+pub fn chunk_reader_with_cuts(
+    chunker: &Chunker,
     mut reader: impl Read,
+    cuts: &[u64],
     mut on_chunk: impl FnMut(&[u8], &ChunkHash),
 ) -> io::Result<FileContent> {
+    let mut cuts = cuts.iter().copied().peekable();
     let max = chunker.params.max as usize;
     let mut buf = vec![0u8; (4 * max).max(1 << 20)];
     let (mut start, mut end) = (0usize, 0usize);
@@ -169,7 +177,13 @@ pub fn chunk_reader(
                 }
             }
         }
-        let len = chunker.cut(&buf[start..end]);
+        // A forced cut ahead ends the stretch the chunker may look at, as a file's end would.
+        while cuts.next_if(|&c| c <= size).is_some() {}
+        let window = match cuts.peek() {
+            Some(&c) => end.min(start + usize::try_from(c - size).unwrap_or(usize::MAX)),
+            None => end,
+        };
+        let len = chunker.cut(&buf[start..window]);
         if len == 0 {
             break;
         }
@@ -217,6 +231,30 @@ mod tests {
             self.0 = &self.0[n..];
             Ok(n)
         }
+    }
+
+    #[test]
+    fn forced_cuts_chunk_each_stretch_as_a_file_of_its_own() {
+        let data = noise(3 << 20, 9);
+        let chunker = Chunker::new(ChunkParams::DEFAULT).unwrap();
+        let cuts = [100u64, 70_000, 70_001, 1 << 20, 2_500_000];
+        let mut lens = Vec::new();
+        let content = chunk_reader_with_cuts(&chunker, Dribble(&data, 4097), &cuts, |c, _| {
+            lens.push(c.len())
+        })
+        .unwrap();
+        // The same as chunking every stretch alone.
+        let mut expected = Vec::new();
+        let mut from = 0usize;
+        for to in cuts.iter().map(|&c| c as usize).chain([data.len()]) {
+            expected.extend(chunker.cut_all(&data[from..to]).map(<[u8]>::len));
+            from = to;
+        }
+        assert_eq!(lens, expected);
+        assert_eq!(content.size, data.len() as u64);
+        // No cuts: the plain chunking.
+        let plain = chunk_reader_with_cuts(&chunker, &data[..], &[], |_, _| {}).unwrap();
+        assert_eq!(plain, chunk_reader(&chunker, &data[..], |_, _| {}).unwrap());
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod hash;
 mod manifest;
 mod path;
 
-pub use chunker::{ChunkParams, ChunkParamsError, Chunker, chunk_reader};
+pub use chunker::{ChunkParams, ChunkParamsError, Chunker, chunk_reader, chunk_reader_with_cuts};
 pub use diff::{Change, diff};
 pub use hash::{ChunkHash, FileHash, ManifestDigest};
 pub use manifest::{ChunkRef, FileContent, Manifest, Mtime, Node, NodeKind, TreeError};

@@ -53,6 +53,10 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
             .expect("15 s is a valid idle timeout"),
     ));
     t.max_concurrent_bidi_streams(256u32.into());
+    // Before the first RTT sample quinn assumes 333 ms, so an Initial lost (or sent to a manager
+    // that is still scanning before it listens) is retried only after about a second. Cluster
+    // links are LAN links: assume 100 ms; a longer path costs one spare Initial.
+    t.initial_rtt(Duration::from_millis(100));
     if *CONGESTION.get().unwrap_or(&Congestion::Cubic) == Congestion::Bbr {
         t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     }

@@ -1,8 +1,10 @@
-//! `gen-tree DIR [--seed N]`: writes a deterministic WSO2-like deployment tree into DIR.
+//! `gen-tree DIR [--seed N] [--scale small|medium|large]`: writes a deterministic WSO2-like
+//! deployment tree into DIR.
 
 use std::path::PathBuf;
 
 use clap::Parser;
+use syncd_devtools::Scale;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -14,10 +16,19 @@ struct Args {
     /// Seed: the same seed writes the same bytes.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// small (a few MB), medium (about 200 MB, 2,000 files) or large (about 1.5 GB, 10,000 files).
+    #[arg(long, default_value = "small")]
+    scale: String,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    syncd_devtools::generate(&args.dir, syncd_devtools::Scale::SMALL, args.seed)?;
+    let scale = match args.scale.as_str() {
+        "small" => Scale::SMALL,
+        "medium" => Scale::MEDIUM,
+        "large" => Scale::LARGE,
+        other => anyhow::bail!("unknown scale {other}: small, medium or large"),
+    };
+    syncd_devtools::generate(&args.dir, scale, args.seed)?;
     Ok(())
 }

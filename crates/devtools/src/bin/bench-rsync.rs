@@ -1,0 +1,958 @@
+//! `bench-rsync`: syncd against an rsync daemon on 127.0.0.1 (and lsyncd driving it) on the same
+//! WSO2-like tree, in one run, as ratios: initial sync, each incremental change (time to converge
+//! and bytes on the wire), and fan-out to several workers.
+//!
+//! Bytes are counted the same way for every tool: nftables counters on the loopback interface,
+//! in the input hook, for the manager's UDP port (syncd) and the rsync daemon's TCP port (rsync,
+//! lsyncd), both directions, whole IP packets (headers, handshakes, acknowledgements and, for
+//! syncd, QUIC's encryption included). Needs root, nft, rsync and lsyncd. Run it on purpose:
+//!
+//!   apt-get install -y rsync lsyncd nftables
+//!   cargo build --release -p syncd -p syncd-devtools
+//!   target/release/bench-rsync --scale medium
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use syncd_devtools::{Archive, Rng, Scale, generate, write_archive_edited};
+
+#[derive(Parser, Debug)]
+#[command(about = "syncd against rsync and lsyncd on a WSO2-like tree: time and bytes, as ratios")]
+struct Args {
+    /// The syncd binary (a release build); syncctl is looked for beside it.
+    #[arg(long, default_value = "target/release/syncd")]
+    syncd: PathBuf,
+    /// Tree size: medium (about 200 MB, 2,000 files) or large (about 1.5 GB, 10,000 files).
+    #[arg(long, default_value = "medium")]
+    scale: String,
+    /// Repetitions of the initial sync (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Worker counts for the fan-out part (empty to skip it).
+    #[arg(long, value_delimiter = ',', default_value = "1,5,10")]
+    fanout: Vec<usize>,
+    /// Skip lsyncd.
+    #[arg(long)]
+    no_lsyncd: bool,
+    /// Working directory (a fresh temporary one by default; removed at the end unless given).
+    #[arg(long)]
+    work: Option<PathBuf>,
+    /// UDP port of the syncd manager.
+    #[arg(long, default_value_t = 17700)]
+    port: u16,
+    /// TCP port of the rsync daemon.
+    #[arg(long, default_value_t = 17873)]
+    rsync_port: u16,
+}
+
+/// A change made to the manager's tree, the same for every tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mutation {
+    XmlEdit,
+    WarEntry,
+    WarRebuilt,
+    NewCar,
+    Delete,
+    FrontInsert,
+    TenPercentXml,
+}
+
+const MUTATIONS: [Mutation; 7] = [
+    Mutation::XmlEdit,
+    Mutation::WarEntry,
+    Mutation::WarRebuilt,
+    Mutation::NewCar,
+    Mutation::Delete,
+    Mutation::FrontInsert,
+    Mutation::TenPercentXml,
+];
+
+impl Mutation {
+    fn label(self) -> &'static str {
+        match self {
+            Mutation::XmlEdit => "one XML edited (88 bytes)",
+            Mutation::WarEntry => "63 MB WAR, one inner entry changed",
+            Mutation::WarRebuilt => "63 MB WAR rebuilt (new timestamps), one entry changed",
+            Mutation::NewCar => "a new 5 MB CAR",
+            Mutation::Delete => "a CAR deleted",
+            Mutation::FrontInsert => "1,000 bytes inserted at the front of a 23 MB WAR",
+            Mutation::TenPercentXml => "10% of XMLs edited",
+        }
+    }
+}
+
+const BIG_WAR: &str = "webapps/api-gateway.war";
+const FRONT_WAR: &str = "webapps/portal.war";
+const BIG_WAR_LEN: u64 = 63_000_000;
+const FRONT_WAR_LEN: u64 = 23_000_000;
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let scale = match args.scale.as_str() {
+        "medium" => Scale::MEDIUM,
+        "large" => Scale::LARGE,
+        "small" => Scale::SMALL,
+        other => bail!("unknown scale {other}: medium or large"),
+    };
+    preflight(&args)?;
+    let (work, keep) = match &args.work {
+        Some(w) => (w.clone(), true),
+        None => (mktemp()?, false),
+    };
+    std::fs::create_dir_all(&work)?;
+    let counters = Counters::install(args.port, args.rsync_port)?;
+    let bench = Bench {
+        args: &args,
+        scale,
+        work: work.clone(),
+        counters,
+    };
+    let result = bench.run();
+    if !keep {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    result
+}
+
+fn preflight(args: &Args) -> Result<()> {
+    for (tool, hint) in [
+        ("nft", "nftables"),
+        ("rsync", "rsync"),
+        ("lsyncd", "lsyncd"),
+    ] {
+        if tool == "lsyncd" && args.no_lsyncd {
+            continue;
+        }
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()?
+            .success();
+        if !found {
+            bail!("{tool} is not installed: apt-get install -y {hint}");
+        }
+    }
+    if !args.syncd.exists() {
+        bail!(
+            "{} not found: cargo build --release -p syncd",
+            args.syncd.display()
+        );
+    }
+    Ok(())
+}
+
+struct Bench<'a> {
+    args: &'a Args,
+    scale: Scale,
+    work: PathBuf,
+    counters: Counters,
+}
+
+/// One measured outcome.
+#[derive(Debug, Clone, Copy, Default)]
+struct Outcome {
+    time: Duration,
+    bytes: u64,
+}
+
+impl Bench<'_> {
+    fn run(&self) -> Result<()> {
+        println!(
+            "# bench-rsync: scale {}, work dir {}",
+            self.args.scale,
+            self.work.display()
+        );
+        println!("# machine: {} cores, Linux {}", cores(), kernel());
+        let base = self.work.join("base");
+        let t = Instant::now();
+        build_tree(&base, self.scale)?;
+        let (files, bytes) = tree_size(&base)?;
+        println!(
+            "# tree: {files} files, {:.1} MB (generated in {:.1} s)",
+            bytes as f64 / 1e6,
+            t.elapsed().as_secs_f64()
+        );
+
+        // Initial sync, one worker.
+        let mut rsync_init = Vec::new();
+        let mut rsync_fsync_init = Vec::new();
+        let mut syncd_init = Vec::new();
+        for rep in 0..self.args.reps {
+            let dir = self.work.join(format!("init-rsync-{rep}"));
+            let daemon = RsyncDaemon::start(&dir, 1, self.args.rsync_port)?;
+            rsync_init.push(daemon.push(&base, 0, &[])?);
+            same_tree(&base, &daemon.workers[0])?;
+            let _ = std::fs::remove_dir_all(&daemon.workers[0]);
+            std::fs::create_dir_all(&daemon.workers[0])?;
+            rsync_fsync_init.push(daemon.push(&base, 0, &["--fsync"])?);
+            same_tree(&base, &daemon.workers[0])?;
+            drop(daemon);
+            let _ = std::fs::remove_dir_all(&dir);
+
+            let dir = self.work.join(format!("init-syncd-{rep}"));
+            let mgr = dir.join("mgr/server");
+            copy_tree(&base, &mgr)?;
+            let t0 = Instant::now();
+            let cluster = SyncdCluster::start(&self.args.syncd, &dir, 1, self.args.port)?;
+            cluster.wait_all(Duration::from_secs(300))?;
+            syncd_init.push(t0.elapsed());
+            same_tree(&mgr, &cluster.workers[0])?;
+            drop(cluster);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let (r, rf, s) = (
+            median(&mut rsync_init),
+            median(&mut rsync_fsync_init),
+            median(&mut syncd_init),
+        );
+        println!();
+        println!(
+            "## Initial sync, one worker, from empty ({} runs, median)",
+            self.args.reps
+        );
+        println!();
+        println!("| tool | time | syncd ÷ tool |");
+        println!("| --- | --- | --- |");
+        println!(
+            "| syncd (processes started cold: scan, hash, transfer, fsync) | {} | 1.00 |",
+            secs(s)
+        );
+        println!("| rsync daemon | {} | {:.2} |", secs(r), ratio(s, r));
+        println!(
+            "| rsync daemon, `--fsync` | {} | {:.2} |",
+            secs(rf),
+            ratio(s, rf)
+        );
+
+        // Incremental changes, one worker per tool, the same sequence of changes for each.
+        let syncd_rows = self.incremental_syncd(&base)?;
+        let rsync_rows = self.incremental_rsync(&base)?;
+        let lsyncd_rows = if self.args.no_lsyncd {
+            vec![None; MUTATIONS.len()]
+        } else {
+            self.incremental_lsyncd(&base)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        };
+        println!();
+        println!(
+            "## Incremental changes, one worker (time to converge; bytes on the wire, both directions)"
+        );
+        println!();
+        println!(
+            "| change | syncd | rsync | lsyncd (delay 0) | syncd bytes | rsync bytes | lsyncd bytes | syncd ÷ best bytes | syncd ÷ lsyncd time |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        for (i, m) in MUTATIONS.iter().enumerate() {
+            let (s, r, l) = (syncd_rows[i], rsync_rows[i], lsyncd_rows[i]);
+            let best = l.map_or(r.bytes, |l| l.bytes.min(r.bytes));
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+                m.label(),
+                ms(s.time),
+                ms(r.time),
+                l.map_or("-".into(), |l| ms(l.time)),
+                kb(s.bytes),
+                kb(r.bytes),
+                l.map_or("-".into(), |l| kb(l.bytes)),
+                s.bytes as f64 / best.max(1) as f64,
+                l.map_or("-".into(), |l| format!("{:.2}", ratio(s.time, l.time))),
+            );
+        }
+
+        if !self.args.fanout.is_empty() {
+            println!();
+            println!(
+                "## Fan-out: a new 5 MB CAR to N workers (rsync: one run per worker, in turn)"
+            );
+            println!();
+            println!("| workers | syncd | rsync | syncd ÷ rsync | syncd ÷ syncd with 1 worker |");
+            println!("| --- | --- | --- | --- | --- |");
+            let mut one = None;
+            for &n in &self.args.fanout {
+                let (s, r) = self.fanout(&base, n)?;
+                let one = *one.get_or_insert(s);
+                println!(
+                    "| {n} | {} | {} | {:.2} | {:.2} |",
+                    ms(s),
+                    ms(r),
+                    ratio(s, r),
+                    ratio(s, one)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn incremental_syncd(&self, base: &Path) -> Result<Vec<Outcome>> {
+        let dir = self.work.join("inc-syncd");
+        let mgr = dir.join("mgr/server");
+        copy_tree(base, &mgr)?;
+        let cluster = SyncdCluster::start(&self.args.syncd, &dir, 1, self.args.port)?;
+        cluster.wait_all(Duration::from_secs(300))?;
+        let scratch = dir.join("scratch");
+        std::fs::create_dir_all(&scratch)?;
+        let mut out = Vec::new();
+        for m in MUTATIONS {
+            std::thread::sleep(Duration::from_millis(300));
+            self.counters.reset()?;
+            let changed = mutate(&mgr, &scratch, m)?;
+            let t0 = Instant::now();
+            wait_paths(&mgr, &cluster.workers, &changed, Duration::from_secs(120))?;
+            let time = t0.elapsed();
+            std::thread::sleep(Duration::from_millis(500));
+            let bytes = self.counters.udp()?;
+            same_tree(&mgr, &cluster.workers[0])?;
+            out.push(Outcome { time, bytes });
+        }
+        drop(cluster);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(out)
+    }
+
+    fn incremental_rsync(&self, base: &Path) -> Result<Vec<Outcome>> {
+        let dir = self.work.join("inc-rsync");
+        let mgr = dir.join("mgr");
+        copy_tree(base, &mgr)?;
+        let daemon = RsyncDaemon::start(&dir, 1, self.args.rsync_port)?;
+        daemon.push(&mgr, 0, &[])?;
+        let scratch = dir.join("scratch");
+        std::fs::create_dir_all(&scratch)?;
+        let mut out = Vec::new();
+        for m in MUTATIONS {
+            mutate(&mgr, &scratch, m)?;
+            self.counters.reset()?;
+            let time = daemon.push(&mgr, 0, &[])?;
+            let bytes = self.counters.tcp()?;
+            same_tree(&mgr, &daemon.workers[0])?;
+            out.push(Outcome { time, bytes });
+        }
+        drop(daemon);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(out)
+    }
+
+    fn incremental_lsyncd(&self, base: &Path) -> Result<Vec<Outcome>> {
+        let dir = self.work.join("inc-lsyncd");
+        let mgr = dir.join("mgr");
+        copy_tree(base, &mgr)?;
+        let daemon = RsyncDaemon::start(&dir, 1, self.args.rsync_port)?;
+        let lsyncd = Lsyncd::start(&dir, &mgr, self.args.rsync_port)?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while same_tree(&mgr, &daemon.workers[0]).is_err() {
+            if Instant::now() > deadline {
+                bail!("lsyncd's initial sync did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let scratch = dir.join("scratch");
+        std::fs::create_dir_all(&scratch)?;
+        let mut out = Vec::new();
+        for m in MUTATIONS {
+            std::thread::sleep(Duration::from_millis(300));
+            self.counters.reset()?;
+            let changed = mutate(&mgr, &scratch, m)?;
+            let t0 = Instant::now();
+            wait_paths(&mgr, &daemon.workers, &changed, Duration::from_secs(120))?;
+            let time = t0.elapsed();
+            // Let a trailing rsync run finish before reading the counters.
+            std::thread::sleep(Duration::from_millis(1500));
+            let bytes = self.counters.tcp()?;
+            same_tree(&mgr, &daemon.workers[0])?;
+            out.push(Outcome { time, bytes });
+        }
+        drop(lsyncd);
+        drop(daemon);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(out)
+    }
+
+    /// A new CAR to `n` workers: syncd pushes to all at once, rsync runs once per worker.
+    fn fanout(&self, base: &Path, n: usize) -> Result<(Duration, Duration)> {
+        let dir = self.work.join(format!("fan-syncd-{n}"));
+        let mgr = dir.join("mgr/server");
+        copy_tree(base, &mgr)?;
+        let cluster = SyncdCluster::start(&self.args.syncd, &dir, n, self.args.port)?;
+        cluster.wait_all(Duration::from_secs(600))?;
+        let scratch = dir.join("scratch");
+        std::fs::create_dir_all(&scratch)?;
+        let changed = mutate(&mgr, &scratch, Mutation::NewCar)?;
+        let t0 = Instant::now();
+        wait_paths(&mgr, &cluster.workers, &changed, Duration::from_secs(120))?;
+        let syncd = t0.elapsed();
+        for w in &cluster.workers {
+            same_tree(&mgr, w)?;
+        }
+        drop(cluster);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let dir = self.work.join(format!("fan-rsync-{n}"));
+        let mgr = dir.join("mgr");
+        copy_tree(base, &mgr)?;
+        let daemon = RsyncDaemon::start(&dir, n, self.args.rsync_port)?;
+        for i in 0..n {
+            daemon.push(&mgr, i, &[])?;
+        }
+        let scratch = dir.join("scratch");
+        std::fs::create_dir_all(&scratch)?;
+        mutate(&mgr, &scratch, Mutation::NewCar)?;
+        let t0 = Instant::now();
+        for i in 0..n {
+            daemon.push(&mgr, i, &[])?;
+        }
+        let rsync = t0.elapsed();
+        for w in &daemon.workers {
+            same_tree(&mgr, w)?;
+        }
+        drop(daemon);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok((syncd, rsync))
+    }
+}
+
+/// The base tree: the generator's tree at `scale`, plus the two WARs the changes work on.
+fn build_tree(root: &Path, scale: Scale) -> Result<()> {
+    generate(root, scale, 11)?;
+    write_archive_edited(
+        &root.join(BIG_WAR),
+        Archive::War,
+        BIG_WAR_LEN,
+        &mut Rng::new(7001),
+        1,
+        None,
+    )?;
+    write_archive_edited(
+        &root.join(FRONT_WAR),
+        Archive::War,
+        FRONT_WAR_LEN,
+        &mut Rng::new(7002),
+        1,
+        None,
+    )?;
+    Ok(())
+}
+
+/// Applies `m` to the tree at `root` the way a deployment does (written beside, renamed in) and
+/// returns the paths it changed.
+fn mutate(root: &Path, scratch: &Path, m: Mutation) -> Result<Vec<String>> {
+    let deploy = |rel: &str, bytes: &[u8]| -> Result<()> {
+        let tmp = scratch.join("deploy.tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, root.join(rel))?;
+        Ok(())
+    };
+    let edit_xml = |rel: &str, tag: &str| -> Result<()> {
+        let mut bytes = std::fs::read(root.join(rel))?;
+        let at = bytes.len() / 2;
+        let patch = format!("<!-- {tag:-<80} -->");
+        let end = (at + patch.len()).min(bytes.len());
+        bytes.splice(at..end, patch.bytes().take(end - at));
+        deploy(rel, &bytes)
+    };
+    let xmls = || -> Result<Vec<String>> {
+        let mut v: Vec<String> = walk(root)?
+            .into_iter()
+            .filter(|p| p.starts_with("synapse-configs/") && p.ends_with(".xml"))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    Ok(match m {
+        Mutation::XmlEdit => {
+            let rel = xmls()?[1].clone();
+            edit_xml(&rel, "edited")?;
+            vec![rel]
+        }
+        Mutation::WarEntry | Mutation::WarRebuilt => {
+            let (build, edit) = match m {
+                Mutation::WarEntry => (1, "<!-- one class changed -->"),
+                _ => (2, "<!-- one class changed, then rebuilt -->"),
+            };
+            let tmp = scratch.join("war.tmp");
+            write_archive_edited(
+                &tmp,
+                Archive::War,
+                BIG_WAR_LEN,
+                &mut Rng::new(7001),
+                build,
+                Some(edit),
+            )?;
+            std::fs::rename(&tmp, root.join(BIG_WAR))?;
+            vec![BIG_WAR.to_owned()]
+        }
+        Mutation::NewCar => {
+            let rel = format!("carbonapps/new-app-{}_1.0.0.car", walk(root)?.len());
+            let tmp = scratch.join("car.tmp");
+            syncd_devtools::write_archive(&tmp, Archive::Car, 5_000_000, &mut Rng::new(91), 3)?;
+            std::fs::rename(&tmp, root.join(&rel))?;
+            vec![rel]
+        }
+        Mutation::Delete => {
+            let rel = "carbonapps/app-001_1.0.0.car".to_owned();
+            std::fs::remove_file(root.join(&rel))?;
+            vec![rel]
+        }
+        Mutation::FrontInsert => {
+            let old = std::fs::read(root.join(FRONT_WAR))?;
+            let mut front = vec![0u8; 1000];
+            Rng::new(5).fill(&mut front);
+            front.extend_from_slice(&old);
+            deploy(FRONT_WAR, &front)?;
+            vec![FRONT_WAR.to_owned()]
+        }
+        Mutation::TenPercentXml => {
+            let all = xmls()?;
+            let picked: Vec<String> = all.iter().step_by(10).cloned().collect();
+            for rel in &picked {
+                edit_xml(rel, "touched")?;
+            }
+            picked
+        }
+    })
+}
+
+/// Waits until every worker holds each of `paths` as the manager does (or lacks it too).
+fn wait_paths(mgr: &Path, workers: &[PathBuf], paths: &[String], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let want: Vec<(PathBuf, Option<std::fs::Metadata>)> = paths
+        .iter()
+        .map(|p| (PathBuf::from(p), std::fs::metadata(mgr.join(p)).ok()))
+        .collect();
+    for w in workers {
+        let mut pending: Vec<&(PathBuf, Option<std::fs::Metadata>)> = want.iter().collect();
+        while !pending.is_empty() {
+            pending.retain(|(rel, meta)| {
+                let got = std::fs::symlink_metadata(w.join(rel)).ok();
+                match (meta, got) {
+                    (None, None) => false,
+                    (Some(m), Some(g)) if m.len() == g.len() && g.is_file() => {
+                        std::fs::read(w.join(rel)).ok() != std::fs::read(mgr.join(rel)).ok()
+                    }
+                    _ => true,
+                }
+            });
+            if pending.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{} paths did not reach {}", pending.len(), w.display());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    Ok(())
+}
+
+/// nftables counters on loopback for the syncd (UDP) and rsync (TCP) ports.
+struct Counters {
+    table: &'static str,
+    /// The rule counters at the last reset (nft resets named counters only, so the difference
+    /// is taken instead).
+    base: std::cell::RefCell<Vec<u64>>,
+}
+
+impl Counters {
+    fn install(udp: u16, tcp: u16) -> Result<Counters> {
+        let table = "syncd_bench";
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", table])
+            .stderr(Stdio::null())
+            .status();
+        let rules = format!(
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  iifname \"lo\" udp dport {udp} counter\n  iifname \"lo\" udp sport {udp} counter\n  iifname \"lo\" tcp dport {tcp} counter\n  iifname \"lo\" tcp sport {tcp} counter\n }}\n}}\n"
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("nft")?;
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(rules.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("nft could not install the counting rules (root needed)");
+        }
+        Ok(Counters {
+            table,
+            base: Default::default(),
+        })
+    }
+
+    fn reset(&self) -> Result<()> {
+        *self.base.borrow_mut() = self.read()?;
+        Ok(())
+    }
+
+    /// Bytes counted by each rule, in order: udp in, udp out, tcp in, tcp out.
+    fn read(&self) -> Result<Vec<u64>> {
+        let out = Command::new("nft")
+            .args(["list", "table", "inet", self.table])
+            .output()?;
+        let text = String::from_utf8(out.stdout)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split("bytes ").nth(1))
+            .filter_map(|b| b.split_whitespace().next()?.parse().ok())
+            .collect())
+    }
+
+    /// Bytes counted by rules `rules` since the last reset.
+    fn since_reset(&self, rules: [usize; 2]) -> Result<u64> {
+        let now = self.read()?;
+        let base = self.base.borrow();
+        let at = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+        Ok(rules.iter().map(|&i| at(&now, i) - at(&base, i)).sum())
+    }
+
+    fn udp(&self) -> Result<u64> {
+        self.since_reset([0, 1])
+    }
+
+    fn tcp(&self) -> Result<u64> {
+        self.since_reset([2, 3])
+    }
+}
+
+impl Drop for Counters {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", self.table])
+            .status();
+    }
+}
+
+/// Kills its children when dropped.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct RsyncDaemon {
+    _child: Children,
+    port: u16,
+    workers: Vec<PathBuf>,
+}
+
+impl RsyncDaemon {
+    fn start(dir: &Path, n: usize, port: u16) -> Result<RsyncDaemon> {
+        std::fs::create_dir_all(dir)?;
+        let mut conf = format!(
+            "use chroot = no\nmunge symlinks = no\nuid = root\ngid = root\nmax connections = 0\npid file = {}\n",
+            dir.join("rsyncd.pid").display()
+        );
+        let mut workers = Vec::new();
+        for i in 0..n {
+            let w = dir.join(format!("w{i}"));
+            std::fs::create_dir_all(&w)?;
+            conf.push_str(&format!("[w{i}]\npath = {}\nread only = no\n", w.display()));
+            workers.push(w);
+        }
+        std::fs::write(dir.join("rsyncd.conf"), conf)?;
+        let child = Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--config={}", dir.join("rsyncd.conf").display()))
+            .stderr(std::fs::File::create(dir.join("rsyncd.log"))?)
+            .spawn()?;
+        let d = RsyncDaemon {
+            _child: Children(vec![child]),
+            port,
+            workers,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "the rsync daemon did not start (see {})",
+                    dir.join("rsyncd.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    /// One `rsync -a --delete` of `src` to worker `i`, timed.
+    fn push(&self, src: &Path, i: usize, extra: &[&str]) -> Result<Duration> {
+        let t0 = Instant::now();
+        let st = Command::new("rsync")
+            .args(["-a", "--delete"])
+            .args(extra)
+            .arg(format!("{}/", src.display()))
+            .arg(format!("rsync://127.0.0.1:{}/w{i}/", self.port))
+            .status()?;
+        let t = t0.elapsed();
+        if !st.success() {
+            bail!("rsync failed: {st}");
+        }
+        Ok(t)
+    }
+}
+
+struct Lsyncd {
+    _child: Children,
+}
+
+impl Lsyncd {
+    fn start(dir: &Path, src: &Path, port: u16) -> Result<Lsyncd> {
+        let conf = format!(
+            "settings {{ nodaemon = true, logfile = \"{}\", statusFile = \"{}\" }}\nsync {{ default.rsync, source = \"{}\", target = \"rsync://127.0.0.1:{port}/w0/\", delay = 0 }}\n",
+            dir.join("lsyncd.log").display(),
+            dir.join("lsyncd.status").display(),
+            src.display()
+        );
+        std::fs::write(dir.join("lsyncd.conf.lua"), conf)?;
+        let child = Command::new("lsyncd")
+            .arg(dir.join("lsyncd.conf.lua"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("lsyncd.stderr"))?)
+            .spawn()?;
+        Ok(Lsyncd {
+            _child: Children(vec![child]),
+        })
+    }
+}
+
+struct SyncdCluster {
+    _children: Children,
+    mgr_socket: PathBuf,
+    syncctl: PathBuf,
+    workers: Vec<PathBuf>,
+}
+
+impl SyncdCluster {
+    /// Starts a manager serving `dir/mgr/server` and `n` agents on `dir/w*/server`.
+    fn start(syncd: &Path, dir: &Path, n: usize, port: u16) -> Result<SyncdCluster> {
+        let mid = syncd_init(syncd, &dir.join("mgr/state"))?;
+        let mut agents = String::new();
+        let mut workers = Vec::new();
+        for i in 0..n {
+            let w = dir.join(format!("w{i}"));
+            let id = syncd_init(syncd, &w.join("state"))?;
+            agents.push_str(&format!(
+                "[[manager.agents]]\nname = \"w{i}\"\nid = \"{id}\"\n"
+            ));
+            std::fs::write(
+                w.join("syncd.toml"),
+                format!(
+                    "[node]\nname = \"w{i}\"\nstate_dir = \"state\"\nadmin_socket = \"admin.sock\"\n[agent]\nmanager = \"127.0.0.1:{port}\"\nmanager_id = \"{mid}\"\n[[folders]]\nname = \"deployment\"\npath = \"server\"\n"
+                ),
+            )?;
+            workers.push(w.join("server"));
+        }
+        std::fs::write(
+            dir.join("mgr/syncd.toml"),
+            format!(
+                "[node]\nname = \"mgr\"\nstate_dir = \"state\"\nadmin_socket = \"admin.sock\"\n[manager]\nlisten = \"127.0.0.1:{port}\"\n{agents}[[folders]]\nname = \"deployment\"\npath = \"server\"\n"
+            ),
+        )?;
+        let spawn = |role: &str, cfg: PathBuf, log: PathBuf| -> Result<Child> {
+            Ok(Command::new(syncd)
+                .args([role, "--config"])
+                .arg(cfg)
+                .env("SYNCD_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log)?)
+                .spawn()?)
+        };
+        let mut children = Children(Vec::new());
+        children.0.push(spawn(
+            "manager",
+            dir.join("mgr/syncd.toml"),
+            dir.join("mgr.log"),
+        )?);
+        for i in 0..n {
+            let w = dir.join(format!("w{i}"));
+            children.0.push(spawn(
+                "agent",
+                w.join("syncd.toml"),
+                dir.join(format!("w{i}.log")),
+            )?);
+        }
+        Ok(SyncdCluster {
+            _children: children,
+            mgr_socket: dir.join("mgr/admin.sock"),
+            syncctl: syncd.with_file_name("syncctl"),
+            workers,
+        })
+    }
+
+    /// Waits until every agent applied the manager's latest generation.
+    fn wait_all(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = Command::new(&self.syncctl)
+                .arg("--socket")
+                .arg(&self.mgr_socket)
+                .args(["wait", "--all", "--timeout"])
+                .arg(format!("{}s", timeout.as_secs()))
+                .output()?;
+            match out.status.code() {
+                Some(0) => return Ok(()),
+                // Not listening yet.
+                Some(4) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => bail!(
+                    "syncctl wait: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            }
+        }
+    }
+}
+
+fn syncd_init(syncd: &Path, state: &Path) -> Result<String> {
+    let out = Command::new(syncd)
+        .args(["init", "--state-dir"])
+        .arg(state)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "syncd init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Relative paths of every file and link under `root`.
+fn walk(root: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let p = e.path();
+            if e.file_type()?.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(root)?.to_string_lossy().into_owned());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn tree_size(root: &Path) -> Result<(usize, u64)> {
+    let files = walk(root)?;
+    let mut bytes = 0;
+    for f in &files {
+        bytes += std::fs::symlink_metadata(root.join(f))?.len();
+    }
+    Ok((files.len(), bytes))
+}
+
+/// Checks that `b` holds exactly what `a` does: every file's bytes and mode, every link.
+fn same_tree(a: &Path, b: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut fa = walk(a)?;
+    let mut fb = walk(b)?;
+    fa.sort();
+    fb.sort();
+    if fa != fb {
+        let missing = fa
+            .iter()
+            .filter(|p| !fb.contains(p))
+            .take(3)
+            .collect::<Vec<_>>();
+        let extra = fb
+            .iter()
+            .filter(|p| !fa.contains(p))
+            .take(3)
+            .collect::<Vec<_>>();
+        bail!(
+            "{} and {} differ: missing {missing:?}, extra {extra:?}",
+            a.display(),
+            b.display()
+        );
+    }
+    for f in &fa {
+        let (ma, mb) = (
+            std::fs::symlink_metadata(a.join(f))?,
+            std::fs::symlink_metadata(b.join(f))?,
+        );
+        let same = if ma.file_type().is_symlink() {
+            mb.file_type().is_symlink()
+                && std::fs::read_link(a.join(f))? == std::fs::read_link(b.join(f))?
+        } else {
+            ma.len() == mb.len()
+                && ma.permissions().mode() & 0o777 == mb.permissions().mode() & 0o777
+                && std::fs::read(a.join(f))? == std::fs::read(b.join(f))?
+        };
+        if !same {
+            bail!("{f} differs between {} and {}", a.display(), b.display());
+        }
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to.parent().expect("not the root"))?;
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    if !st.success() {
+        bail!("cp -a {} {} failed", from.display(), to.display());
+    }
+    Ok(())
+}
+
+fn mktemp() -> Result<PathBuf> {
+    let out = Command::new("mktemp")
+        .args(["-d", "/tmp/bench-rsync.XXXXXX"])
+        .output()?;
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn kb(b: u64) -> String {
+    if b >= 1_000_000 {
+        format!("{:.2} MB", b as f64 / 1e6)
+    } else {
+        format!("{:.1} KB", b as f64 / 1e3)
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}

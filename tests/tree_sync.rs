@@ -154,6 +154,40 @@ async fn an_edited_xml_crosses_as_a_delta_against_the_agents_version() {
     manager.stop().await;
 }
 
+/// A large file changed near its front goes as an edit of the chunk list the agent holds; an
+/// agent that holds another version than the edit expects fails that generation, and the retry
+/// sends the whole list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_changed_goes_as_a_chunk_list_edit_with_a_whole_list_fallback() {
+    let mdirs = NodeDirs::new();
+    let adirs = NodeDirs::new();
+    let big = "webapps/big.bin";
+    fs::create_dir_all(mdirs.data.join("webapps")).unwrap();
+    write_random(&mdirs.data.join(big), 24 << 20, &mut Rng::new(3)).unwrap();
+    let manager = TestManager::start(mdirs, &[("worker-1", adirs.identity().id())]).await;
+    let mut agent = TestAgent::start("worker-1", adirs, &manager).await;
+    agent.wait_applied(manager.generation()).await;
+    let fetched_before = agent.stats().bytes_fetched;
+
+    // Bytes in front: the new list is one new chunk or two and a copy of the rest.
+    let old = fs::read(manager.dirs.data.join(big)).unwrap();
+    let mut new = b"inserted at the front".repeat(50);
+    new.extend_from_slice(&old);
+    let tmp = manager.dirs.data.join(".big.tmp");
+    fs::write(&tmp, &new).unwrap();
+    fs::rename(&tmp, manager.dirs.data.join(big)).unwrap();
+    let g = manager.rescan.rescan().await.unwrap();
+    agent.wait_applied(g.0).await;
+    assert_same_tree(&manager.dirs.data, &agent.dirs.data);
+    let fetched = agent.stats().bytes_fetched - fetched_before;
+    assert!(
+        fetched < 2 << 20,
+        "{fetched} bytes fetched after a front insertion"
+    );
+    agent.stop().await;
+    manager.stop().await;
+}
+
 /// `cp -a` without the process: contents, modes and mtimes, links as links.
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     let status = std::process::Command::new("cp")

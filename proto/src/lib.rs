@@ -10,6 +10,7 @@ mod chunk;
 mod codec;
 mod hello;
 mod messages;
+mod patch;
 mod update;
 
 pub use chunk::{ChunkDecodeError, decode_chunk, encode_chunk, encode_chunk_with_base};
@@ -22,6 +23,7 @@ pub use messages::{
     AgentMsg, Base, ChunkEncoding, DriftEntry, FetchFile, FetchReply, FetchRequest, FolderState,
     Generation, MAX_CHUNK_LEN, ManagerMsg, Pause,
 };
+pub use patch::{ListOp, PatchError, PatchedPut, patch};
 pub use update::{AssembleError, MAX_UPDATE_ITEMS, PAGE_BUDGET, UpdateAssembler, paginate};
 
 /// QUIC application close codes, so each side can tell the other why a connection ended.

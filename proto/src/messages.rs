@@ -150,6 +150,8 @@ pub enum ManagerMsg {
     /// More chunks of the last file put by the previous `Changes` page (a file whose chunk list
     /// would not fit in one frame).
     MoreChunks(Vec<ChunkRef>),
+    /// A file put as an edit of the chunk list of the version the agent holds.
+    Patched(crate::patch::PatchedPut),
     /// The generation is complete: the agent may stage and apply it.
     UpdateEnd {
         /// The generation.
@@ -183,9 +185,10 @@ pub struct FetchFile {
     pub hash: FileHash,
     /// Indices into that version's chunk list, ascending.
     pub chunks: Vec<u32>,
-    /// A chunk the agent holds that is likely much like the ones it asks for (its current
-    /// version of the same file, when that is one chunk): the manager may send the chunks
-    /// compressed with it as the dictionary ([`ChunkEncoding::ZstdWithBase`]).
+    /// A chunk the agent holds that is likely much like some it asks for (the last chunk of its
+    /// current version of the file: all of a small file, an archive's central directory): the
+    /// manager may send chunks compressed with it as the dictionary
+    /// ([`ChunkEncoding::ZstdWithBase`]).
     pub base: Option<ChunkHash>,
 }
 

@@ -75,6 +75,7 @@ pub enum AssembleError {
 #[derive(Debug, Default)]
 pub struct UpdateAssembler {
     changes: Vec<Change>,
+    patches: Vec<crate::patch::PatchedPut>,
     items: usize,
 }
 
@@ -114,6 +115,18 @@ impl UpdateAssembler {
     }
 
     /// The changes received, in the order sent.
+    /// Adds a file put as a chunk-list edit; it is resolved against the agent's manifest.
+    pub fn push_patched(&mut self, p: crate::patch::PatchedPut) -> Result<(), AssembleError> {
+        self.count(p.items())?;
+        self.patches.push(p);
+        Ok(())
+    }
+
+    /// The files put as chunk-list edits so far, taken out.
+    pub fn take_patches(&mut self) -> Vec<crate::patch::PatchedPut> {
+        std::mem::take(&mut self.patches)
+    }
+
     pub fn finish(self) -> Vec<Change> {
         self.changes
     }

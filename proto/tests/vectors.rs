@@ -206,6 +206,24 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "manager_patched",
+            frame(&ManagerMsg::Patched(PatchedPut {
+                path: p("webapps/x.war"),
+                mode: 0o644,
+                mtime: Mtime { secs: 7, nanos: 8 },
+                size: 70_000,
+                hash: FileHash([5; 32]),
+                from: FileHash([6; 32]),
+                ops: vec![
+                    ListOp::New(vec![ChunkRef {
+                        hash: ChunkHash([7; 32]),
+                        len: 1000,
+                    }]),
+                    ListOp::Copy { start: 1, len: 2 },
+                ],
+            })),
+        ),
+        (
             "fetch_reply_gone",
             frame(&FetchReply::Gone {
                 path: p("webapps/x.war"),

@@ -621,9 +621,9 @@ async fn stage_batch(
         .filter_map(|(d, _)| {
             let job = &jobs[*d];
             let old = folders[job.folder].local.manifest.get(&job.path)?.file()?;
-            let [c] = old.chunks.as_slice() else {
-                return None;
-            };
+            // A small file's only chunk; for a larger one its last, which in an archive is the
+            // central directory, rewritten by every rebuild but mostly the same.
+            let c = old.chunks.last()?;
             (c.len <= MAX_BASE).then_some(())?;
             Some((*d, (c.hash, c.len, index.get(&c.hash)?.clone())))
         })

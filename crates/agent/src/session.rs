@@ -266,6 +266,14 @@ async fn session(
                     protocol_violation(&conn, SessionError::Protocol(e.to_string()))
                 })?;
             }
+            ManagerMsg::Patched(patched) => {
+                let (_, asm) = updates.last_mut().ok_or_else(|| {
+                    protocol_violation(&conn, SessionError::Unexpected("Patched before Update"))
+                })?;
+                asm.push_patched(patched).map_err(|e| {
+                    protocol_violation(&conn, SessionError::Protocol(e.to_string()))
+                })?;
+            }
             ManagerMsg::MoreChunks(chunks) => {
                 let (_, asm) = updates.last_mut().ok_or_else(|| {
                     protocol_violation(&conn, SessionError::Unexpected("MoreChunks before Update"))
@@ -804,7 +812,7 @@ fn prepare(
     updates: Vec<(ManagerMsg, UpdateAssembler)>,
 ) -> Result<Vec<Target>, ApplyError> {
     let mut targets = Vec::new();
-    for (header, asm) in updates {
+    for (header, mut asm) in updates {
         let ManagerMsg::Update {
             folder,
             params,
@@ -841,7 +849,16 @@ fn prepare(
             Base::Delta { from } if from == local.digest() => local.local.manifest.clone(),
             Base::Delta { .. } => return Err(ApplyError::BaseMismatch { folder }),
         };
-        manifest.apply(&asm.finish());
+        // Files sent as chunk-list edits are rebuilt from the versions this node holds.
+        let patches = asm.take_patches();
+        let mut changes = asm.finish();
+        for p in patches {
+            let change = p
+                .resolve(local.local.manifest.get(&p.path))
+                .map_err(|e| ApplyError::Protocol(e.to_string()))?;
+            changes.push(change);
+        }
+        manifest.apply(&changes);
         manifest.validate().map_err(invalid)?;
         if manifest.digest() != target {
             return Err(ApplyError::DigestMismatch { folder });

@@ -181,8 +181,9 @@ pub fn check_archive(file: &File, size: u64) -> Result<(), ArchiveError> {
 }
 
 /// Entries whose compressed data is shorter than this are not cut out: they travel with their
-/// neighbours, which costs little even when a rebuild rewrites them all.
-const MIN_CUT_ENTRY: u64 = 1024;
+/// headers. Measured on a 63 MB WAR of 1,260 classes rebuilt with new timestamps: 1 KiB sent
+/// 914 KB, 64 bytes 245 KB (rsync: 1.22 MB).
+const MIN_CUT_ENTRY: u64 = 64;
 /// The most central directory bytes read to find cut points (a directory this large lists
 /// hundreds of thousands of entries; beyond it the archive is chunked as plain bytes).
 const MAX_CUT_DIRECTORY: u64 = 64 << 20;
@@ -385,10 +386,10 @@ mod tests {
     #[test]
     fn cut_points_frame_each_large_entry_and_the_central_directory() {
         let big = vec![7u8; 5000];
-        let small = vec![8u8; 100];
+        let small = vec![8u8; 30];
         let z = zip(&[("small-1", &small), ("big", &big), ("small-2", &small)]);
-        // Local headers are 30 bytes plus the name: small-1 takes 30 + 7 + 100 bytes.
-        let big_data = 137 + 30 + 3;
+        // Local headers are 30 bytes plus the name: small-1 takes 30 + 7 + 30 bytes.
+        let big_data = 67 + 30 + 3;
         let cd_start = z.len() as u64 - 22 - 3 * 46 - 7 - 3 - 7;
         assert_eq!(
             cuts_of(&z).unwrap(),

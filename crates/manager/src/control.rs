@@ -480,6 +480,7 @@ impl Control {
                 Step {
                     from: old.digest(),
                     to: candidate.manifest.digest(),
+                    olds: Arc::new(crate::history::olds_of(old, &changes)),
                     changes: Arc::new(changes),
                 },
             );

@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use syncd_manifest::{Change, ManifestDigest, RelPath};
+use std::collections::HashMap;
+
+use syncd_manifest::{Change, FileContent, ManifestDigest, RelPath};
 
 /// Generations remembered.
 const MAX_GENERATIONS: usize = 256;
@@ -17,6 +19,39 @@ pub(crate) struct Step {
     pub from: ManifestDigest,
     pub to: ManifestDigest,
     pub changes: Arc<Vec<Change>>,
+    /// The previous content of large files this step puts: what their new chunk lists are sent
+    /// as edits of.
+    pub olds: Arc<HashMap<RelPath, FileContent>>,
+}
+
+/// Files with at least this many chunks are worth sending as chunk-list edits.
+pub(crate) const PATCH_FROM_CHUNKS: usize = 16;
+
+/// The previous content of each large file `changes` puts over a file of `old`.
+pub(crate) fn olds_of(
+    old: &syncd_manifest::Manifest,
+    changes: &[Change],
+) -> HashMap<RelPath, FileContent> {
+    changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Put(p, n)
+                if n.file()
+                    .is_some_and(|f| f.chunks.len() >= PATCH_FROM_CHUNKS) =>
+            {
+                Some((p.clone(), old.get(p)?.file()?.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A merged delta: the changes, and for files the agent holds in an older version that the
+/// delta replaces, that version's content.
+#[derive(Debug, Default)]
+pub(crate) struct Delta {
+    pub changes: Vec<Change>,
+    pub olds: HashMap<RelPath, FileContent>,
 }
 
 /// Steps of recent generations, oldest first.
@@ -48,9 +83,9 @@ impl History {
         folder: &str,
         from: ManifestDigest,
         to: ManifestDigest,
-    ) -> Option<Vec<Change>> {
+    ) -> Option<Delta> {
         if from == to {
-            return Some(Vec::new());
+            return Some(Delta::default());
         }
         // Walk back from the current version until `from`, following the chain of digests.
         let mut want = to;
@@ -65,12 +100,22 @@ impl History {
             steps.push(step);
             if step.from == from {
                 let mut merged: BTreeMap<RelPath, Change> = BTreeMap::new();
+                let mut olds = HashMap::new();
                 for step in steps.iter().rev() {
                     for c in step.changes.iter() {
+                        // The version at `from` is the one before the first step touching it.
+                        if !merged.contains_key(c.path())
+                            && let Some(old) = step.olds.get(c.path())
+                        {
+                            olds.insert(c.path().clone(), old.clone());
+                        }
                         merged.insert(c.path().clone(), c.clone());
                     }
                 }
-                return Some(merged.into_values().collect());
+                return Some(Delta {
+                    changes: merged.into_values().collect(),
+                    olds,
+                });
             }
             want = step.from;
         }
@@ -114,6 +159,7 @@ mod tests {
                     from: w[0].digest(),
                     to: w[1].digest(),
                     changes: Arc::new(diff(&w[0], &w[1])),
+                    olds: Default::default(),
                 },
             );
             h.push(steps);
@@ -122,7 +168,7 @@ mod tests {
         for (i, v) in versions.iter().enumerate() {
             let delta = h.delta("f", v.digest(), last.digest()).unwrap();
             let mut rebuilt = v.clone();
-            rebuilt.apply(&delta);
+            rebuilt.apply(&delta.changes);
             assert_eq!(&rebuilt, last, "from version {i}");
         }
         let stranger = Manifest::from_iter([(p("zzz"), dir(9))]);

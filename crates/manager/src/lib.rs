@@ -293,7 +293,8 @@ impl ManagerHandle {
                 continue;
             }
             bytes += match snap.history.delta(name, have, folder.digest) {
-                Some(changes) => changes
+                Some(delta) => delta
+                    .changes
                     .iter()
                     .filter_map(|c| match c {
                         syncd_manifest::Change::Put(_, n) => n.file().map(|f| f.size),

@@ -287,6 +287,8 @@ async fn feed(
     // On joining, folders are compared by content: an agent that reports the current generation
     // but holds something else (changed while it was away) is sent the difference once.
     let mut compare_content = true;
+    // Chunk-list edits, until a generation fails (then whole lists, until one applies).
+    let mut patches_ok = true;
     let mut retry = Duration::from_secs(1);
     let mut retry_at: Option<tokio::time::Instant> = None;
     // The generation sent and not yet answered.
@@ -339,7 +341,7 @@ async fn feed(
         {
             compare_content = false;
             tracing::debug!(agent = %name, generation = %snap.generation, "sending generation");
-            send_generation(tx, &snap, &held).await?;
+            send_generation(tx, &snap, &held, patches_ok).await?;
             pending = Some(snap.generation);
             ctx.update_agent(name, |v| v.syncing = true);
         }
@@ -412,6 +414,7 @@ async fn feed(
             } if pending.is_some() => {
                 pending = None;
                 applied = generation;
+                patches_ok = true;
                 held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
                 retry = Duration::from_secs(1);
                 retry_at = None;
@@ -439,6 +442,8 @@ async fn feed(
                 pending = None;
                 held = folders.into_iter().map(|f| (f.folder, f.digest)).collect();
                 compare_content = true;
+                // Whatever went wrong, the retry sends whole chunk lists.
+                patches_ok = false;
                 tracing::warn!(agent = %name, %generation, %reason, retry_in = ?retry, "agent could not apply generation");
                 retry_at = Some(tokio::time::Instant::now() + retry);
                 retry = (retry * 2).min(RETRY_MAX);
@@ -488,6 +493,7 @@ async fn send_generation(
     tx: &mut SendStream,
     snap: &Snapshot,
     held: &BTreeMap<String, ManifestDigest>,
+    patches: bool,
 ) -> Result<(), TransportError> {
     for (folder, fs) in &snap.folders {
         let Some(&have) = held.get(folder) else {
@@ -497,14 +503,17 @@ async fn send_generation(
             continue;
         }
         let manifest = &fs.local.manifest;
-        let (base, changes) = match snap.history.delta(folder, have, fs.digest) {
+        let (base, delta) = match snap.history.delta(folder, have, fs.digest) {
             Some(delta) => (Base::Delta { from: have }, delta),
             None => (
                 Base::Full,
-                manifest
-                    .iter()
-                    .map(|(p, n)| Change::Put(p.clone(), n.clone()))
-                    .collect(),
+                crate::history::Delta {
+                    changes: manifest
+                        .iter()
+                        .map(|(p, n)| Change::Put(p.clone(), n.clone()))
+                        .collect(),
+                    olds: Default::default(),
+                },
             ),
         };
         tx.send(
@@ -518,8 +527,28 @@ async fn send_generation(
             MAX_CONTROL_FRAME,
         )
         .await?;
-        for page in paginate(changes) {
+        // Large files the agent holds in an older version go as edits of its chunk list.
+        let mut whole = Vec::with_capacity(delta.changes.len());
+        let mut patched = Vec::new();
+        for change in delta.changes {
+            let p = match (&change, patches) {
+                (Change::Put(path, node), true) => delta
+                    .olds
+                    .get(path)
+                    .and_then(|old| syncd_proto::patch(path, old, node))
+                    .filter(|p| p.items() <= syncd_proto::PAGE_BUDGET / 40),
+                _ => None,
+            };
+            match p {
+                Some(p) => patched.push(p),
+                None => whole.push(change),
+            }
+        }
+        for page in paginate(whole) {
             tx.send(&page, MAX_CONTROL_FRAME).await?;
+        }
+        for p in patched {
+            tx.send(&ManagerMsg::Patched(p), MAX_CONTROL_FRAME).await?;
         }
     }
     tx.send(

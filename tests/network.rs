@@ -227,6 +227,14 @@ impl Drop for Relay {
 /// A manager in one namespace and an agent in another, through the relay; `None` without the
 /// privilege to make namespaces.
 fn setup(net: u8, delay: Duration) -> Option<(Hosts, Relay, Cluster)> {
+    if !Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("skipping: nft is not installed (apt-get install nftables)");
+        return None;
+    }
     let Some(hosts) = Hosts::new(net) else {
         eprintln!("skipping: cannot create network namespaces here (needs root and iproute2)");
         return None;

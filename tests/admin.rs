@@ -162,7 +162,9 @@ fn a_pause_on_the_agent_holds_until_resumed_or_its_time_limit() {
     .unwrap();
     let out = c.ctl("worker-1", &["resume"]);
     assert!(out.contains("1 local change(s) backed up"), "{out}");
-    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    // The resume reaches the manager over the network; until it does, the manager still counts
+    // the agent as paused, and a plain `wait` leaves paused agents out (`--all` waits for them).
+    c.ctl(MANAGER, &["wait", "--all", "--timeout", "30s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
 
     // A pause with a time limit ends by itself.

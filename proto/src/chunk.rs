@@ -80,30 +80,40 @@ pub fn encode_chunk(chunk: Vec<u8>) -> (Vec<u8>, ChunkEncoding) {
 /// [`encode_chunk`], also trying `base` (a chunk the agent holds) as the dictionary, and
 /// keeping whichever encoding is shortest.
 pub fn encode_chunk_with_base(chunk: Vec<u8>, base: Option<&[u8]>) -> (Vec<u8>, ChunkEncoding) {
+    let (wire, encoding, _) = encode_chunk_keeping_plain(chunk, base);
+    (wire, encoding)
+}
+
+/// [`encode_chunk_with_base`], also returning the plain zstd frame of the chunk when that frame
+/// pays on its own (the manager keeps it as a future base) without compressing twice.
+pub fn encode_chunk_keeping_plain(
+    chunk: Vec<u8>,
+    base: Option<&[u8]>,
+) -> (Vec<u8>, ChunkEncoding, Option<Vec<u8>>) {
     if chunk.len() < MIN_COMPRESS {
-        return (chunk, ChunkEncoding::Raw);
+        return (chunk, ChunkEncoding::Raw, None);
     }
     let pays = |from: usize, to: usize| to < from - from / 10;
     let probe = &chunk[..chunk.len().min(PROBE)];
     match compress(probe, 1) {
         Ok(c) if pays(probe.len(), c.len()) => {}
-        _ => return (chunk, ChunkEncoding::Raw),
+        _ => return (chunk, ChunkEncoding::Raw, None),
     }
-    let plain = compress(&chunk, LEVEL).ok();
-    let with_base = base.and_then(|b| {
-        zstd::bulk::Compressor::with_dictionary(LEVEL, b)
-            .and_then(|mut c| c.compress(&chunk))
-            .ok()
-    });
-    let best = match (plain, with_base) {
-        (Some(p), Some(d)) if d.len() < p.len() => Some((d, ChunkEncoding::ZstdWithBase)),
-        (Some(p), _) => Some((p, ChunkEncoding::Zstd)),
-        (None, Some(d)) => Some((d, ChunkEncoding::ZstdWithBase)),
-        (None, None) => None,
-    };
-    match best {
-        Some((c, enc)) if pays(chunk.len(), c.len()) => (c, enc),
-        _ => (chunk, ChunkEncoding::Raw),
+    let plain = compress(&chunk, LEVEL)
+        .ok()
+        .filter(|p| pays(chunk.len(), p.len()));
+    let with_base = base
+        .and_then(|b| {
+            zstd::bulk::Compressor::with_dictionary(LEVEL, b)
+                .and_then(|mut c| c.compress(&chunk))
+                .ok()
+        })
+        .filter(|d| pays(chunk.len(), d.len()));
+    match (&plain, with_base) {
+        (Some(p), Some(d)) if d.len() < p.len() => (d, ChunkEncoding::ZstdWithBase, plain),
+        (Some(p), _) => (p.clone(), ChunkEncoding::Zstd, plain),
+        (None, Some(d)) => (d, ChunkEncoding::ZstdWithBase, None),
+        (None, None) => (chunk, ChunkEncoding::Raw, None),
     }
 }
 

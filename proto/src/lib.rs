@@ -13,7 +13,10 @@ mod messages;
 mod patch;
 mod update;
 
-pub use chunk::{ChunkDecodeError, decode_chunk, encode_chunk, encode_chunk_with_base};
+pub use chunk::{
+    ChunkDecodeError, decode_chunk, encode_chunk, encode_chunk_keeping_plain,
+    encode_chunk_with_base,
+};
 pub use codec::{
     DecodeError, EncodeError, FRAME_HEADER_LEN, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
     MAX_STATE_FILE, decode, decode_state, encode_frame, encode_state, encoded_len, frame_len,

@@ -400,16 +400,26 @@ fn add_leftovers(folders: &[Folder], jobs: &[StageJob], index: &mut HashMap<Chun
         let Some(name) = by_key.get(&(job.folder, leftover_key(&job.content.hash))) else {
             continue;
         };
-        let mut offset = 0u64;
-        for c in &job.content.chunks {
-            // A leftover may hold the chunk; an earlier source of the same bytes is as good.
-            index.entry(c.hash).or_insert_with(|| Source::Staged {
-                folder: job.folder,
-                name: name.clone(),
-                offset,
-            });
-            offset += c.len as u64;
-        }
+        // A leftover may hold the chunk; an earlier source of the same bytes is as good.
+        index_staged(index, job.folder, name, &job.content);
+    }
+}
+
+/// Records the chunks of a staged file as sources, where no earlier source has them.
+fn index_staged(
+    index: &mut HashMap<ChunkHash, Source>,
+    folder: usize,
+    name: &str,
+    content: &FileContent,
+) {
+    let mut offset = 0u64;
+    for c in &content.chunks {
+        index.entry(c.hash).or_insert_with(|| Source::Staged {
+            folder,
+            name: name.to_owned(),
+            offset,
+        });
+        offset += c.len as u64;
     }
 }
 
@@ -478,16 +488,11 @@ async fn stage_all(
         stage_batch(cx, batch, created, &index, stats).await?;
         // Files staged in this batch are sources for the next ones.
         for job in batch.iter() {
-            let name = job.staged.clone().expect("a staged batch names every file");
-            let mut offset = 0u64;
-            for c in &job.content.chunks {
-                index.entry(c.hash).or_insert_with(|| Source::Staged {
-                    folder: job.folder,
-                    name: name.clone(),
-                    offset,
-                });
-                offset += c.len as u64;
-            }
+            let name = job
+                .staged
+                .as_deref()
+                .expect("a staged batch names every file");
+            index_staged(&mut index, job.folder, name, &job.content);
         }
     }
     Ok(())

@@ -6,6 +6,8 @@
 //! (deflated XML and classes, stored JARs), as a build would produce them. The same seed gives
 //! the same bytes.
 
+pub mod bench;
+
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;

@@ -736,25 +736,10 @@ fn read_chunks(
                 "changed on disk since it was scanned (chunk at {offset})"
             ));
         }
-        let (wire, encoding) = match base {
-            Some(base) => {
-                let (wire, encoding) = syncd_proto::encode_chunk_with_base(buf.clone(), Some(base));
-                if encoding != ChunkEncoding::Raw {
-                    let (plain, e) = syncd_proto::encode_chunk(buf);
-                    if e == ChunkEncoding::Zstd {
-                        cache.insert(hash, len, plain);
-                    }
-                }
-                (wire, encoding)
-            }
-            None => {
-                let (wire, encoding) = syncd_proto::encode_chunk(buf);
-                if encoding == ChunkEncoding::Zstd {
-                    cache.insert(hash, len, wire.clone());
-                }
-                (wire, encoding)
-            }
-        };
+        let (wire, encoding, plain) = syncd_proto::encode_chunk_keeping_plain(buf, base);
+        if let Some(plain) = plain {
+            cache.insert(hash, len, plain);
+        }
         out.push((Bytes::from(wire), encoding));
     }
     Ok(out)

@@ -19,6 +19,23 @@ async fn server(manager: &Identity, allowed: &[&Identity]) -> Endpoint {
     Endpoint::server(manager, allowed, "127.0.0.1:0".parse().unwrap()).unwrap()
 }
 
+/// Connects as `agent` and uses the connection once. TLS 1.3: the client finishes its side
+/// before the server checks its certificate, so a refusal shows up on the first use.
+async fn first_use(
+    agent: &Identity,
+    addr: std::net::SocketAddr,
+    manager: syncd_transport::NodeId,
+) -> Result<(), TransportError> {
+    let client = Endpoint::client(agent, addr).unwrap();
+    let conn = client.connect(agent, addr, manager).await?;
+    let (mut tx, mut rx) = conn.open_bi().await?;
+    let _ = tx.send(&1u8, 16).await;
+    tokio::time::timeout(Duration::from_secs(5), rx.recv::<u8>(16))
+        .await
+        .expect("refusal arrives promptly")
+        .map(|_| ())
+}
+
 #[tokio::test]
 async fn a_listed_agent_and_the_right_manager_connect_and_exchange_frames() {
     install_crypto_provider();
@@ -62,22 +79,7 @@ async fn an_unknown_agent_is_refused_during_the_handshake() {
         let incoming = ep.accept().await.unwrap();
         incoming.accept().await.map(|_| ())
     });
-    let client = Endpoint::client(&stranger, addr).unwrap();
-    // TLS 1.3: the client finishes its side before the server checks its certificate, so
-    // the refusal shows up on the first use of the connection.
-    let outcome = match client.connect(&stranger, addr, manager.id()).await {
-        Err(e) => Err(e),
-        Ok(conn) => match conn.open_bi().await {
-            Err(e) => Err(e),
-            Ok((mut tx, mut rx)) => {
-                let _ = tx.send(&1u8, 16).await;
-                tokio::time::timeout(Duration::from_secs(5), rx.recv::<u8>(16))
-                    .await
-                    .expect("refusal arrives promptly")
-                    .map(|_| ())
-            }
-        },
-    };
+    let outcome = first_use(&stranger, addr, manager.id()).await;
     assert!(
         outcome.is_err(),
         "stranger must not get a working connection"
@@ -125,20 +127,7 @@ async fn a_listed_agent_with_an_expired_certificate_is_refused() {
         let incoming = ep.accept().await.unwrap();
         incoming.accept().await.map(|_| ())
     });
-    let client = Endpoint::client(&agent, addr).unwrap();
-    let outcome = match client.connect(&agent, addr, manager.id()).await {
-        Err(e) => Err(e),
-        Ok(conn) => match conn.open_bi().await {
-            Err(e) => Err(e),
-            Ok((mut tx, mut rx)) => {
-                let _ = tx.send(&1u8, 16).await;
-                tokio::time::timeout(Duration::from_secs(5), rx.recv::<u8>(16))
-                    .await
-                    .expect("refusal arrives promptly")
-                    .map(|_| ())
-            }
-        },
-    };
+    let outcome = first_use(&agent, addr, manager.id()).await;
     assert!(
         outcome.is_err(),
         "an expired agent must not get a working connection"

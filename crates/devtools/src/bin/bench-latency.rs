@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use clap::Parser;
 use notify::{RecursiveMode, Watcher};
+use syncd_devtools::bench::{cores, kernel, syncd_init};
 use syncd_devtools::{Archive, Rng, Scale, generate, synapse_xml, write_archive};
 
 #[derive(Parser, Debug)]
@@ -83,7 +84,7 @@ fn main() -> Result<()> {
     };
     std::fs::create_dir_all(&work)?;
     println!("# bench-latency: work dir {}", work.display());
-    println!("# machine: {} cores, {}", num_cpus(), kernel());
+    println!("# machine: {} cores, {}", cores(), kernel());
     let mut rows = Vec::new();
     let mut port = args.port;
     for tool in &args.tools {
@@ -144,17 +145,6 @@ fn tempdir() -> Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -167,24 +157,6 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 fn base_tree(manager: &Path) -> Result<()> {
     generate(manager, Scale::SMALL, 1)?;
     Ok(())
-}
-
-fn syncd_init(syncd: &Path, state: &Path) -> Result<String> {
-    let out = Command::new(syncd)
-        .args(["init", "--state-dir"])
-        .arg(state)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "syncd init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_owned())
 }
 
 fn start_syncd(syncd: &Path, dir: &Path, n: usize, port: u16) -> Result<Cluster> {

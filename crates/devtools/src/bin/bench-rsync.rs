@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use syncd_devtools::bench::{cores, kernel, syncd_init};
 use syncd_devtools::{Archive, Rng, Scale, generate, write_archive_edited};
 
 #[derive(Parser, Debug)]
@@ -816,24 +817,6 @@ impl SyncdCluster {
     }
 }
 
-fn syncd_init(syncd: &Path, state: &Path) -> Result<String> {
-    let out = Command::new(syncd)
-        .args(["init", "--state-dir"])
-        .arg(state)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "syncd init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_owned())
-}
-
 /// Relative paths of every file and link under `root`.
 fn walk(root: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
@@ -944,15 +927,4 @@ fn kb(b: u64) -> String {
     } else {
         format!("{:.1} KB", b as f64 / 1e3)
     }
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
 }

@@ -156,7 +156,7 @@ fn file_node(data: &[u8]) -> Node {
         kind: NodeKind::File(FileContent {
             size: data.len() as u64,
             hash: FileHash::from_chunks(data.len() as u64, chunks.iter().map(|c| &c.hash)),
-            chunks,
+            chunks: chunks.into(),
         }),
         mode: 0o644,
         mtime: Mtime { secs: 1, nanos: 0 },

@@ -103,7 +103,7 @@ impl PatchedPut {
                 kind: NodeKind::File(FileContent {
                     size: self.size,
                     hash: self.hash,
-                    chunks,
+                    chunks: chunks.into(),
                 }),
                 mode: self.mode,
                 mtime: self.mtime,
@@ -196,7 +196,7 @@ mod tests {
         FileContent {
             size,
             hash: FileHash::from_chunks(size, chunks.iter().map(|c| &c.hash)),
-            chunks,
+            chunks: chunks.into(),
         }
     }
 

@@ -34,7 +34,8 @@ pub fn paginate(changes: impl IntoIterator<Item = Change>) -> Vec<ManagerMsg> {
             && let NodeKind::File(f) = &mut node.kind
             && f.chunks.len() > CHUNKS_PER_PAGE
         {
-            rest = f.chunks.split_off(CHUNKS_PER_PAGE);
+            rest = f.chunks[CHUNKS_PER_PAGE..].to_vec();
+            f.chunks = f.chunks[..CHUNKS_PER_PAGE].into();
         }
         let len = encoded_len(&change);
         if !page.is_empty() && page_bytes + len > PAGE_BUDGET {
@@ -75,6 +76,9 @@ pub enum AssembleError {
 #[derive(Debug, Default)]
 pub struct UpdateAssembler {
     changes: Vec<Change>,
+    /// Chunks sent in `MoreChunks` for the last change, joined to it when the next page comes
+    /// or at the end (so a long list is copied once, not once per page).
+    more: Vec<ChunkRef>,
     patches: Vec<crate::patch::PatchedPut>,
     items: usize,
 }
@@ -95,17 +99,33 @@ impl UpdateAssembler {
                 })
                 .sum(),
         )?;
+        self.join_more();
         self.changes.extend(page);
         Ok(())
+    }
+
+    /// Appends the pending `MoreChunks` to the last change's chunk list.
+    fn join_more(&mut self) {
+        if self.more.is_empty() {
+            return;
+        }
+        if let Some(Change::Put(_, node)) = self.changes.last_mut()
+            && let NodeKind::File(f) = &mut node.kind
+        {
+            let mut all = Vec::with_capacity(f.chunks.len() + self.more.len());
+            all.extend_from_slice(&f.chunks);
+            all.append(&mut self.more);
+            f.chunks = all.into();
+        }
     }
 
     /// Takes more chunks of the last file.
     pub fn push_chunks(&mut self, chunks: Vec<ChunkRef>) -> Result<(), AssembleError> {
         self.count(chunks.len())?;
-        match self.changes.last_mut() {
-            Some(Change::Put(_, node)) => match &mut node.kind {
-                NodeKind::File(f) => {
-                    f.chunks.extend(chunks);
+        match self.changes.last() {
+            Some(Change::Put(_, node)) => match &node.kind {
+                NodeKind::File(_) => {
+                    self.more.extend(chunks);
                     Ok(())
                 }
                 _ => Err(AssembleError::OrphanChunks),
@@ -114,7 +134,6 @@ impl UpdateAssembler {
         }
     }
 
-    /// The changes received, in the order sent.
     /// Adds a file put as a chunk-list edit; it is resolved against the agent's manifest.
     pub fn push_patched(&mut self, p: crate::patch::PatchedPut) -> Result<(), AssembleError> {
         self.count(p.items())?;
@@ -127,7 +146,9 @@ impl UpdateAssembler {
         std::mem::take(&mut self.patches)
     }
 
-    pub fn finish(self) -> Vec<Change> {
+    /// The changes received, in the order sent.
+    pub fn finish(mut self) -> Vec<Change> {
+        self.join_more();
         self.changes
     }
 
@@ -161,7 +182,7 @@ mod tests {
                 kind: NodeKind::File(FileContent {
                     size,
                     hash: FileHash::from_chunks(size, chunks.iter().map(|c| &c.hash)),
-                    chunks,
+                    chunks: chunks.into(),
                 }),
                 mode: 0o644,
                 mtime: Mtime { secs: 1, nanos: 2 },

@@ -26,7 +26,7 @@ fn file_node(data: &[&[u8]]) -> Node {
         kind: NodeKind::File(FileContent {
             size,
             hash: FileHash::from_chunks(size, chunks.iter().map(|c| &c.hash)),
-            chunks,
+            chunks: chunks.into(),
         }),
         mode: 0o644,
         mtime: Mtime {

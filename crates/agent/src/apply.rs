@@ -362,7 +362,7 @@ fn local_index(folders: &[Folder]) -> HashMap<ChunkHash, Source> {
         for (path, node) in folder.local.manifest.iter() {
             if let Some(f) = node.file() {
                 let mut offset = 0u64;
-                for c in &f.chunks {
+                for c in f.chunks.iter() {
                     index.entry(c.hash).or_insert_with(|| Source::Live {
                         folder: i,
                         path: path.clone(),
@@ -413,7 +413,7 @@ fn index_staged(
     content: &FileContent,
 ) {
     let mut offset = 0u64;
-    for c in &content.chunks {
+    for c in content.chunks.iter() {
         index.entry(c.hash).or_insert_with(|| Source::Staged {
             folder,
             name: name.to_owned(),

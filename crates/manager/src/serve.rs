@@ -632,7 +632,7 @@ async fn serve_fetch(
         };
         let mut offsets = Vec::with_capacity(content.chunks.len());
         let mut at = 0u64;
-        for c in &content.chunks {
+        for c in content.chunks.iter() {
             offsets.push(at);
             at += c.len as u64;
         }

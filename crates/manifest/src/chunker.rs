@@ -201,7 +201,7 @@ pub fn chunk_reader_with_cuts(
     Ok(FileContent {
         size,
         hash: file_hasher.finish(size),
-        chunks,
+        chunks: chunks.into(),
     })
 }
 

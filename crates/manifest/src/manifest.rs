@@ -1,6 +1,7 @@
 //! A manifest: what a synced folder holds, as a sorted map from [`RelPath`] to [`Node`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -33,8 +34,9 @@ pub struct FileContent {
     pub size: u64,
     /// Hash over `size` and the chunk list.
     pub hash: FileHash,
-    /// The chunks in file order; empty for an empty file.
-    pub chunks: Vec<ChunkRef>,
+    /// The chunks in file order; empty for an empty file. Shared: cloning a node (into a
+    /// snapshot, a history step, a change) does not copy a large file's list.
+    pub chunks: Arc<[ChunkRef]>,
 }
 
 /// What kind of thing is at a path.
@@ -115,11 +117,109 @@ pub enum TreeError {
 }
 
 /// The state of one folder: chunk parameters and a sorted map of entries.
+///
+/// It keeps a running sum of its entries' hashes, so [`Manifest::digest`] costs the same for
+/// ten files and for a hundred thousand, and a change costs in proportion to what it touches.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(from = "ManifestRepr")]
 pub struct Manifest {
     /// The parameters every file's chunks were cut with.
     pub params: ChunkParams,
     nodes: BTreeMap<RelPath, Node>,
+    #[serde(skip_serializing)]
+    sum: EntrySum,
+}
+
+/// How a manifest is encoded: its parameters and entries (the sum is recomputed on decoding).
+#[derive(Deserialize)]
+struct ManifestRepr {
+    params: ChunkParams,
+    nodes: BTreeMap<RelPath, Node>,
+}
+
+impl From<ManifestRepr> for Manifest {
+    fn from(r: ManifestRepr) -> Self {
+        let sum = EntrySum::of(&r.nodes);
+        Manifest {
+            params: r.params,
+            nodes: r.nodes,
+            sum,
+        }
+    }
+}
+
+/// The sum, modulo 2^256, of every entry's hash: a multiset hash (AdHash) that an insertion or a
+/// removal updates in constant time. It detects divergence between two nodes' views of a folder
+/// (bugs, lost writes, a wrong base); it is not meant to resist someone choosing file contents to
+/// collide, who would have to be able to publish files, which is already the power to deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct EntrySum([u64; 4]);
+
+impl EntrySum {
+    fn of(nodes: &BTreeMap<RelPath, Node>) -> Self {
+        let mut sum = EntrySum::default();
+        for (path, node) in nodes {
+            sum.add(&entry_hash(path, node));
+        }
+        sum
+    }
+
+    fn add(&mut self, h: &[u8; 32]) {
+        let mut carry = false;
+        for (limb, bytes) in self.0.iter_mut().zip(h.chunks_exact(8)) {
+            let v = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+            let (r, c1) = limb.overflowing_add(v);
+            let (r, c2) = r.overflowing_add(carry as u64);
+            *limb = r;
+            carry = c1 || c2;
+        }
+    }
+
+    fn sub(&mut self, h: &[u8; 32]) {
+        let mut borrow = false;
+        for (limb, bytes) in self.0.iter_mut().zip(h.chunks_exact(8)) {
+            let v = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+            let (r, b1) = limb.overflowing_sub(v);
+            let (r, b2) = r.overflowing_sub(borrow as u64);
+            *limb = r;
+            borrow = b1 || b2;
+        }
+    }
+
+    fn to_le_bytes(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (dst, limb) in out.chunks_exact_mut(8).zip(self.0) {
+            dst.copy_from_slice(&limb.to_le_bytes());
+        }
+        out
+    }
+}
+
+/// BLAKE3 over one entry's canonical encoding (see PROTOCOL.md, "manifest digest").
+fn entry_hash(path: &RelPath, node: &Node) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"syncd entry v2\0");
+    h.update(&(path.as_str().len() as u64).to_le_bytes());
+    h.update(path.as_str().as_bytes());
+    h.update(&node.mode.to_le_bytes());
+    h.update(&node.mtime.secs.to_le_bytes());
+    h.update(&node.mtime.nanos.to_le_bytes());
+    match &node.kind {
+        NodeKind::Dir => {
+            h.update(b"d");
+        }
+        NodeKind::File(f) => {
+            // The file hash covers size and chunks.
+            h.update(b"f");
+            h.update(&f.hash.0);
+        }
+        NodeKind::Symlink(t) => {
+            h.update(b"l");
+            h.update(&(t.as_str().len() as u64).to_le_bytes());
+            h.update(t.as_str().as_bytes());
+        }
+    }
+    *h.finalize().as_bytes()
 }
 
 impl Manifest {
@@ -128,6 +228,7 @@ impl Manifest {
         Manifest {
             params,
             nodes: BTreeMap::new(),
+            sum: EntrySum::default(),
         }
     }
 
@@ -164,12 +265,21 @@ impl Manifest {
 
     /// Sets the entry at `path`, returning the previous one.
     pub fn insert(&mut self, path: RelPath, node: Node) -> Option<Node> {
-        self.nodes.insert(path, node)
+        self.sum.add(&entry_hash(&path, &node));
+        let old = self.nodes.insert(path.clone(), node);
+        if let Some(old) = &old {
+            self.sum.sub(&entry_hash(&path, old));
+        }
+        old
     }
 
     /// Removes the entry at `path`.
     pub fn remove(&mut self, path: &RelPath) -> Option<Node> {
-        self.nodes.remove(path)
+        let old = self.nodes.remove(path);
+        if let Some(old) = &old {
+            self.sum.sub(&entry_hash(path, old));
+        }
+        old
     }
 
     /// Total bytes of regular files.
@@ -197,36 +307,16 @@ impl Manifest {
     }
 
     /// A digest of the whole manifest (parameters and every entry), stable across versions of
-    /// syncd and independent of the wire codec.
+    /// syncd and independent of the wire codec. Constant time: it hashes the running sum of the
+    /// entries' hashes.
     pub fn digest(&self) -> ManifestDigest {
         let mut h = blake3::Hasher::new();
-        h.update(b"syncd manifest v1\0");
+        h.update(b"syncd manifest v2\0");
         for v in [self.params.min, self.params.avg, self.params.max] {
             h.update(&v.to_le_bytes());
         }
         h.update(&(self.nodes.len() as u64).to_le_bytes());
-        for (path, node) in &self.nodes {
-            h.update(&(path.as_str().len() as u64).to_le_bytes());
-            h.update(path.as_str().as_bytes());
-            h.update(&node.mode.to_le_bytes());
-            h.update(&node.mtime.secs.to_le_bytes());
-            h.update(&node.mtime.nanos.to_le_bytes());
-            match &node.kind {
-                NodeKind::Dir => {
-                    h.update(b"d");
-                }
-                NodeKind::File(f) => {
-                    // The file hash covers size and chunks.
-                    h.update(b"f");
-                    h.update(&f.hash.0);
-                }
-                NodeKind::Symlink(t) => {
-                    h.update(b"l");
-                    h.update(&(t.as_str().len() as u64).to_le_bytes());
-                    h.update(t.as_str().as_bytes());
-                }
-            }
-        }
+        h.update(&self.sum.to_le_bytes());
         ManifestDigest(*h.finalize().as_bytes())
     }
 }
@@ -254,7 +344,7 @@ pub(crate) fn validate_node(
                 params,
             };
             let mut sum = 0u64;
-            for c in &f.chunks {
+            for c in f.chunks.iter() {
                 // Chunks may be shorter than `min` anywhere: archives are cut at their entries.
                 if c.len == 0 || c.len > params.max {
                     return Err(bad());
@@ -275,9 +365,11 @@ pub(crate) fn validate_node(
 impl FromIterator<(RelPath, Node)> for Manifest {
     /// Collects entries under the default chunk parameters.
     fn from_iter<I: IntoIterator<Item = (RelPath, Node)>>(iter: I) -> Self {
+        let nodes = iter.into_iter().collect();
         Manifest {
             params: ChunkParams::DEFAULT,
-            nodes: iter.into_iter().collect(),
+            sum: EntrySum::of(&nodes),
+            nodes,
         }
     }
 }
@@ -300,7 +392,7 @@ pub(crate) mod tests {
             kind: NodeKind::File(FileContent {
                 size: data.len() as u64,
                 hash: FileHash::from_chunks(data.len() as u64, chunks.iter().map(|c| &c.hash)),
-                chunks,
+                chunks: chunks.into(),
             }),
             mode,
             mtime: Mtime { secs, nanos: 7 },
@@ -383,6 +475,36 @@ pub(crate) mod tests {
             assert_ne!(m.digest(), base.digest(), "{m:?}");
         }
         assert_eq!(base.digest(), base.clone().digest());
+    }
+
+    #[test]
+    fn the_running_digest_matches_one_computed_afresh() {
+        let mut m = Manifest::new(ChunkParams::DEFAULT);
+        let mut seen = vec![m.digest()];
+        m.insert(p("a"), dir());
+        m.insert(p("a/x"), file(b"one", 0o644, 1));
+        m.insert(p("a/y"), file(b"two", 0o644, 1));
+        seen.push(m.digest());
+        // Replacing and removing keep the sum in step with the entries.
+        m.insert(p("a/x"), file(b"three", 0o644, 1));
+        m.remove(&p("a/y"));
+        m.remove(&p("absent"));
+        let fresh: Manifest = m.iter().map(|(p, n)| (p.clone(), n.clone())).collect();
+        assert_eq!(m.digest(), fresh.digest());
+        assert_eq!(m, fresh);
+        // Back to an earlier content, back to its digest.
+        m.insert(p("a/x"), file(b"one", 0o644, 1));
+        m.insert(p("a/y"), file(b"two", 0o644, 1));
+        assert_eq!(m.digest(), seen[1]);
+        m.remove(&p("a/x"));
+        m.remove(&p("a/y"));
+        m.remove(&p("a"));
+        assert_eq!(m.digest(), seen[0]);
+        // Decoding recomputes the sum.
+        let bytes = bincode::serde::encode_to_vec(&fresh, bincode::config::standard()).unwrap();
+        let (back, _): (Manifest, _) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(back.digest(), fresh.digest());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! code holding one never has to ask whether it is absolute, contains `..`, or escapes its folder.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -17,9 +18,18 @@ pub const MAX_NAME_LEN: usize = 255;
 /// `.` or `..`, no NUL byte, not absolute, at most [`MAX_PATH_LEN`] bytes.
 ///
 /// Ordering is byte order of the string, so a directory sorts before everything beneath it.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct RelPath(String);
+/// Cloning is cheap (the string is shared): manifests, stat maps and histories hold the same
+/// path many times.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RelPath(Arc<str>);
+
+impl Serialize for RelPath {
+    /// Encoded as a string (the same bytes as a `String`).
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 /// Why a string is not a valid [`RelPath`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,7 +81,7 @@ impl RelPath {
                 _ => {}
             }
         }
-        Ok(RelPath(s))
+        Ok(RelPath(Arc::from(s)))
     }
 
     /// The path as a string.
@@ -91,14 +101,14 @@ impl RelPath {
 
     /// The enclosing directory, or `None` for a path directly under the folder root.
     pub fn parent(&self) -> Option<RelPath> {
-        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_owned()))
+        self.0.rfind('/').map(|i| RelPath(Arc::from(&self.0[..i])))
     }
 
     /// Every enclosing directory, outermost first (`a`, `a/b` for `a/b/c`).
     pub fn ancestors(&self) -> impl Iterator<Item = RelPath> + '_ {
         self.0
             .match_indices('/')
-            .map(|(i, _)| RelPath(self.0[..i].to_owned()))
+            .map(|(i, _)| RelPath(Arc::from(&self.0[..i])))
     }
 
     /// Number of components.
@@ -114,7 +124,7 @@ impl RelPath {
     /// Whether `self` is `other` or lies beneath it.
     pub fn starts_with(&self, other: &RelPath) -> bool {
         self.0 == other.0
-            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+            || (self.0.starts_with(&*other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
     }
 }
 
@@ -127,7 +137,7 @@ impl TryFrom<String> for RelPath {
 
 impl From<RelPath> for String {
     fn from(p: RelPath) -> String {
-        p.0
+        p.0.as_ref().to_owned()
     }
 }
 

@@ -30,7 +30,7 @@ pub use syncd_proto::Pause;
 
 use crate::folder::Folder;
 use crate::journal::Journal;
-use crate::state::AgentState;
+use crate::state::{AgentState, StateStore};
 
 /// What the agent needs to run, already validated.
 #[derive(Debug, Clone)]
@@ -297,6 +297,7 @@ pub struct Agent {
     identity: Arc<Identity>,
     folders: Vec<Folder>,
     state: AgentState,
+    store: StateStore,
     status: watch::Sender<AgentStatus>,
     commands: mpsc::Receiver<Command>,
     commands_tx: mpsc::Sender<Command>,
@@ -310,7 +311,7 @@ impl Agent {
     /// Opens and scans every folder (creating missing ones), clearing what an interrupted apply
     /// left behind.
     pub fn open(config: AgentConfig, identity: Identity) -> Result<Agent, AgentError> {
-        let mut state = AgentState::load(&config.state_dir);
+        let (mut state, mut store) = AgentState::load(&config.state_dir);
         let chunker =
             Chunker::new(ChunkParams::DEFAULT).expect("default chunk parameters are valid");
         let journal = Journal::load(&config.state_dir);
@@ -332,8 +333,8 @@ impl Agent {
             .iter()
             .map(|f| (f.name.clone(), f.local.clone()))
             .collect();
-        state
-            .save(&config.state_dir)
+        store
+            .save(&state)
             .map_err(|source| AgentError::State {
                 dir: config.state_dir.clone(),
                 source,
@@ -357,6 +358,7 @@ impl Agent {
             identity: Arc::new(identity),
             folders,
             state,
+            store,
             status,
             commands,
             commands_tx,
@@ -364,6 +366,16 @@ impl Agent {
             received: Arc::new(AtomicU64::new(0)),
             joined: false,
         })
+    }
+
+    /// Writes the whole state (the folders as they are now) as a new snapshot.
+    fn save_state(&mut self) -> std::io::Result<()> {
+        self.state.folders = self
+            .folders
+            .iter()
+            .map(|f| (f.name.clone(), f.local.clone()))
+            .collect();
+        self.store.save(&self.state)
     }
 
     /// A live view of the agent's status.

@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use syncd_manifest::{Chunker, Manifest};
+use syncd_fsops::LocalDelta;
+use syncd_manifest::{Change, Chunker, Manifest};
 use syncd_proto::{
     AgentMsg, Base, Generation, HELLO_LEN, Hello, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg,
     Pause, UpdateAssembler, close,
@@ -13,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::apply::{self, ApplyError, ApplyStats, Target};
 use crate::drift;
+use crate::state::AppliedRecord;
 use crate::journal::Journal;
 use crate::pause::{self, LocalChange, ResumeReport};
 use crate::{Agent, AgentError, Command};
@@ -291,13 +293,13 @@ async fn session(
                     continue;
                 }
                 agent.status.send_modify(|s| s.syncing = true);
-                let reply = apply_generation(agent, &conn, generation, updates).await;
+                let (reply, changed) = apply_generation(agent, &conn, generation, updates).await;
                 agent.status.send_modify(|s| s.syncing = false);
                 // The reply goes first: the folders are already right and durable, and the
                 // record only spares a rehash after a restart. It is written even when the
                 // reply cannot be sent.
                 let sent = tx.send(&reply, MAX_REQUEST_FRAME).await;
-                record_state(agent, matches!(reply, AgentMsg::Applied { .. }));
+                record_state(agent, changed);
                 sent?;
             }
             ManagerMsg::SetPause { pause, set_at } => {
@@ -325,17 +327,41 @@ async fn session(
     }
 }
 
-/// Saves the agent state; once it records a successful apply, the apply journal goes. After a
-/// failed apply the journal stays, so that a restart tells the agent's partial work from edits.
-fn record_state(agent: &Agent, applied: bool) {
-    let dir = &agent.config.state_dir;
-    match agent.state.save(dir) {
-        Ok(()) if applied => {
-            if let Err(e) = Journal::clear(dir) {
+/// Records the agent state: after a successful apply, the generation's changes (in `changed`)
+/// are appended, and the apply journal goes; after a failed one, the whole state is written and
+/// the journal stays, so that a restart tells the agent's partial work from edits.
+fn record_state(agent: &mut Agent, changed: Option<Vec<(String, LocalDelta)>>) {
+    let dir = agent.config.state_dir.clone();
+    let result = match changed {
+        Some(folders) => {
+            let record = AppliedRecord {
+                applied: agent.state.applied,
+                folders,
+            };
+            let Agent {
+                state,
+                store,
+                folders,
+                ..
+            } = agent;
+            store
+                .record(&record, state, |state| {
+                    state.folders = folders
+                        .iter()
+                        .map(|f| (f.name.clone(), f.local.clone()))
+                        .collect();
+                })
+                .map(|()| true)
+        }
+        None => agent.save_state().map(|()| false),
+    };
+    match result {
+        Ok(true) => {
+            if let Err(e) = Journal::clear(&dir) {
                 tracing::warn!(error = %e, "cannot remove the apply journal");
             }
         }
-        Ok(()) => {}
+        Ok(false) => {}
         Err(e) => tracing::error!(error = %e, "cannot record the applied generation"),
     }
 }
@@ -600,7 +626,7 @@ fn set_pause(agent: &mut Agent, p: Pause) {
     tracing::warn!(by = %p.by, until = ?p.until, "paused: nothing in the folders will change until resumed");
     agent.state.pause_set_at = p.set_at;
     agent.state.pause = Some(p.clone());
-    if let Err(e) = agent.state.save(&agent.config.state_dir) {
+    if let Err(e) = agent.save_state() {
         tracing::error!(error = %e, "cannot record the pause; it will not survive a restart");
     }
     agent.status.send_modify(|s| s.paused = Some(p));
@@ -667,12 +693,7 @@ async fn resume(agent: &mut Agent, set_at: u64, why: &str) -> Result<ResumeRepor
     );
     agent.state.pause = None;
     agent.state.pause_set_at = set_at;
-    agent.state.folders = agent
-        .folders
-        .iter()
-        .map(|f| (f.name.clone(), f.local.clone()))
-        .collect();
-    if let Err(e) = agent.state.save(&agent.config.state_dir) {
+    if let Err(e) = agent.save_state() {
         tracing::error!(error = %e, "cannot record the resume");
     }
     agent.status.send_modify(|s| s.paused = None);
@@ -712,13 +733,14 @@ async fn handshake(
     }
 }
 
-/// Applies one generation and returns the reply for the manager.
+/// Applies one generation and returns the reply for the manager and, when it was applied, what
+/// changed in each folder (to be recorded).
 async fn apply_generation(
     agent: &mut Agent,
     conn: &Conn,
     generation: Generation,
     updates: Vec<(ManagerMsg, UpdateAssembler)>,
-) -> AgentMsg {
+) -> (AgentMsg, Option<Vec<(String, LocalDelta)>>) {
     let started = Instant::now();
     let mut stats = ApplyStats::default();
     tracing::debug!(%generation, folders = updates.len(), "applying generation");
@@ -745,8 +767,14 @@ async fn apply_generation(
     });
     match result {
         Ok(locals) => {
+            let mut changed = Vec::new();
             for (i, local) in locals {
-                agent.folders[i].local = local;
+                let f = &mut agent.folders[i];
+                let delta = LocalDelta::between(&f.local, &local);
+                if !delta.is_empty() {
+                    changed.push((f.name.clone(), delta));
+                }
+                f.local = local;
             }
             // Leftovers of an interrupted apply that this generation did not need (even an
             // empty staging directory: the folder must hold exactly what was published).
@@ -756,11 +784,6 @@ async fn apply_generation(
                 }
             }
             agent.state.applied = generation;
-            agent.state.folders = agent
-                .folders
-                .iter()
-                .map(|f| (f.name.clone(), f.local.clone()))
-                .collect();
             let took = started.elapsed().as_secs_f64();
             agent.status.send_modify(|s| {
                 s.applied = generation;
@@ -777,10 +800,13 @@ async fn apply_generation(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "applied generation"
             );
-            AgentMsg::Applied {
-                generation,
-                folders: agent.folders.iter().map(|f| f.state()).collect(),
-            }
+            (
+                AgentMsg::Applied {
+                    generation,
+                    folders: agent.folders.iter().map(|f| f.state()).collect(),
+                },
+                Some(changed),
+            )
         }
         Err(e) => {
             tracing::error!(%generation, error = %e, "could not apply generation");
@@ -797,11 +823,14 @@ async fn apply_generation(
             agent
                 .status
                 .send_modify(|s| s.last_error = Some(e.to_string()));
-            AgentMsg::Failed {
-                generation,
-                reason: e.to_string(),
-                folders: agent.folders.iter().map(|f| f.state()).collect(),
-            }
+            (
+                AgentMsg::Failed {
+                    generation,
+                    reason: e.to_string(),
+                    folders: agent.folders.iter().map(|f| f.state()).collect(),
+                },
+                None,
+            )
         }
     }
 }
@@ -859,15 +888,20 @@ fn prepare(
             changes.push(change);
         }
         manifest.apply(&changes);
-        manifest.validate().map_err(invalid)?;
+        // The base is a tree (this node's own manifest, or empty): checking what changed
+        // checks the whole.
+        manifest.validate_changes(&changes).map_err(invalid)?;
         if manifest.digest() != target {
             return Err(ApplyError::DigestMismatch { folder });
         }
-        // What this node excludes is never touched, whatever the manager publishes.
-        let excluded: Vec<_> = manifest
+        // What this node excludes is never touched, whatever the manager publishes (the base
+        // holds nothing excluded: only what changed can be).
+        let excluded: Vec<_> = changes
             .iter()
-            .filter(|(p, n)| local.excludes.is_excluded(p, n.is_dir()))
-            .map(|(p, _)| p.clone())
+            .filter_map(|c| match c {
+                Change::Put(p, n) if local.excludes.is_excluded(p, n.is_dir()) => Some(p.clone()),
+                _ => None,
+            })
             .collect();
         for p in excluded {
             manifest.remove(&p);

@@ -1,11 +1,16 @@
 //! What the agent persists between runs: the generation it applied last and, per folder, the
 //! manifest it left on disk with the stat keys that let a restart skip rehashing.
+//!
+//! It is kept as a snapshot (`agent.state`) plus a log of applied generations since it
+//! (`agent.state.log`, see `syncd_fsops::StateLog`): recording a generation appends what it
+//! changed, so the cost is the change's, not the folders'. Anything else (a pause, a resume, a
+//! rescan after a failure) writes a new snapshot.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use syncd_fsops::LocalManifest;
+use syncd_fsops::{LocalDelta, LocalManifest, StateLog};
 use syncd_proto::Generation;
 
 const STATE_FILE: &str = "agent.state";
@@ -23,37 +28,106 @@ pub(crate) struct AgentState {
     pub pause_set_at: u64,
 }
 
-impl AgentState {
-    fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join(STATE_FILE)
-    }
+/// One applied generation, as appended to the log.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct AppliedRecord {
+    /// The generation applied.
+    pub applied: Generation,
+    /// What changed in each folder that changed.
+    pub folders: Vec<(String, LocalDelta)>,
+}
 
+/// Where the state is written.
+#[derive(Debug)]
+pub(crate) struct StateStore {
+    log: Option<StateLog>,
+    dir: PathBuf,
+}
+
+impl AgentState {
     /// Loads the state; a missing file is a first start. A damaged one is set aside and the
     /// agent starts as if new (it rescans and the manager resends what differs).
-    pub(crate) fn load(state_dir: &Path) -> AgentState {
-        let path = Self::path(state_dir);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return AgentState::default(),
+    pub(crate) fn load(state_dir: &Path) -> (AgentState, StateStore) {
+        let path = state_dir.join(STATE_FILE);
+        let mut store = StateStore {
+            log: None,
+            dir: state_dir.to_owned(),
+        };
+        let loaded = match StateLog::open(state_dir, STATE_FILE, 0o600) {
+            Ok((log, loaded)) => {
+                store.log = Some(log);
+                loaded
+            }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot read agent state; starting afresh");
-                return AgentState::default();
+                return (AgentState::default(), store);
             }
         };
-        match syncd_proto::decode_state(&bytes) {
-            Ok(s) => s,
+        if loaded.dropped_bytes > 0 {
+            tracing::warn!(path = %path.display(), bytes = loaded.dropped_bytes, "dropped the torn end of the state log (a generation being recorded when the agent stopped; the folders are rescanned)");
+        }
+        let Some(snapshot) = loaded.snapshot else {
+            return (AgentState::default(), store);
+        };
+        let replay = || -> Result<AgentState, syncd_proto::DecodeError> {
+            let mut state: AgentState = syncd_proto::decode_state(&snapshot)?;
+            for bytes in &loaded.records {
+                let record: AppliedRecord = syncd_proto::decode_state(bytes)?;
+                state.applied = record.applied;
+                for (name, delta) in &record.folders {
+                    state
+                        .folders
+                        .entry(name.clone())
+                        .or_default()
+                        .apply_delta(delta);
+                }
+            }
+            Ok(state)
+        };
+        match replay() {
+            Ok(s) => (s, store),
             Err(e) => {
-                let aside = path.with_extension("state.damaged");
-                let _ = std::fs::rename(&path, &aside);
-                tracing::warn!(path = %path.display(), moved_to = %aside.display(), error = %e, "agent state unreadable; starting afresh");
-                AgentState::default()
+                for name in [STATE_FILE.to_owned(), format!("{STATE_FILE}.log")] {
+                    let p = state_dir.join(&name);
+                    let _ = std::fs::rename(&p, state_dir.join(format!("{name}.damaged")));
+                }
+                tracing::warn!(path = %path.display(), error = %e, "agent state unreadable (set aside as *.damaged); starting afresh");
+                store.log = StateLog::open(state_dir, STATE_FILE, 0o600)
+                    .map(|(log, _)| log)
+                    .ok();
+                (AgentState::default(), store)
             }
         }
     }
+}
 
-    /// Writes the state durably (temporary file, fsync, rename, fsync of the directory).
-    pub(crate) fn save(&self, state_dir: &Path) -> std::io::Result<()> {
-        let bytes = syncd_proto::encode_state(self).map_err(std::io::Error::other)?;
-        syncd_fsops::write_atomic(&Self::path(state_dir), &bytes, 0o600)
+impl StateStore {
+    fn log(&mut self) -> std::io::Result<&mut StateLog> {
+        if self.log.is_none() {
+            self.log = Some(StateLog::open(&self.dir, STATE_FILE, 0o600)?.0);
+        }
+        Ok(self.log.as_mut().expect("opened above"))
+    }
+
+    /// Writes the whole state durably as a new snapshot.
+    pub(crate) fn save(&mut self, state: &AgentState) -> std::io::Result<()> {
+        let bytes = syncd_proto::encode_state(state).map_err(std::io::Error::other)?;
+        self.log()?.rewrite(&bytes)
+    }
+
+    /// Records an applied generation durably: appended to the log, or folded with everything
+    /// before it into a new snapshot (`full` brought up to date by `refresh`, which must
+    /// include it) when the log is due.
+    pub(crate) fn record(
+        &mut self,
+        record: &AppliedRecord,
+        full: &mut AgentState,
+        refresh: impl FnOnce(&mut AgentState),
+    ) -> std::io::Result<()> {
+        let bytes = syncd_proto::encode_state(record).map_err(std::io::Error::other)?;
+        self.log()?.commit(&bytes, || {
+            refresh(full);
+            syncd_proto::encode_state(&*full).map_err(std::io::Error::other)
+        })
     }
 }

@@ -9,6 +9,7 @@ mod durable;
 mod excludes;
 mod folder;
 mod scan;
+mod statelog;
 
 pub use archive::{
     ArchiveError, CentralDirectory, check_archive, check_entries, cut_points, is_archive,
@@ -17,8 +18,9 @@ pub use archive::{
 pub use durable::write_atomic;
 pub use excludes::{ExcludeError, Excludes, STAGING_DIR, WSO2_DEFAULT_EXCLUDES};
 pub use folder::{FolderRoot, StagedFile, Staging, mtime_of, to_system_time};
+pub use statelog::{LoadedState, StateLog};
 pub use scan::{
-    HashResult, LocalManifest, ScanError, ScanStats, ScanWarning, Seen, StatKey, hash_file,
+    HashResult, LocalDelta, LocalManifest, ScanError, ScanStats, ScanWarning, Seen, StatKey, hash_file,
     hash_files, observe, scan, stat_key, walk,
 };
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use syncd_manifest::{
-    Chunker, Manifest, Mtime, Node, NodeKind, RelPath, SymlinkTarget, chunk_reader_with_cuts,
+    Change, Chunker, Manifest, Mtime, Node, NodeKind, RelPath, SymlinkTarget, chunk_reader_with_cuts,
 };
 
 use crate::excludes::Excludes;
@@ -412,6 +412,56 @@ impl LocalManifest {
         for p in orphans {
             self.manifest.remove(&p);
             self.stats.remove(&p);
+        }
+    }
+}
+
+/// What changed between two versions of a [`LocalManifest`]: the manifest's changes and the
+/// stat keys of the files put. Nodes persist it instead of the whole manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalDelta {
+    /// The manifest's changes, in path order.
+    pub changes: Vec<Change>,
+    /// The stat key of each file put (a file without one is rehashed after a restart).
+    pub stats: Vec<(RelPath, StatKey)>,
+}
+
+impl LocalDelta {
+    /// The delta made of `changes`, which lead to `new`.
+    pub fn new(changes: Vec<Change>, new: &LocalManifest) -> LocalDelta {
+        let stats = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put(p, n) if n.file().is_some() => {
+                    new.stats.get(p).map(|k| (p.clone(), *k))
+                }
+                _ => None,
+            })
+            .collect();
+        LocalDelta { changes, stats }
+    }
+
+    /// The delta from `old` to `new`.
+    pub fn between(old: &LocalManifest, new: &LocalManifest) -> LocalDelta {
+        LocalDelta::new(syncd_manifest::diff(&old.manifest, &new.manifest), new)
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+impl LocalManifest {
+    /// Applies a delta: `old.apply_delta(&LocalDelta::between(&old, &new))` gives `new` (stat
+    /// keys included, for every file the delta puts).
+    pub fn apply_delta(&mut self, delta: &LocalDelta) {
+        self.manifest.apply(&delta.changes);
+        for c in &delta.changes {
+            self.stats.remove(c.path());
+        }
+        for (p, k) in &delta.stats {
+            self.stats.insert(p.clone(), *k);
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use syncd_fsops::{FolderRoot, LocalManifest};
+use syncd_fsops::{FolderRoot, LocalDelta, LocalManifest};
 use syncd_manifest::{ChunkParams, Chunker, ManifestDigest, diff};
 use syncd_proto::Generation;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -16,7 +16,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use crate::history::{History, Step};
 use crate::inotify::{CHANNEL, FolderWatch, Signal, WatchMsg};
 use crate::live::{GuardReason, LiveFolder};
-use crate::state::ManagerState;
+use crate::state::{GenerationRecord, ManagerState, StateStore};
 use crate::{
     GuardedFolder, HeldFile, Hold, ManagerConfig, ManagerError, ManagerStatus, PendingChange,
 };
@@ -95,6 +95,8 @@ pub(crate) struct Control {
     started: Instant,
     /// Publication held by the operator.
     hold: Option<Hold>,
+    /// Where generations are recorded before they are published.
+    store: StateStore,
 }
 
 impl Control {
@@ -103,7 +105,7 @@ impl Control {
     pub(crate) async fn open(
         config: Arc<ManagerConfig>,
     ) -> Result<(Control, Arc<Snapshot>), ManagerError> {
-        let mut state = ManagerState::load(&config.state_dir);
+        let (mut state, store) = ManagerState::load(&config.state_dir);
         let folders = config
             .folders
             .iter()
@@ -122,6 +124,7 @@ impl Control {
             waiting: Vec::new(),
             started: Instant::now(),
             hold: load_hold(&config.state_dir),
+            store,
             config,
         };
         let deadline = Instant::now() + STARTUP_SETTLE;
@@ -496,7 +499,20 @@ impl Control {
             return Ok(false);
         }
         let generation = Generation(self.generation.0 + 1);
-        let state = ManagerState {
+        let record = GenerationRecord {
+            generation,
+            folders: self
+                .folders
+                .iter()
+                .zip(&next)
+                .filter_map(|(f, n)| {
+                    let n = n.as_ref()?;
+                    let changes = steps.get(&f.spec.name).map_or_else(Vec::new, |s| s.changes.to_vec());
+                    Some((f.spec.name.clone(), LocalDelta::new(changes, n)))
+                })
+                .collect(),
+        };
+        let full = || ManagerState {
             generation,
             folders: self
                 .folders
@@ -508,8 +524,8 @@ impl Control {
                 })
                 .collect(),
         };
-        state
-            .save(&self.config.state_dir)
+        self.store
+            .record(&record, full)
             .map_err(|source| ManagerError::State {
                 dir: self.config.state_dir.clone(),
                 source,

@@ -119,6 +119,29 @@ mod tests {
         }
 
         #[test]
+        fn validating_the_changes_agrees_with_validating_the_result(
+            a in arb_manifest(),
+            b in arb_manifest(),
+        ) {
+            // From a valid tree, checking only what changed finds exactly what a full check
+            // finds.
+            let mut a = a;
+            let orphans: Vec<RelPath> = a
+                .iter()
+                .filter(|(p, _)| p.ancestors().any(|d| !a.get(&d).is_some_and(Node::is_dir)))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in &orphans {
+                a.remove(p);
+            }
+            prop_assert!(a.validate().is_ok());
+            let changes = diff(&a, &b);
+            let mut applied = a.clone();
+            applied.apply(&changes);
+            prop_assert_eq!(applied.validate_changes(&changes).is_ok(), b.validate().is_ok());
+        }
+
+        #[test]
         fn diff_is_empty_only_for_equal_manifests(a in arb_manifest(), b in arb_manifest()) {
             prop_assert_eq!(diff(&a, &b).is_empty(), a == b);
         }

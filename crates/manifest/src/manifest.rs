@@ -306,6 +306,44 @@ impl Manifest {
         Ok(())
     }
 
+    /// Checks, after `changes` were applied to a manifest that was valid before them, what
+    /// [`Manifest::validate`] would check, looking only at the entries the changes touch: each
+    /// entry put is valid and has a directory as its parent, and nothing is left beneath a path
+    /// that was removed or is no longer a directory. Costs in proportion to the changes.
+    pub fn validate_changes(&self, changes: &[crate::Change]) -> Result<(), TreeError> {
+        for change in changes {
+            let path = change.path();
+            let node = self.nodes.get(path);
+            if let Some(node) = node {
+                validate_node(self.params, path, node)?;
+                if let Some(parent) = path.parent()
+                    && !self.nodes.get(&parent).is_some_and(Node::is_dir)
+                {
+                    return Err(TreeError::Orphan { path: path.clone() });
+                }
+            }
+            if !node.is_some_and(Node::is_dir)
+                && let Some(child) = self.first_beneath(path)
+            {
+                return Err(TreeError::Orphan {
+                    path: child.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The first entry strictly beneath `dir`, if any.
+    fn first_beneath(&self, dir: &RelPath) -> Option<&RelPath> {
+        use std::ops::Bound;
+        let prefix = format!("{dir}/");
+        self.nodes
+            .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+            .next()
+            .map(|(p, _)| p)
+            .filter(|p| p.as_str().starts_with(&prefix))
+    }
+
     /// A digest of the whole manifest (parameters and every entry), stable across versions of
     /// syncd and independent of the wire codec. Constant time: it hashes the running sum of the
     /// entries' hashes.
@@ -475,6 +513,43 @@ pub(crate) mod tests {
             assert_ne!(m.digest(), base.digest(), "{m:?}");
         }
         assert_eq!(base.digest(), base.clone().digest());
+    }
+
+    #[test]
+    fn validating_changes_finds_what_validating_everything_finds() {
+        use crate::Change;
+        let base: Manifest = [
+            (p("a"), dir()),
+            (p("a/x"), file(b"x", 0o644, 5)),
+            (p("a-b"), dir()),
+            (p("b"), dir()),
+        ]
+        .into_iter()
+        .collect();
+        base.validate().unwrap();
+        let mut lying = file(b"y", 0o644, 5);
+        if let NodeKind::File(f) = &mut lying.kind {
+            f.size = 2;
+        }
+        let cases: Vec<Vec<Change>> = vec![
+            vec![Change::Put(p("b/y"), file(b"y", 0o644, 1))],
+            vec![Change::Put(p("c/y"), file(b"y", 0o644, 1))],
+            vec![Change::Remove(p("a"))],
+            vec![Change::Remove(p("a/x")), Change::Remove(p("a"))],
+            vec![Change::Put(p("a"), file(b"now a file", 0o644, 1))],
+            vec![Change::Put(p("b"), file(b"b", 0o644, 1))],
+            vec![Change::Put(p("b/z"), lying)],
+            vec![Change::Remove(p("a-b")), Change::Put(p("a-b/q"), dir())],
+        ];
+        for changes in cases {
+            let mut m = base.clone();
+            m.apply(&changes);
+            assert_eq!(
+                m.validate_changes(&changes).is_ok(),
+                m.validate().is_ok(),
+                "{changes:?}"
+            );
+        }
     }
 
     #[test]

@@ -128,6 +128,14 @@ impl RelPath {
     }
 }
 
+impl std::borrow::Borrow<str> for RelPath {
+    /// Ordering, equality and hashing are the string's, so maps keyed by `RelPath` can be
+    /// searched by `&str`.
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl TryFrom<String> for RelPath {
     type Error = PathError;
     fn try_from(s: String) -> Result<Self, PathError> {

@@ -215,15 +215,28 @@ fn a_tree_deleted_in_slices_is_held_once_the_slices_add_up() {
         c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
     }
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
-    // The third fifth brings it to 60% within seconds: held.
-    let before = snapshot(&c.data("worker-1"));
+    // The third fifth brings it to 60% within seconds: held. (Its first files may go out in
+    // a generation of their own while the total is still under the share; the one that takes
+    // it over is held.)
     for f in &files[2 * fifth..3 * fifth] {
         fs::remove_file(f).unwrap();
     }
     let reason = wait_guarded(&c);
     assert!(reason.starts_with("would delete"), "{reason}");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(snapshot(&c.data("worker-1")), before);
+    let left = snapshot(&c.data("worker-1"))
+        .into_values()
+        .filter(|item| matches!(item, support::Item::File { .. }))
+        .count();
+    assert!(
+        left * 2 >= files.len(),
+        "the worker kept {left} of {} files: more than the 50% share went without confirmation",
+        files.len()
+    );
+    for f in &files[..2 * fifth] {
+        let rel = f.strip_prefix(c.data(MANAGER)).unwrap();
+        assert!(!c.data("worker-1").join(rel).exists(), "{}", rel.display());
+    }
     c.ctl(MANAGER, &["confirm"]);
     c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));

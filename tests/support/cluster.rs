@@ -324,8 +324,16 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // A failed test shows what the daemons said.
+        // A failed test shows what the daemons said (all of it is kept in the directory
+        // `SYNCD_TEST_LOGS` names, if set).
         if std::thread::panicking() {
+            if let Some(dir) = std::env::var_os("SYNCD_TEST_LOGS") {
+                let dir = Path::new(&dir);
+                let _ = std::fs::create_dir_all(dir);
+                for node in std::iter::once(MANAGER.to_owned()).chain(self.agents.clone()) {
+                    let _ = std::fs::copy(self.log(&node), dir.join(format!("{node}.log")));
+                }
+            }
             for node in std::iter::once(MANAGER.to_owned()).chain(self.agents.clone()) {
                 let log = std::fs::read_to_string(self.log(&node)).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(25).collect();

@@ -22,6 +22,7 @@ use syncd_proto::{FetchFile, FetchReply, FetchRequest, MAX_CONTROL_FRAME, MAX_RE
 use syncd_transport::{Conn, TransportError};
 use tokio::task::JoinSet;
 
+use crate::chunks::LocalChunks;
 use crate::folder::Folder;
 use crate::journal::Journal;
 
@@ -165,6 +166,7 @@ pub(crate) async fn apply(
     stats: &mut ApplyStats,
     received: &Arc<AtomicU64>,
     state_dir: &Path,
+    chunks: &mut LocalChunks,
 ) -> Result<Vec<(usize, LocalManifest)>, ApplyError> {
     let mut jobs = Vec::new();
     let mut plans = Vec::new();
@@ -224,7 +226,7 @@ pub(crate) async fn apply(
         fsync_each,
         received,
     };
-    let staged = stage_all(&cx, &mut jobs, stats).await;
+    let staged = stage_all(&cx, &mut jobs, stats, chunks).await;
     if let Err(e) = staged {
         // A lost connection keeps what was staged: the next attempt (after a reconnect, or a
         // restart) reuses every chunk already written and checked. Anything else starts over.
@@ -355,25 +357,37 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
-/// Chunks this node already holds, by hash.
-fn local_index(folders: &[Folder]) -> HashMap<ChunkHash, Source> {
-    let mut index = HashMap::new();
-    for (i, folder) in folders.iter().enumerate() {
-        for (path, node) in folder.local.manifest.iter() {
-            if let Some(f) = node.file() {
-                let mut offset = 0u64;
-                for c in f.chunks.iter() {
-                    index.entry(c.hash).or_insert_with(|| Source::Live {
-                        folder: i,
-                        path: path.clone(),
-                        offset,
-                    });
-                    offset += c.len as u64;
-                }
-            }
-        }
-    }
-    index
+/// Where this node holds the chunks the jobs need (their own, and the last chunk of each job's
+/// current version, offered as a delta base), by hash.
+fn local_sources(
+    folders: &[Folder],
+    jobs: &[StageJob],
+    chunks: &mut LocalChunks,
+) -> HashMap<ChunkHash, Source> {
+    let needed = jobs.iter().flat_map(|j| {
+        let old_last = folders[j.folder]
+            .local
+            .manifest
+            .get(&j.path)
+            .and_then(Node::file)
+            .and_then(|f| f.chunks.last())
+            .map(|c| c.hash);
+        j.content.chunks.iter().map(|c| c.hash).chain(old_last)
+    });
+    chunks
+        .find(folders, needed)
+        .into_iter()
+        .map(|(h, f)| {
+            (
+                h,
+                Source::Live {
+                    folder: f.folder,
+                    path: f.path,
+                    offset: f.offset,
+                },
+            )
+        })
+        .collect()
 }
 
 /// The name key of a staged file holding content `hash`.
@@ -454,8 +468,9 @@ async fn stage_all(
     cx: &StageCtx<'_>,
     jobs: &mut [StageJob],
     stats: &mut ApplyStats,
+    chunks: &mut LocalChunks,
 ) -> Result<(), ApplyError> {
-    let mut index = local_index(cx.folders);
+    let mut index = local_sources(cx.folders, jobs, chunks);
     add_leftovers(cx.folders, jobs, &mut index);
     let mut batches = Vec::new();
     let mut start = 0;

@@ -5,6 +5,7 @@
 //! durable, rename into place, delete last, record the generation.
 
 mod apply;
+mod chunks;
 mod drift;
 mod folder;
 mod journal;
@@ -298,6 +299,8 @@ pub struct Agent {
     folders: Vec<Folder>,
     state: AgentState,
     store: StateStore,
+    /// Where each chunk this node holds is, kept across generations.
+    chunks: chunks::LocalChunks,
     status: watch::Sender<AgentStatus>,
     commands: mpsc::Receiver<Command>,
     commands_tx: mpsc::Sender<Command>,
@@ -333,12 +336,10 @@ impl Agent {
             .iter()
             .map(|f| (f.name.clone(), f.local.clone()))
             .collect();
-        store
-            .save(&state)
-            .map_err(|source| AgentError::State {
-                dir: config.state_dir.clone(),
-                source,
-            })?;
+        store.save(&state).map_err(|source| AgentError::State {
+            dir: config.state_dir.clone(),
+            source,
+        })?;
         // The state now records whatever the journal covered.
         Journal::clear(&config.state_dir).map_err(|source| AgentError::State {
             dir: config.state_dir.clone(),
@@ -359,6 +360,7 @@ impl Agent {
             folders,
             state,
             store,
+            chunks: chunks::LocalChunks::default(),
             status,
             commands,
             commands_tx,

@@ -14,9 +14,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::apply::{self, ApplyError, ApplyStats, Target};
 use crate::drift;
-use crate::state::AppliedRecord;
 use crate::journal::Journal;
 use crate::pause::{self, LocalChange, ResumeReport};
+use crate::state::AppliedRecord;
 use crate::{Agent, AgentError, Command};
 
 /// A handshake takes a few round trips; QUIC ignores ICMP errors, so an unreachable manager
@@ -481,6 +481,7 @@ async fn check_drift(
             &mut stats,
             &agent.received,
             &agent.config.state_dir,
+            &mut agent.chunks,
         )
         .await;
         let mut expected = expected;
@@ -754,6 +755,7 @@ async fn apply_generation(
                 &mut stats,
                 &agent.received,
                 &agent.config.state_dir,
+                &mut agent.chunks,
             )
             .await
         }
@@ -771,6 +773,9 @@ async fn apply_generation(
             for (i, local) in locals {
                 let f = &mut agent.folders[i];
                 let delta = LocalDelta::between(&f.local, &local);
+                agent
+                    .chunks
+                    .note(i, f.digest(), &delta, local.manifest.digest());
                 if !delta.is_empty() {
                     changed.push((f.name.clone(), delta));
                 }

@@ -66,11 +66,13 @@ impl AgentState {
         if loaded.dropped_bytes > 0 {
             tracing::warn!(path = %path.display(), bytes = loaded.dropped_bytes, "dropped the torn end of the state log (a generation being recorded when the agent stopped; the folders are rescanned)");
         }
-        let Some(snapshot) = loaded.snapshot else {
-            return (AgentState::default(), store);
-        };
         let replay = || -> Result<AgentState, syncd_proto::DecodeError> {
-            let mut state: AgentState = syncd_proto::decode_state(&snapshot)?;
+            // Records may extend no snapshot: the first generations, before the log was first
+            // folded, extend the empty state.
+            let mut state: AgentState = match &loaded.snapshot {
+                Some(snapshot) => syncd_proto::decode_state(snapshot)?,
+                None => AgentState::default(),
+            };
             for bytes in &loaded.records {
                 let record: AppliedRecord = syncd_proto::decode_state(bytes)?;
                 state.applied = record.applied;

@@ -18,11 +18,11 @@ pub use archive::{
 pub use durable::write_atomic;
 pub use excludes::{ExcludeError, Excludes, STAGING_DIR, WSO2_DEFAULT_EXCLUDES};
 pub use folder::{FolderRoot, StagedFile, Staging, mtime_of, to_system_time};
-pub use statelog::{LoadedState, StateLog};
 pub use scan::{
-    HashResult, LocalDelta, LocalManifest, ScanError, ScanStats, ScanWarning, Seen, StatKey, hash_file,
-    hash_files, observe, scan, stat_key, walk,
+    HashResult, LocalDelta, LocalManifest, ScanError, ScanStats, ScanWarning, Seen, StatKey,
+    hash_file, hash_files, observe, scan, stat_key, walk,
 };
+pub use statelog::{LoadedState, StateLog};
 
 /// A configured synced folder: its name (the same on every node), where it is on this node,
 /// what in it is never synced, and the policies that guard it.

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use syncd_manifest::{
-    Change, Chunker, Manifest, Mtime, Node, NodeKind, RelPath, SymlinkTarget, chunk_reader_with_cuts,
+    Change, Chunker, Manifest, Mtime, Node, NodeKind, RelPath, SymlinkTarget,
+    chunk_reader_with_cuts,
 };
 
 use crate::excludes::Excludes;
@@ -404,8 +405,8 @@ impl LocalManifest {
             .manifest
             .iter()
             .filter(|(p, _)| {
-                p.parent()
-                    .is_some_and(|d| !self.manifest.get(&d).is_some_and(Node::is_dir))
+                p.parent_str()
+                    .is_some_and(|d| !self.manifest.get(d).is_some_and(Node::is_dir))
             })
             .map(|(p, _)| p.clone())
             .collect();

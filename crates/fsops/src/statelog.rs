@@ -82,7 +82,11 @@ impl StateLog {
             snapshot,
             ..LoadedState::default()
         };
-        let mut file = match OpenOptions::new().read(true).write(true).open(&state.log_path) {
+        let mut file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&state.log_path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((state, loaded)),
             Err(e) => return Err(e),

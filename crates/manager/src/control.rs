@@ -507,7 +507,9 @@ impl Control {
                 .zip(&next)
                 .filter_map(|(f, n)| {
                     let n = n.as_ref()?;
-                    let changes = steps.get(&f.spec.name).map_or_else(Vec::new, |s| s.changes.to_vec());
+                    let changes = steps
+                        .get(&f.spec.name)
+                        .map_or_else(Vec::new, |s| s.changes.to_vec());
                     Some((f.spec.name.clone(), LocalDelta::new(changes, n)))
                 })
                 .collect(),

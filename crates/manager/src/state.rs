@@ -62,11 +62,13 @@ impl ManagerState {
         if loaded.dropped_bytes > 0 {
             tracing::warn!(path = %path.display(), bytes = loaded.dropped_bytes, "dropped the torn end of the state log (a generation being recorded when the manager stopped; no agent saw it)");
         }
-        let Some(snapshot) = loaded.snapshot else {
-            return (ManagerState::default(), store);
-        };
         let replay = || -> Result<ManagerState, syncd_proto::DecodeError> {
-            let mut state: ManagerState = syncd_proto::decode_state(&snapshot)?;
+            // Records may extend no snapshot: the first generations, before the log was first
+            // folded, extend the empty state.
+            let mut state: ManagerState = match &loaded.snapshot {
+                Some(snapshot) => syncd_proto::decode_state(snapshot)?,
+                None => ManagerState::default(),
+            };
             for bytes in &loaded.records {
                 let record: GenerationRecord = syncd_proto::decode_state(bytes)?;
                 state.generation = record.generation;
@@ -129,5 +131,87 @@ impl StateStore {
         log.commit(&bytes, || {
             syncd_proto::encode_state(&full()).map_err(std::io::Error::other)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use syncd_manifest::{Change, ChunkRef, FileContent, FileHash, Mtime, Node, NodeKind, RelPath};
+
+    use super::*;
+
+    fn file(byte: u8) -> Node {
+        let hash = syncd_manifest::ChunkHash::of(&[byte]);
+        Node {
+            kind: NodeKind::File(FileContent {
+                size: 1,
+                hash: FileHash::from_chunks(1, [&hash]),
+                chunks: vec![ChunkRef { hash, len: 1 }].into(),
+            }),
+            mode: 0o644,
+            mtime: Mtime { secs: 1, nanos: 0 },
+        }
+    }
+
+    /// Publishes generations 1..=n, each putting one file, as `Control::publish` records them.
+    fn publish(store: &mut StateStore, state: &mut ManagerState, n: u64) {
+        for g in 1..=n {
+            let path = RelPath::new(format!("f{g}")).unwrap();
+            let changes = vec![Change::Put(path, file(g as u8))];
+            let folder = state.folders.entry("app".into()).or_default();
+            folder.manifest.apply(&changes);
+            state.generation = Generation(g);
+            let record = GenerationRecord {
+                generation: Generation(g),
+                folders: vec![("app".into(), LocalDelta::new(changes, folder))],
+            };
+            let full = || ManagerState {
+                generation: state.generation,
+                folders: state.folders.clone(),
+            };
+            store.record(&record, full).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_restart_finds_every_recorded_generation_with_or_without_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut state, mut store) = ManagerState::load(dir.path());
+        assert_eq!(state.generation, Generation(0));
+        publish(&mut store, &mut state, 5);
+        // Only the log so far (the first generations extend no snapshot).
+        assert!(!dir.path().join(STATE_FILE).exists());
+        let (loaded, _) = ManagerState::load(dir.path());
+        assert_eq!(loaded.generation, Generation(5));
+        assert_eq!(loaded.folders, state.folders);
+
+        // Once folded into a snapshot, the same.
+        store
+            .log
+            .as_mut()
+            .unwrap()
+            .rewrite(&syncd_proto::encode_state(&state).unwrap())
+            .unwrap();
+        let (loaded, _) = ManagerState::load(dir.path());
+        assert_eq!(loaded.generation, Generation(5));
+        assert_eq!(loaded.folders, state.folders);
+    }
+
+    #[test]
+    fn a_damaged_state_restarts_numbering_above_anything_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut state, mut store) = ManagerState::load(dir.path());
+        publish(&mut store, &mut state, 2);
+        // A record that passes its checksum but does not decode (another layout).
+        let mut bad = StateLog::open(dir.path(), STATE_FILE, 0o600).unwrap().0;
+        bad.append(b"not a state record").unwrap();
+        let (loaded, _) = ManagerState::load(dir.path());
+        assert!(loaded.generation.0 > 1_000_000, "{:?}", loaded.generation);
+        assert!(loaded.folders.is_empty());
+        assert!(
+            dir.path()
+                .join(format!("{STATE_FILE}.log.damaged"))
+                .exists()
+        );
     }
 }

@@ -242,8 +242,12 @@ impl Manifest {
         self.nodes.is_empty()
     }
 
-    /// The entry at `path`.
-    pub fn get(&self, path: &RelPath) -> Option<&Node> {
+    /// The entry at `path` (a `RelPath`, or a `str` holding one).
+    pub fn get<Q>(&self, path: &Q) -> Option<&Node>
+    where
+        RelPath: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
         self.nodes.get(path)
     }
 
@@ -297,8 +301,8 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), TreeError> {
         for (path, node) in &self.nodes {
             validate_node(self.params, path, node)?;
-            if let Some(parent) = path.parent()
-                && !self.nodes.get(&parent).is_some_and(Node::is_dir)
+            if let Some(parent) = path.parent_str()
+                && !self.nodes.get(parent).is_some_and(Node::is_dir)
             {
                 return Err(TreeError::Orphan { path: path.clone() });
             }
@@ -316,8 +320,8 @@ impl Manifest {
             let node = self.nodes.get(path);
             if let Some(node) = node {
                 validate_node(self.params, path, node)?;
-                if let Some(parent) = path.parent()
-                    && !self.nodes.get(&parent).is_some_and(Node::is_dir)
+                if let Some(parent) = path.parent_str()
+                    && !self.nodes.get(parent).is_some_and(Node::is_dir)
                 {
                     return Err(TreeError::Orphan { path: path.clone() });
                 }

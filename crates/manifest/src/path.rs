@@ -104,6 +104,11 @@ impl RelPath {
         self.0.rfind('/').map(|i| RelPath(Arc::from(&self.0[..i])))
     }
 
+    /// The enclosing directory as a string slice (no allocation), or `None` at the root.
+    pub fn parent_str(&self) -> Option<&str> {
+        self.0.rfind('/').map(|i| &self.0[..i])
+    }
+
     /// Every enclosing directory, outermost first (`a`, `a/b` for `a/b/c`).
     pub fn ancestors(&self) -> impl Iterator<Item = RelPath> + '_ {
         self.0
@@ -124,7 +129,8 @@ impl RelPath {
     /// Whether `self` is `other` or lies beneath it.
     pub fn starts_with(&self, other: &RelPath) -> bool {
         self.0 == other.0
-            || (self.0.starts_with(&*other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+            || (self.0.starts_with(&*other.0)
+                && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
     }
 }
 

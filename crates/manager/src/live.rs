@@ -21,8 +21,10 @@ use syncd_manifest::{ChunkParams, Chunker, Manifest, Node, RelPath};
 
 /// Wait after a close-write or rename before the final re-stat.
 pub(crate) const SETTLE_AFTER_CLOSE: Duration = Duration::from_millis(3);
-/// Wait for a changed file whose writer was not seen (found by a scan, or only its metadata
-/// changed) before the final re-stat.
+/// Quiet time required of a changed file whose writer was not seen (found by a scan, or only its
+/// metadata changed): its inode must not change for this long. A file whose change time is
+/// already this old when it is found has been quiet that long and needs no further wait (most
+/// files at start); a younger one is stat-ed again after this wait.
 pub(crate) const SETTLE_DISCOVERED: Duration = Duration::from_millis(300);
 /// How often an incomplete archive is looked at again without new events.
 pub(crate) const RECHECK_ARCHIVE: Duration = Duration::from_secs(1);
@@ -435,7 +437,7 @@ impl LiveFolder {
             self.hold(&path, "being written (no close seen yet)");
             return;
         }
-        let wait = if self.closed.contains(&path) {
+        let wait = if self.closed.contains(&path) || quiet_for(&key) >= SETTLE_DISCOVERED {
             SETTLE_AFTER_CLOSE
         } else {
             SETTLE_DISCOVERED
@@ -621,6 +623,15 @@ impl LiveFolder {
     }
 }
 
+/// How long ago the file's inode last changed (data or metadata: the change time moves with
+/// both, and no one can set it back). A change time in the future (the clock went back) counts
+/// as just now.
+fn quiet_for(key: &StatKey) -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(syncd_fsops::to_system_time(key.ctime))
+        .unwrap_or(Duration::ZERO)
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -669,6 +680,31 @@ mod tests {
         let m = f.publishable().unwrap();
         assert_eq!(m.manifest.get(&p("a.xml")).unwrap().file().unwrap().size, 8);
         assert!(f.held.is_empty());
+    }
+
+    #[test]
+    fn a_found_file_waits_out_the_quiet_time_only_if_it_changed_lately() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("old.xml"), b"<old/>").unwrap();
+        std::thread::sleep(SETTLE_DISCOVERED + Duration::from_millis(50));
+        fs::write(dir.path().join("new.xml"), b"<new/>").unwrap();
+        let mut f = folder(dir.path());
+        let now = Instant::now();
+        f.examine(now);
+        // Untouched for longer than the quiet time already: published after the short wait.
+        f.settle(now + SETTLE_AFTER_CLOSE, &chunker(), 1);
+        let m = f.publishable().unwrap();
+        assert!(m.manifest.get(&p("old.xml")).is_some());
+        // Written a moment ago (its writer may still be at it): it waits the whole time.
+        assert!(m.manifest.get(&p("new.xml")).is_none());
+        f.settle(now + SETTLE_DISCOVERED, &chunker(), 1);
+        assert!(
+            f.publishable()
+                .unwrap()
+                .manifest
+                .get(&p("new.xml"))
+                .is_some()
+        );
     }
 
     #[test]

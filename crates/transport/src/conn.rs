@@ -108,6 +108,10 @@ pub struct ConnStats {
     pub tx_bytes: u64,
     /// Bytes received.
     pub rx_bytes: u64,
+    /// UDP datagrams sent.
+    pub tx_datagrams: u64,
+    /// The largest UDP payload the path is known to carry now (path MTU discovery).
+    pub mtu: u16,
 }
 
 /// An established, mutually authenticated connection.
@@ -172,6 +176,8 @@ impl Conn {
         ConnStats {
             tx_bytes: s.udp_tx.bytes,
             rx_bytes: s.udp_rx.bytes,
+            tx_datagrams: s.udp_tx.datagrams,
+            mtu: s.path.current_mtu,
         }
     }
 }

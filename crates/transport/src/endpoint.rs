@@ -29,6 +29,35 @@ pub enum Congestion {
 
 static CONGESTION: std::sync::OnceLock<Congestion> = std::sync::OnceLock::new();
 
+/// Largest UDP payload a connection may grow to by path MTU discovery (RFC 8899, probing up
+/// from QUIC's 1,200 bytes): quinn's own bound, Ethernet's 1,452.
+///
+/// Per-packet work (encryption, acknowledgements, syscalls) is what limits QUIC throughput on
+/// these machines, so larger packets (jumbo frames, loopback) looked like a win; measured with
+/// `bench-quic` (BENCHMARKS.md), any bound above 1,452 left discovery at 1,200 bytes on
+/// loopback and cut throughput from about 1.0 to 0.65 GiB/s with quinn 0.11, so the default
+/// stays. [`set_max_udp_payload`] exists to measure it again.
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1452;
+
+static MAX_UDP_PAYLOAD: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+
+/// Sets the largest UDP payload for the whole process (once, before any endpoint); 1,452 is
+/// quinn's own bound, 65,527 the highest.
+pub fn set_max_udp_payload(bytes: u16) {
+    let _ = MAX_UDP_PAYLOAD.set(bytes.clamp(1200, 65527));
+}
+
+fn max_udp_payload() -> u16 {
+    *MAX_UDP_PAYLOAD.get().unwrap_or(&DEFAULT_MAX_UDP_PAYLOAD)
+}
+
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut c = quinn::EndpointConfig::default();
+    c.max_udp_payload_size(max_udp_payload())
+        .expect("the payload bound is clamped to what QUIC allows");
+    c
+}
+
 /// Chooses the congestion controller for the whole process (once, before any endpoint).
 pub fn set_congestion(c: Congestion) {
     let _ = CONGESTION.set(c);
@@ -61,6 +90,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
         t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     }
     t.max_concurrent_uni_streams(0u32.into());
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(max_udp_payload());
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 
@@ -96,7 +128,7 @@ impl Endpoint {
         config.transport_config(transport_config());
         let socket = udp_socket(listen)?;
         let inner = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(),
             Some(config),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -117,7 +149,7 @@ impl Endpoint {
         };
         let socket = udp_socket(bind)?;
         let mut inner = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(),
             None,
             socket,
             Arc::new(quinn::TokioRuntime),

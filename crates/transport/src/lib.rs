@@ -9,5 +9,8 @@ mod validity;
 mod verify;
 
 pub use conn::{Conn, ConnStats, RecvStream, SendStream, TransportError};
-pub use endpoint::{Congestion, Endpoint, Incoming, install_crypto_provider, set_congestion};
+pub use endpoint::{
+    Congestion, DEFAULT_MAX_UDP_PAYLOAD, Endpoint, Incoming, install_crypto_provider,
+    set_congestion, set_max_udp_payload,
+};
 pub use identity::{Identity, IdentityError, NodeId, NodeIdError};

@@ -1,0 +1,169 @@
+//! `bench-quic`: QUIC throughput on loopback through syncd's own transport (pinned-identity
+//! TLS 1.3, the daemons' endpoint and transport settings), over one stream and several, with
+//! path MTU discovery bounded at quinn's default (1,452 bytes, syncd's too) and higher. Each
+//! configuration runs in a process of its own (the bound is per process); configurations are
+//! interleaved and repeated, and the median is reported.
+//!
+//!   cargo build --release -p syncd-devtools
+//!   target/release/bench-quic                # 1 GiB per run, 3 repetitions
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use syncd_transport::{Endpoint, Identity};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "QUIC throughput on loopback through syncd's transport, by streams and MTU bound"
+)]
+struct Args {
+    /// MiB sent per run (split evenly across the streams).
+    #[arg(long, default_value_t = 1024)]
+    mib: u64,
+    /// Stream counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    streams: Vec<usize>,
+    /// Bounds on the UDP payload (path MTU discovery) to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1452,8952")]
+    payloads: Vec<u16>,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Run one configuration and print its figures (used by the parent process).
+    #[arg(long, hide = true)]
+    child: bool,
+}
+
+/// A configuration measured: (payload bound, streams).
+type Config = (u16, usize);
+/// One run's figures: seconds, datagrams sent, path MTU reached.
+type Run = (f64, u64, u64);
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.child {
+        let (streams, payload) = (args.streams[0], args.payloads[0]);
+        let rt = tokio::runtime::Runtime::new()?;
+        let (secs, datagrams, mtu) = rt.block_on(run(args.mib, streams, payload))?;
+        println!("{secs} {datagrams} {mtu}");
+        return Ok(());
+    }
+    println!(
+        "# bench-quic: {} MiB per run, {} repetitions; machine: {} cores, Linux {}",
+        args.mib,
+        args.reps,
+        syncd_devtools::bench::cores(),
+        syncd_devtools::bench::kernel()
+    );
+    let exe = std::env::current_exe()?;
+    let mut results: Vec<(Config, Vec<Run>)> = Vec::new();
+    for &p in &args.payloads {
+        for &s in &args.streams {
+            results.push(((p, s), Vec::new()));
+        }
+    }
+    for _ in 0..args.reps {
+        for ((p, s), runs) in results.iter_mut() {
+            let out = Command::new(&exe)
+                .args(["--child", "--mib", &args.mib.to_string()])
+                .args(["--streams", &s.to_string(), "--payloads", &p.to_string()])
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "child failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let text = String::from_utf8(out.stdout)?;
+            let f: Vec<&str> = text.split_whitespace().collect();
+            let parse = |i: usize| -> Result<f64> {
+                f.get(i)
+                    .context("short child output")?
+                    .parse::<f64>()
+                    .map_err(Into::into)
+            };
+            runs.push((parse(0)?, parse(1)? as u64, parse(2)? as u64));
+        }
+    }
+    println!();
+    println!("| MTU bound | streams | throughput | datagrams sent | path MTU reached |");
+    println!("| --- | --- | --- | --- | --- |");
+    for ((p, s), runs) in &mut results {
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (secs, datagrams, mtu) = runs[runs.len() / 2];
+        let gib = args.mib as f64 / 1024.0 / secs;
+        println!("| {p} | {s} | {gib:.2} GiB/s | {datagrams} | {mtu} |");
+    }
+    Ok(())
+}
+
+/// Sends `mib` MiB from a client to a server over `streams` streams; returns the seconds from
+/// the first byte written to the last byte read, the datagrams sent and the path MTU reached.
+async fn run(mib: u64, streams: usize, payload: u16) -> Result<(f64, u64, u16)> {
+    syncd_transport::set_max_udp_payload(payload);
+    syncd_transport::install_crypto_provider();
+    let dir = tempfile::tempdir()?;
+    let server_id = Identity::create(&dir.path().join("server"))?;
+    let client_id = Identity::create(&dir.path().join("client"))?;
+    let allowed = [(client_id.id(), "client".to_owned())]
+        .into_iter()
+        .collect();
+    let server = Endpoint::server(&server_id, allowed, "127.0.0.1:0".parse()?)?;
+    let addr = server.local_addr()?;
+    let client = Endpoint::client(&client_id, addr)?;
+    let per_stream = mib * (1 << 20) / streams as u64;
+    let receiver = tokio::spawn(async move {
+        let conn = server
+            .accept()
+            .await
+            .context("no connection")?
+            .accept()
+            .await?;
+        let mut tasks = Vec::new();
+        for _ in 0..streams {
+            let (_tx, mut rx) = conn.accept_bi().await?;
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut left = per_stream;
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    rx.read_exact(&mut buf[..n]).await?;
+                    left -= n as u64;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        anyhow::Ok(Instant::now())
+    });
+    let conn = client.connect(&client_id, addr, server_id.id()).await?;
+    let block = bytes::Bytes::from(vec![0x5au8; 1 << 20]);
+    let start = Instant::now();
+    let mut senders = Vec::new();
+    for _ in 0..streams {
+        let (mut tx, _rx) = conn.open_bi().await?;
+        let block = block.clone();
+        senders.push(tokio::spawn(async move {
+            let mut left = per_stream;
+            while left > 0 {
+                let n = left.min(block.len() as u64) as usize;
+                tx.write_bytes(block.slice(..n)).await?;
+                left -= n as u64;
+            }
+            tx.finish();
+            anyhow::Ok(tx)
+        }));
+    }
+    let mut keep = Vec::new();
+    for s in senders {
+        keep.push(s.await??);
+    }
+    let done = receiver.await??;
+    let stats = conn.stats();
+    conn.close(0, "done");
+    Ok(((done - start).as_secs_f64(), stats.tx_datagrams, stats.mtu))
+}

@@ -33,8 +33,8 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Worker counts for the fan-out part (empty to skip it).
-    #[arg(long, value_delimiter = ',', default_value = "1,5,10")]
-    fanout: Vec<usize>,
+    #[arg(long, default_value = "1,5,10", value_parser = parse_counts)]
+    fanout: Counts,
     /// Skip lsyncd.
     #[arg(long)]
     no_lsyncd: bool,
@@ -89,6 +89,18 @@ const BIG_WAR: &str = "webapps/api-gateway.war";
 const FRONT_WAR: &str = "webapps/portal.war";
 const BIG_WAR_LEN: u64 = 63_000_000;
 const FRONT_WAR_LEN: u64 = 23_000_000;
+
+/// A comma-separated list of worker counts; empty for none.
+#[derive(Debug, Clone)]
+struct Counts(Vec<usize>);
+
+fn parse_counts(s: &str) -> Result<Counts, std::num::ParseIntError> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| p.trim().parse())
+        .collect::<Result<_, _>>()
+        .map(Counts)
+}
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -184,10 +196,12 @@ impl Bench<'_> {
         for rep in 0..self.args.reps {
             let dir = self.work.join(format!("init-rsync-{rep}"));
             let daemon = RsyncDaemon::start(&dir, 1, self.args.rsync_port)?;
+            flush_disk()?;
             rsync_init.push(daemon.push(&base, 0, &[])?);
             same_tree(&base, &daemon.workers[0])?;
             let _ = std::fs::remove_dir_all(&daemon.workers[0]);
             std::fs::create_dir_all(&daemon.workers[0])?;
+            flush_disk()?;
             rsync_fsync_init.push(daemon.push(&base, 0, &["--fsync"])?);
             same_tree(&base, &daemon.workers[0])?;
             drop(daemon);
@@ -196,6 +210,7 @@ impl Bench<'_> {
             let dir = self.work.join(format!("init-syncd-{rep}"));
             let mgr = dir.join("mgr/server");
             copy_tree(&base, &mgr)?;
+            flush_disk()?;
             let t0 = Instant::now();
             let cluster = SyncdCluster::start(&self.args.syncd, &dir, 1, self.args.port)?;
             cluster.wait_all(Duration::from_secs(300))?;
@@ -265,7 +280,7 @@ impl Bench<'_> {
             );
         }
 
-        if !self.args.fanout.is_empty() {
+        if !self.args.fanout.0.is_empty() {
             println!();
             println!(
                 "## Fan-out: a new 5 MB CAR to N workers (rsync: one run per worker, in turn)"
@@ -274,7 +289,7 @@ impl Bench<'_> {
             println!("| workers | syncd | rsync | syncd ÷ rsync | syncd ÷ syncd with 1 worker |");
             println!("| --- | --- | --- | --- | --- |");
             let mut one = None;
-            for &n in &self.args.fanout {
+            for &n in &self.args.fanout.0 {
                 let (s, r) = self.fanout(&base, n)?;
                 let one = *one.get_or_insert(s);
                 println!(
@@ -300,6 +315,7 @@ impl Bench<'_> {
         let mut out = Vec::new();
         for m in MUTATIONS {
             std::thread::sleep(Duration::from_millis(300));
+            flush_disk()?;
             self.counters.reset()?;
             let changed = mutate(&mgr, &scratch, m)?;
             let t0 = Instant::now();
@@ -325,6 +341,7 @@ impl Bench<'_> {
         std::fs::create_dir_all(&scratch)?;
         let mut out = Vec::new();
         for m in MUTATIONS {
+            flush_disk()?;
             mutate(&mgr, &scratch, m)?;
             self.counters.reset()?;
             let time = daemon.push(&mgr, 0, &[])?;
@@ -355,6 +372,7 @@ impl Bench<'_> {
         let mut out = Vec::new();
         for m in MUTATIONS {
             std::thread::sleep(Duration::from_millis(300));
+            flush_disk()?;
             self.counters.reset()?;
             let changed = mutate(&mgr, &scratch, m)?;
             let t0 = Instant::now();
@@ -381,6 +399,7 @@ impl Bench<'_> {
         cluster.wait_all(Duration::from_secs(600))?;
         let scratch = dir.join("scratch");
         std::fs::create_dir_all(&scratch)?;
+        flush_disk()?;
         let changed = mutate(&mgr, &scratch, Mutation::NewCar)?;
         let t0 = Instant::now();
         wait_paths(&mgr, &cluster.workers, &changed, Duration::from_secs(120))?;
@@ -400,6 +419,7 @@ impl Bench<'_> {
         }
         let scratch = dir.join("scratch");
         std::fs::create_dir_all(&scratch)?;
+        flush_disk()?;
         mutate(&mgr, &scratch, Mutation::NewCar)?;
         let t0 = Instant::now();
         for i in 0..n {
@@ -818,6 +838,17 @@ impl SyncdCluster {
 }
 
 /// Relative paths of every file and link under `root`.
+/// Writes every dirty page back before a timed run, so that no tool pays for the writes of the
+/// setup or of the tool before it: syncd's agent makes a large apply durable with one `syncfs`,
+/// which flushes whatever else is dirty on the filesystem too (on this one machine: the
+/// manager's fresh copy of the tree).
+fn flush_disk() -> Result<()> {
+    if !Command::new("sync").status()?.success() {
+        bail!("sync failed");
+    }
+    Ok(())
+}
+
 fn walk(root: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_owned()];

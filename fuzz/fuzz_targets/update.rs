@@ -1,15 +1,18 @@
-//! A stream of manager messages as an agent receives it: paged changes are reassembled, applied
-//! to a manifest and validated. Nothing may panic, and whatever validates must be a real tree.
+//! A stream of manager messages as an agent receives it: paged changes are reassembled, chunk-list
+//! edits (with their inline chunks) resolved, applied to a manifest and validated. Nothing may
+//! panic, whatever validates must be a real tree, checking only the changes must agree with
+//! checking everything, and inline chunks must come back with their own hashes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use syncd_manifest::{Manifest, NodeKind};
+use syncd_manifest::{ChunkHash, ChunkRef, FileContent, Manifest, Mtime, Node, NodeKind};
 use syncd_proto::*;
 
 fuzz_target!(|data: &[u8]| {
     // Split the input into length-prefixed frames, as the control stream would deliver them.
     let mut rest = data;
     let mut asm = UpdateAssembler::new();
+    let mut resolved = Vec::new();
     while rest.len() >= 2 {
         let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
         rest = &rest[2..];
@@ -26,11 +29,43 @@ fuzz_target!(|data: &[u8]| {
                     return;
                 }
             }
+            Ok(ManagerMsg::Patched(p)) => {
+                // The version the edit names, as the agent would hold it.
+                let chunks: Vec<ChunkRef> = (0u8..8)
+                    .map(|i| ChunkRef {
+                        hash: ChunkHash::of(&[i]),
+                        len: 1,
+                    })
+                    .collect();
+                let old = Node {
+                    kind: NodeKind::File(FileContent {
+                        size: 8,
+                        hash: p.from,
+                        chunks: chunks.into(),
+                    }),
+                    mode: 0o644,
+                    mtime: Mtime { secs: 0, nanos: 0 },
+                };
+                if let Ok(r) = p.resolve(Some(&old)) {
+                    for (hash, bytes) in &r.inline {
+                        assert_eq!(ChunkHash::of(bytes), *hash);
+                        assert!(!bytes.is_empty() && bytes.len() <= MAX_INLINE_CHUNK as usize);
+                    }
+                    resolved.push(r.change);
+                }
+            }
             _ => {}
         }
     }
+    let mut changes = asm.finish();
+    changes.extend(resolved);
     let mut manifest = Manifest::default();
-    manifest.apply(&asm.finish());
+    manifest.apply(&changes);
+    // From an empty (valid) manifest, checking the changes is checking everything.
+    assert_eq!(
+        manifest.validate_changes(&changes).is_ok(),
+        manifest.validate().is_ok()
+    );
     if manifest.validate().is_ok() {
         for (path, node) in manifest.iter() {
             if let Some(parent) = path.parent() {

@@ -26,7 +26,9 @@ pub use messages::{
     AgentMsg, Base, ChunkEncoding, DriftEntry, FetchFile, FetchReply, FetchRequest, FolderState,
     Generation, MAX_CHUNK_LEN, ManagerMsg, Pause,
 };
-pub use patch::{ListOp, PatchError, PatchedPut, patch};
+pub use patch::{
+    ListOp, MAX_INLINE_BYTES, MAX_INLINE_CHUNK, PatchError, PatchedPut, Resolved, patch,
+};
 pub use update::{AssembleError, MAX_UPDATE_ITEMS, PAGE_BUDGET, UpdateAssembler, paginate};
 
 /// QUIC application close codes, so each side can tell the other why a connection ended.

@@ -220,7 +220,9 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                         len: 1000,
                     }]),
                     ListOp::Copy { start: 1, len: 2 },
+                    ListOp::Inline(vec![3, 2]),
                 ],
+                inline: vec![1, 2, 3, 4, 5],
             })),
         ),
         (

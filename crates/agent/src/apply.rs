@@ -121,6 +121,8 @@ pub(crate) struct Target {
     pub folder: usize,
     /// The manifest it must hold (already validated and stripped of local excludes).
     pub manifest: Manifest,
+    /// Chunks that came inside the update (small new chunks of chunk-list edits), by hash.
+    pub inline: Vec<(ChunkHash, Arc<[u8]>)>,
 }
 
 /// Counters of one applied generation.
@@ -155,6 +157,8 @@ enum Source {
         name: String,
         offset: u64,
     },
+    /// Received inside the update itself.
+    Memory(Arc<[u8]>),
 }
 
 /// Applies `targets` to `folders`: stages everything, syncs, renames, deletes, and returns the
@@ -170,7 +174,9 @@ pub(crate) async fn apply(
 ) -> Result<Vec<(usize, LocalManifest)>, ApplyError> {
     let mut jobs = Vec::new();
     let mut plans = Vec::new();
-    for target in targets {
+    let mut inline: HashMap<ChunkHash, Arc<[u8]>> = HashMap::new();
+    for mut target in targets {
+        inline.extend(std::mem::take(&mut target.inline));
         let folder = &folders[target.folder];
         let changes = diff(&folder.local.manifest, &target.manifest);
         for change in &changes {
@@ -226,7 +232,7 @@ pub(crate) async fn apply(
         fsync_each,
         received,
     };
-    let staged = stage_all(&cx, &mut jobs, stats, chunks).await;
+    let staged = stage_all(&cx, &mut jobs, stats, chunks, inline).await;
     if let Err(e) = staged {
         // A lost connection keeps what was staged: the next attempt (after a reconnect, or a
         // restart) reuses every chunk already written and checked. Anything else starts over.
@@ -469,9 +475,14 @@ async fn stage_all(
     jobs: &mut [StageJob],
     stats: &mut ApplyStats,
     chunks: &mut LocalChunks,
+    inline: HashMap<ChunkHash, Arc<[u8]>>,
 ) -> Result<(), ApplyError> {
     let mut index = local_sources(cx.folders, jobs, chunks);
     add_leftovers(cx.folders, jobs, &mut index);
+    // What came inside the update costs no read at all.
+    for (hash, bytes) in inline {
+        index.insert(hash, Source::Memory(bytes));
+    }
     let mut batches = Vec::new();
     let mut start = 0;
     while start < jobs.len() {
@@ -752,6 +763,10 @@ fn read_bases(
 ) -> HashMap<ChunkHash, Vec<u8>> {
     let mut out = HashMap::new();
     for (hash, len, src) in wanted {
+        if let Source::Memory(bytes) = &src {
+            out.insert(hash, bytes.to_vec());
+            continue;
+        }
         let Source::Live {
             folder,
             path,
@@ -798,7 +813,16 @@ fn copy_local(
     let mut reused = 0u64;
     let mut stale = Vec::new();
     for (d, offset, len, hash, src) in copies {
+        let dest = &dests[d];
         let (key, src_offset) = match &src {
+            Source::Memory(bytes) => {
+                // Its hash was computed from these very bytes when the update was resolved.
+                dest.file
+                    .write_all_at(bytes, offset)
+                    .map_err(|e| (dest.path.to_string(), e))?;
+                dest.written.fetch_add(len as u64, Ordering::Relaxed);
+                continue;
+            }
             Source::Live {
                 folder,
                 path,
@@ -815,6 +839,7 @@ fn copy_local(
             Source::Staged { folder, name, .. } => {
                 stagings.get(folder).and_then(|s| s.open_staged(name).ok())
             }
+            Source::Memory(_) => None,
         });
         buf.resize(len as usize, 0);
         let ok = file.as_ref().is_some_and(|f| {
@@ -824,7 +849,6 @@ fn copy_local(
             stale.push((d, offset, hash));
             continue;
         }
-        let dest = &dests[d];
         dest.file
             .write_all_at(&buf, offset)
             .map_err(|e| (dest.path.to_string(), e))?;

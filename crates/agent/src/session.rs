@@ -473,6 +473,7 @@ async fn check_drift(
         let target = Target {
             folder: i,
             manifest: plan.target,
+            inline: Vec::new(),
         };
         let result = apply::apply(
             conn,
@@ -886,11 +887,13 @@ fn prepare(
         // Files sent as chunk-list edits are rebuilt from the versions this node holds.
         let patches = asm.take_patches();
         let mut changes = asm.finish();
+        let mut inline = Vec::new();
         for p in patches {
-            let change = p
+            let resolved = p
                 .resolve(local.local.manifest.get(&p.path))
                 .map_err(|e| ApplyError::Protocol(e.to_string()))?;
-            changes.push(change);
+            changes.push(resolved.change);
+            inline.extend(resolved.inline);
         }
         manifest.apply(&changes);
         // The base is a tree (this node's own manifest, or empty): checking what changed
@@ -914,6 +917,7 @@ fn prepare(
         targets.push(Target {
             folder: i,
             manifest,
+            inline,
         });
     }
     Ok(targets)

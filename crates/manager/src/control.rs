@@ -398,6 +398,7 @@ impl Control {
                     f.examine(now);
                 }
                 f.settle(now, &chunker, threads);
+                f.expire_removals(now);
             }
             folders
         })
@@ -417,6 +418,11 @@ impl Control {
         let mut steps = BTreeMap::new();
         let mut next: Vec<Option<LocalManifest>> = Vec::with_capacity(self.folders.len());
         for f in &mut self.folders {
+            // Removals still coming: the folder waits for them (see `REMOVAL_QUIET`).
+            if f.removals_pending() {
+                next.push(None);
+                continue;
+            }
             let candidate = match f.publishable() {
                 Some(c) => c,
                 // The root vanished or cannot be read: publishing it empty would delete every

@@ -111,10 +111,19 @@ pub(crate) struct LiveFolder {
     /// Files removed by generations published in the last [`GUARD_WINDOW`]: a tree deleted
     /// over several generations (`rm -rf` outlasts the debounce) counts as one deletion.
     recent_removals: std::collections::VecDeque<(Instant, usize)>,
+    /// When the first and the last removal not yet published were seen.
+    pending_removals: Option<(Instant, Instant)>,
 }
 
 /// How far back the delete guard adds up removals.
 pub(crate) const GUARD_WINDOW: Duration = Duration::from_secs(10);
+/// A folder with removals is published once none has been seen for this long (at most
+/// [`REMOVAL_MAX_WAIT`] after the first): an `rm -rf` reaches the delete guard as one deletion,
+/// not as slices each under the share, and an artifact replaced by removing the old version
+/// and adding the new one changes on the workers in one generation.
+pub(crate) const REMOVAL_QUIET: Duration = Duration::from_millis(100);
+/// Longest a removal waits for removals to stop.
+pub(crate) const REMOVAL_MAX_WAIT: Duration = Duration::from_secs(2);
 
 impl LiveFolder {
     /// A folder starting from what was last published (persisted state), to be walked.
@@ -138,6 +147,7 @@ impl LiveFolder {
             guarded: None,
             confirmed: None,
             recent_removals: Default::default(),
+            pending_removals: None,
         }
     }
 
@@ -245,14 +255,39 @@ impl LiveFolder {
         self.rescan_all || !self.dirty.is_empty()
     }
 
-    /// When the next candidate becomes ready.
+    /// When the next candidate becomes ready, or removals may be published.
     pub(crate) fn next_ready(&self) -> Option<Instant> {
-        self.candidates.values().map(|c| c.ready_at).min()
+        self.candidates
+            .values()
+            .map(|c| c.ready_at)
+            .chain(self.removals_due())
+            .min()
     }
 
-    /// Whether changes are still settling (candidates waiting; held files do not count).
+    fn removals_due(&self) -> Option<Instant> {
+        self.pending_removals
+            .map(|(first, last)| (last + REMOVAL_QUIET).min(first + REMOVAL_MAX_WAIT))
+    }
+
+    /// Whether removals were seen that have not stopped for [`REMOVAL_QUIET`] yet: the folder
+    /// is not published meanwhile.
+    pub(crate) fn removals_pending(&self) -> bool {
+        self.pending_removals.is_some()
+    }
+
+    /// Lets removals through once they have stopped for [`REMOVAL_QUIET`].
+    pub(crate) fn expire_removals(&mut self, now: Instant) {
+        if self.removals_due().is_some_and(|due| due <= now) {
+            self.pending_removals = None;
+        }
+    }
+
+    /// Whether changes are still settling (candidates waiting, removals not yet quiet; held
+    /// files do not count).
     pub(crate) fn settling(&self) -> bool {
-        self.has_dirty() || self.candidates.keys().any(|p| !self.held.contains_key(p))
+        self.has_dirty()
+            || self.pending_removals.is_some()
+            || self.candidates.keys().any(|p| !self.held.contains_key(p))
     }
 
     /// Looks again at every hinted path (or the whole folder), turning changed files into
@@ -337,7 +372,7 @@ impl LiveFolder {
             return self.examine_path(&top, now);
         }
         match seen {
-            None => self.forget_subtree(path),
+            None => self.forget_subtree(path, now),
             Some(Seen::File { key, mode: _ }) => {
                 if !matches!(self.working.manifest.get(path), Some(n) if n.file().is_some()) {
                     self.replace_subtree(path);
@@ -375,7 +410,7 @@ impl LiveFolder {
             .collect();
         let seen = self.walk_under(None, now);
         for gone in before.difference(&seen) {
-            self.forget_subtree(gone);
+            self.forget_subtree(gone, now);
         }
     }
 
@@ -478,7 +513,11 @@ impl LiveFolder {
 
     /// Removes `path` and everything beneath it from the working state, with what was known
     /// about writers there: the path is gone.
-    fn forget_subtree(&mut self, path: &RelPath) {
+    fn forget_subtree(&mut self, path: &RelPath, now: Instant) {
+        if self.working.manifest.get(path).is_some() {
+            let first = self.pending_removals.map_or(now, |(first, _)| first);
+            self.pending_removals = Some((first, now));
+        }
         self.replace_subtree(path);
         let under = |p: &RelPath| p.starts_with(path);
         self.candidates.retain(|p, _| !under(p));
@@ -680,6 +719,34 @@ mod tests {
         let m = f.publishable().unwrap();
         assert_eq!(m.manifest.get(&p("a.xml")).unwrap().file().unwrap().size, 8);
         assert!(f.held.is_empty());
+    }
+
+    #[test]
+    fn removals_wait_until_they_stop_coming() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..3 {
+            fs::write(dir.path().join(format!("{i}.xml")), b"<x/>").unwrap();
+        }
+        let mut f = folder(dir.path());
+        let mut now = settle_all(&mut f);
+        f.set_published(Arc::new(f.publishable().unwrap()));
+        assert!(!f.removals_pending());
+        // Removals keep coming every 100 ms: nothing is due until they stop.
+        for i in 0..3 {
+            fs::remove_file(dir.path().join(format!("{i}.xml"))).unwrap();
+            f.hint(p(&format!("{i}.xml")), Hint::Changed);
+            f.examine(now);
+            f.expire_removals(now);
+            assert!(f.removals_pending() && f.settling());
+            now += Duration::from_millis(100);
+        }
+        let due = f.next_ready().unwrap();
+        assert_eq!(due, now - Duration::from_millis(100) + REMOVAL_QUIET);
+        f.expire_removals(due - Duration::from_millis(1));
+        assert!(f.removals_pending());
+        f.expire_removals(due);
+        assert!(!f.removals_pending() && !f.settling());
+        assert_eq!(f.publishable().unwrap().manifest.len(), 0);
     }
 
     #[test]

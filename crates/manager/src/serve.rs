@@ -539,14 +539,18 @@ async fn send_generation(
                     .filter(|p| p.items() <= syncd_proto::PAGE_BUDGET / 40),
                 _ => None,
             };
-            match p {
-                Some(p) => patched.push(p),
-                None => whole.push(change),
+            match (p, change) {
+                (Some(p), Change::Put(_, node)) => {
+                    let content = node.file().cloned().expect("only files are patched");
+                    patched.push((p, content));
+                }
+                (_, change) => whole.push(change),
             }
         }
         for page in paginate(whole) {
             tx.send(&page, MAX_CONTROL_FRAME).await?;
         }
+        let patched = inline_small_chunks(&fs.root, patched).await;
         for p in patched {
             tx.send(&ManagerMsg::Patched(p), MAX_CONTROL_FRAME).await?;
         }
@@ -558,6 +562,53 @@ async fn send_generation(
         MAX_CONTROL_FRAME,
     )
     .await
+}
+
+/// Puts the small new chunks of each chunk-list edit inside it (read from the published file,
+/// on the blocking pool): a rebuilt archive's rewritten entry headers then cost their
+/// compressed bytes, not a reference and a fetch each.
+async fn inline_small_chunks(
+    root: &Arc<syncd_fsops::FolderRoot>,
+    patched: Vec<(syncd_proto::PatchedPut, syncd_manifest::FileContent)>,
+) -> Vec<syncd_proto::PatchedPut> {
+    use std::os::unix::fs::FileExt;
+    if patched.is_empty() {
+        return Vec::new();
+    }
+    let root = Arc::clone(root);
+    tokio::task::spawn_blocking(move || {
+        patched
+            .into_iter()
+            .map(|(mut p, content)| {
+                if let Ok(file) = root.open_file(&p.path) {
+                    p.inline_small(&content, |at, len| {
+                        let mut buf = vec![0u8; len as usize];
+                        file.read_exact_at(&mut buf, at).ok().map(|()| buf)
+                    });
+                }
+                let count = |inline: bool| -> usize {
+                    p.ops
+                        .iter()
+                        .map(|op| match op {
+                            syncd_proto::ListOp::Inline(l) if inline => l.len(),
+                            syncd_proto::ListOp::New(r) if !inline => r.len(),
+                            _ => 0,
+                        })
+                        .sum()
+                };
+                tracing::debug!(
+                    path = %p.path,
+                    inline_chunks = count(true),
+                    inline_bytes = p.inline.len(),
+                    new_refs = count(false),
+                    "sending a chunk-list edit"
+                );
+                p
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Accepts the agent's fetch streams and serves each on its own task.

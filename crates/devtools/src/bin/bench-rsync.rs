@@ -327,7 +327,9 @@ impl Bench<'_> {
             out.push(Outcome { time, bytes });
         }
         drop(cluster);
-        let _ = std::fs::remove_dir_all(&dir);
+        if std::env::var_os("BENCH_SYNCD_LOG").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         Ok(out)
     }
 
@@ -784,7 +786,11 @@ impl SyncdCluster {
             Ok(Command::new(syncd)
                 .args([role, "--config"])
                 .arg(cfg)
-                .env("SYNCD_LOG", "warn")
+                // `BENCH_SYNCD_LOG=debug` (with `--work`) keeps what the daemons did in w*.log.
+                .env(
+                    "SYNCD_LOG",
+                    std::env::var("BENCH_SYNCD_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(log)?)
                 .spawn()?)

@@ -31,7 +31,7 @@ pub use syncd_proto::Pause;
 
 use crate::folder::Folder;
 use crate::journal::Journal;
-use crate::state::{AgentState, StateStore};
+use crate::state::AgentState;
 
 /// What the agent needs to run, already validated.
 #[derive(Debug, Clone)]
@@ -298,7 +298,7 @@ pub struct Agent {
     identity: Arc<Identity>,
     folders: Vec<Folder>,
     state: AgentState,
-    store: StateStore,
+    store: syncd_fsops::StateFile,
     /// Where each chunk this node holds is, kept across generations.
     chunks: chunks::LocalChunks,
     status: watch::Sender<AgentStatus>,
@@ -336,7 +336,7 @@ impl Agent {
             .iter()
             .map(|f| (f.name.clone(), f.local.clone()))
             .collect();
-        store.save(&state).map_err(|source| AgentError::State {
+        crate::state::save(&mut store, &state).map_err(|source| AgentError::State {
             dir: config.state_dir.clone(),
             source,
         })?;
@@ -377,7 +377,7 @@ impl Agent {
             .iter()
             .map(|f| (f.name.clone(), f.local.clone()))
             .collect();
-        self.store.save(&self.state)
+        crate::state::save(&mut self.store, &self.state)
     }
 
     /// A live view of the agent's status.

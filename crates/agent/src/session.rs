@@ -344,14 +344,13 @@ fn record_state(agent: &mut Agent, changed: Option<Vec<(String, LocalDelta)>>) {
                 folders,
                 ..
             } = agent;
-            store
-                .record(&record, state, |state| {
-                    state.folders = folders
-                        .iter()
-                        .map(|f| (f.name.clone(), f.local.clone()))
-                        .collect();
-                })
-                .map(|()| true)
+            crate::state::record(store, &record, state, |state| {
+                state.folders = folders
+                    .iter()
+                    .map(|f| (f.name.clone(), f.local.clone()))
+                    .collect();
+            })
+            .map(|()| true)
         }
         None => agent.save_state().map(|()| false),
     };

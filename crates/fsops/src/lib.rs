@@ -22,7 +22,7 @@ pub use scan::{
     HashResult, LocalDelta, LocalManifest, ScanError, ScanStats, ScanWarning, Seen, StatKey,
     hash_file, hash_files, observe, scan, stat_key, walk,
 };
-pub use statelog::{LoadedState, StateLog};
+pub use statelog::{LoadedState, Restored, StateFile, StateLog};
 
 /// A configured synced folder: its name (the same on every node), where it is on this node,
 /// what in it is never synced, and the policies that guard it.

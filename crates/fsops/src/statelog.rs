@@ -190,6 +190,114 @@ impl StateLog {
     }
 }
 
+/// A node's state file as its role uses it: rebuilt once at start, then changed by appended
+/// records or rewritten whole. The log is opened again lazily when it could not be at start.
+#[derive(Debug)]
+pub struct StateFile {
+    dir: PathBuf,
+    name: String,
+    mode: u32,
+    log: Option<StateLog>,
+}
+
+/// What [`StateFile::restore`] made of the state on disk.
+#[derive(Debug)]
+pub struct Restored<S> {
+    /// The state rebuilt from the snapshot and the records after it (the default state on a
+    /// first start), or why it could not be: the files are then set aside as `*.damaged` (when
+    /// they could be read at all) and the caller starts afresh.
+    pub state: Result<S, String>,
+    /// Bytes of a torn log tail that were dropped (a record being written when the node
+    /// stopped; never acknowledged).
+    pub dropped_bytes: u64,
+}
+
+impl StateFile {
+    /// Opens and rebuilds the state named `name` in `dir`: `decode` reads the snapshot, and
+    /// `replay` applies each record after it in order. Records may extend no snapshot (the first
+    /// ones, before the log was first folded): they extend `S::default()`.
+    pub fn restore<S: Default, E: std::fmt::Display>(
+        dir: &Path,
+        name: &str,
+        mode: u32,
+        decode: impl Fn(&[u8]) -> Result<S, E>,
+        mut replay: impl FnMut(&mut S, &[u8]) -> Result<(), E>,
+    ) -> (StateFile, Restored<S>) {
+        let mut file = StateFile {
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+            mode,
+            log: None,
+        };
+        let loaded = match StateLog::open(dir, name, mode) {
+            Ok((log, loaded)) => {
+                file.log = Some(log);
+                loaded
+            }
+            Err(e) => {
+                let state = Err(format!("cannot read {}: {e}", dir.join(name).display()));
+                return (
+                    file,
+                    Restored {
+                        state,
+                        dropped_bytes: 0,
+                    },
+                );
+            }
+        };
+        let mut rebuild = || -> Result<S, E> {
+            let mut state = match &loaded.snapshot {
+                Some(snapshot) => decode(snapshot)?,
+                None => S::default(),
+            };
+            for record in &loaded.records {
+                replay(&mut state, record)?;
+            }
+            Ok(state)
+        };
+        let state = rebuild().map_err(|e| {
+            for n in [name.to_owned(), format!("{name}.log")] {
+                let _ = std::fs::rename(dir.join(&n), dir.join(format!("{n}.damaged")));
+            }
+            // A fresh log: the damaged files are out of the way.
+            file.log = StateLog::open(dir, name, mode).map(|(log, _)| log).ok();
+            format!(
+                "{} does not decode ({e}); set aside as {name}.damaged",
+                dir.join(name).display()
+            )
+        });
+        let dropped_bytes = loaded.dropped_bytes;
+        (
+            file,
+            Restored {
+                state,
+                dropped_bytes,
+            },
+        )
+    }
+
+    fn log(&mut self) -> io::Result<&mut StateLog> {
+        if self.log.is_none() {
+            self.log = Some(StateLog::open(&self.dir, &self.name, self.mode)?.0);
+        }
+        Ok(self.log.as_mut().expect("opened above"))
+    }
+
+    /// See [`StateLog::commit`].
+    pub fn commit(
+        &mut self,
+        record: &[u8],
+        snapshot: impl FnOnce() -> io::Result<Vec<u8>>,
+    ) -> io::Result<()> {
+        self.log()?.commit(record, snapshot)
+    }
+
+    /// See [`StateLog::rewrite`].
+    pub fn rewrite(&mut self, snapshot: &[u8]) -> io::Result<()> {
+        self.log()?.rewrite(snapshot)
+    }
+}
+
 fn header_for(snapshot: &[u8]) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(LOG_MAGIC);

@@ -16,7 +16,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use crate::history::{History, Step};
 use crate::inotify::{CHANNEL, FolderWatch, Signal, WatchMsg};
 use crate::live::{GuardReason, LiveFolder};
-use crate::state::{GenerationRecord, ManagerState, StateStore};
+use crate::state::{GenerationRecord, ManagerState};
 use crate::{
     GuardedFolder, HeldFile, Hold, ManagerConfig, ManagerError, ManagerStatus, PendingChange,
 };
@@ -96,7 +96,7 @@ pub(crate) struct Control {
     /// Publication held by the operator.
     hold: Option<Hold>,
     /// Where generations are recorded before they are published.
-    store: StateStore,
+    store: syncd_fsops::StateFile,
 }
 
 impl Control {
@@ -532,12 +532,12 @@ impl Control {
                 })
                 .collect(),
         };
-        self.store
-            .record(&record, full)
-            .map_err(|source| ManagerError::State {
+        crate::state::record(&mut self.store, &record, full).map_err(|source| {
+            ManagerError::State {
                 dir: self.config.state_dir.clone(),
                 source,
-            })?;
+            }
+        })?;
         for (f, n) in self.folders.iter_mut().zip(next) {
             if let Some(n) = n {
                 f.set_published(Arc::new(n));

@@ -6,10 +6,10 @@
 //! changes, so the cost is the change's, not the folders'.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use syncd_fsops::{LocalDelta, LocalManifest, StateLog};
+use syncd_fsops::{LocalDelta, LocalManifest, StateFile};
 use syncd_proto::Generation;
 
 const STATE_FILE: &str = "manager.state";
@@ -32,44 +32,17 @@ pub(crate) struct GenerationRecord {
     pub folders: Vec<(String, LocalDelta)>,
 }
 
-/// Where the state is written.
-#[derive(Debug)]
-pub(crate) struct StateStore {
-    log: Option<StateLog>,
-    dir: PathBuf,
-}
-
 impl ManagerState {
     /// Loads the state; a missing file is a first start. A damaged one is set aside: the
     /// manager rescans everything, and to keep generation numbers increasing it continues from
     /// a clock-derived number.
-    pub(crate) fn load(state_dir: &Path) -> (ManagerState, StateStore) {
-        let path = state_dir.join(STATE_FILE);
-        let mut store = StateStore {
-            log: None,
-            dir: state_dir.to_owned(),
-        };
-        let loaded = match StateLog::open(state_dir, STATE_FILE, 0o600) {
-            Ok((log, loaded)) => {
-                store.log = Some(log);
-                loaded
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read manager state; rescanning everything");
-                return (ManagerState::after_loss(), store);
-            }
-        };
-        if loaded.dropped_bytes > 0 {
-            tracing::warn!(path = %path.display(), bytes = loaded.dropped_bytes, "dropped the torn end of the state log (a generation being recorded when the manager stopped; no agent saw it)");
-        }
-        let replay = || -> Result<ManagerState, syncd_proto::DecodeError> {
-            // Records may extend no snapshot: the first generations, before the log was first
-            // folded, extend the empty state.
-            let mut state: ManagerState = match &loaded.snapshot {
-                Some(snapshot) => syncd_proto::decode_state(snapshot)?,
-                None => ManagerState::default(),
-            };
-            for bytes in &loaded.records {
+    pub(crate) fn load(state_dir: &Path) -> (ManagerState, StateFile) {
+        let (file, restored) = StateFile::restore(
+            state_dir,
+            STATE_FILE,
+            0o600,
+            syncd_proto::decode_state::<ManagerState>,
+            |state, bytes| {
                 let record: GenerationRecord = syncd_proto::decode_state(bytes)?;
                 state.generation = record.generation;
                 for (name, delta) in &record.folders {
@@ -79,22 +52,17 @@ impl ManagerState {
                         .or_default()
                         .apply_delta(delta);
                 }
-            }
-            Ok(state)
-        };
-        match replay() {
-            Ok(s) => (s, store),
-            Err(e) => {
-                for name in [STATE_FILE.to_owned(), format!("{STATE_FILE}.log")] {
-                    let p = state_dir.join(&name);
-                    let _ = std::fs::rename(&p, state_dir.join(format!("{name}.damaged")));
-                }
-                tracing::warn!(path = %path.display(), error = %e, "manager state unreadable (set aside as *.damaged); rescanning everything");
-                // Start a fresh log: the damaged files are out of the way.
-                store.log = StateLog::open(state_dir, STATE_FILE, 0o600)
-                    .map(|(log, _)| log)
-                    .ok();
-                (ManagerState::after_loss(), store)
+                Ok(())
+            },
+        );
+        if restored.dropped_bytes > 0 {
+            tracing::warn!(dir = %state_dir.display(), bytes = restored.dropped_bytes, "dropped the torn end of the state log (a generation being recorded when the manager stopped; no agent saw it)");
+        }
+        match restored.state {
+            Ok(state) => (state, file),
+            Err(why) => {
+                tracing::warn!(error = %why, "manager state lost; rescanning everything");
+                (ManagerState::after_loss(), file)
             }
         }
     }
@@ -112,26 +80,17 @@ impl ManagerState {
     }
 }
 
-impl StateStore {
-    /// Records a generation durably: its changes appended to the log, or, when the log is due
-    /// for folding, the whole state `full()` (which must include this generation) as a new
-    /// snapshot.
-    pub(crate) fn record(
-        &mut self,
-        record: &GenerationRecord,
-        full: impl FnOnce() -> ManagerState,
-    ) -> std::io::Result<()> {
-        if self.log.is_none() {
-            // The state directory was unreadable at start; try again (an error here is the
-            // caller's: it publishes nothing it could not record).
-            self.log = Some(StateLog::open(&self.dir, STATE_FILE, 0o600)?.0);
-        }
-        let log = self.log.as_mut().expect("opened above");
-        let bytes = syncd_proto::encode_state(record).map_err(std::io::Error::other)?;
-        log.commit(&bytes, || {
-            syncd_proto::encode_state(&full()).map_err(std::io::Error::other)
-        })
-    }
+/// Records a generation durably: its changes appended to the log, or, when the log is due for
+/// folding, the whole state `full()` (which must include this generation) as a new snapshot.
+pub(crate) fn record(
+    file: &mut StateFile,
+    record: &GenerationRecord,
+    full: impl FnOnce() -> ManagerState,
+) -> std::io::Result<()> {
+    let bytes = syncd_proto::encode_state(record).map_err(std::io::Error::other)?;
+    file.commit(&bytes, || {
+        syncd_proto::encode_state(&full()).map_err(std::io::Error::other)
+    })
 }
 
 #[cfg(test)]
@@ -154,14 +113,14 @@ mod tests {
     }
 
     /// Publishes generations 1..=n, each putting one file, as `Control::publish` records them.
-    fn publish(store: &mut StateStore, state: &mut ManagerState, n: u64) {
+    fn publish(store: &mut StateFile, state: &mut ManagerState, n: u64) {
         for g in 1..=n {
             let path = RelPath::new(format!("f{g}")).unwrap();
             let changes = vec![Change::Put(path, file(g as u8))];
             let folder = state.folders.entry("app".into()).or_default();
             folder.manifest.apply(&changes);
             state.generation = Generation(g);
-            let record = GenerationRecord {
+            let rec = GenerationRecord {
                 generation: Generation(g),
                 folders: vec![("app".into(), LocalDelta::new(changes, folder))],
             };
@@ -169,7 +128,7 @@ mod tests {
                 generation: state.generation,
                 folders: state.folders.clone(),
             };
-            store.record(&record, full).unwrap();
+            record(store, &rec, full).unwrap();
         }
     }
 
@@ -187,9 +146,6 @@ mod tests {
 
         // Once folded into a snapshot, the same.
         store
-            .log
-            .as_mut()
-            .unwrap()
             .rewrite(&syncd_proto::encode_state(&state).unwrap())
             .unwrap();
         let (loaded, _) = ManagerState::load(dir.path());
@@ -203,7 +159,9 @@ mod tests {
         let (mut state, mut store) = ManagerState::load(dir.path());
         publish(&mut store, &mut state, 2);
         // A record that passes its checksum but does not decode (another layout).
-        let mut bad = StateLog::open(dir.path(), STATE_FILE, 0o600).unwrap().0;
+        let mut bad = syncd_fsops::StateLog::open(dir.path(), STATE_FILE, 0o600)
+            .unwrap()
+            .0;
         bad.append(b"not a state record").unwrap();
         let (loaded, _) = ManagerState::load(dir.path());
         assert!(loaded.generation.0 > 1_000_000, "{:?}", loaded.generation);

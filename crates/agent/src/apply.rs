@@ -1059,9 +1059,19 @@ fn commit_folder(
             }
         }
     }
-    // 6. Directory modes and mtimes, deepest first, once nothing inside them changes any more.
-    for (path, node) in target.iter().rev() {
-        if node.is_dir() {
+    // 6. Directory modes and mtimes, deepest first, once nothing inside them changes any more:
+    // the directories put and those whose entries changed (no other directory's mtime moved).
+    let mut dirs: Vec<&RelPath> = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Put(_, n) if n.is_dir()))
+        .map(Change::path)
+        .collect();
+    let parents: Vec<RelPath> = changes.iter().filter_map(|c| c.path().parent()).collect();
+    dirs.extend(&parents);
+    dirs.sort_unstable_by(|a, b| b.cmp(a));
+    dirs.dedup();
+    for path in dirs {
+        if let Some(node) = target.get(path).filter(|n| n.is_dir()) {
             let current = root.lstat(path).map_err(err(path))?;
             let matches = current.is_some_and(|st| {
                 st.st_mode & 0o7777 == node.mode && syncd_fsops::mtime_of(&st) == node.mtime

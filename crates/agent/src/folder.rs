@@ -126,3 +126,11 @@ fn scan(
     );
     Ok(local)
 }
+
+/// Each folder's manifest by name, as the state records them.
+pub(crate) fn locals(folders: &[Folder]) -> std::collections::BTreeMap<String, LocalManifest> {
+    folders
+        .iter()
+        .map(|f| (f.name.clone(), f.local.clone()))
+        .collect()
+}

@@ -332,10 +332,7 @@ impl Agent {
             }
             folders.push(folder);
         }
-        state.folders = folders
-            .iter()
-            .map(|f| (f.name.clone(), f.local.clone()))
-            .collect();
+        state.folders = folder::locals(&folders);
         crate::state::save(&mut store, &state).map_err(|source| AgentError::State {
             dir: config.state_dir.clone(),
             source,
@@ -372,11 +369,7 @@ impl Agent {
 
     /// Writes the whole state (the folders as they are now) as a new snapshot.
     fn save_state(&mut self) -> std::io::Result<()> {
-        self.state.folders = self
-            .folders
-            .iter()
-            .map(|f| (f.name.clone(), f.local.clone()))
-            .collect();
+        self.state.folders = folder::locals(&self.folders);
         crate::state::save(&mut self.store, &self.state)
     }
 

@@ -345,10 +345,7 @@ fn record_state(agent: &mut Agent, changed: Option<Vec<(String, LocalDelta)>>) {
                 ..
             } = agent;
             crate::state::record(store, &record, state, |state| {
-                state.folders = folders
-                    .iter()
-                    .map(|f| (f.name.clone(), f.local.clone()))
-                    .collect();
+                state.folders = crate::folder::locals(folders);
             })
             .map(|()| true)
         }

@@ -49,13 +49,7 @@ impl AgentState {
             |state, bytes| {
                 let record: AppliedRecord = syncd_proto::decode_state(bytes)?;
                 state.applied = record.applied;
-                for (name, delta) in &record.folders {
-                    state
-                        .folders
-                        .entry(name.clone())
-                        .or_default()
-                        .apply_delta(delta);
-                }
+                syncd_fsops::apply_deltas(&mut state.folders, &record.folders);
                 Ok(())
             },
         );

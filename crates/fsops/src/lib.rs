@@ -20,7 +20,7 @@ pub use excludes::{ExcludeError, Excludes, STAGING_DIR, WSO2_DEFAULT_EXCLUDES};
 pub use folder::{FolderRoot, StagedFile, Staging, mtime_of, to_system_time};
 pub use scan::{
     HashResult, LocalDelta, LocalManifest, ScanError, ScanStats, ScanWarning, Seen, StatKey,
-    hash_file, hash_files, observe, scan, stat_key, walk,
+    apply_deltas, hash_file, hash_files, observe, scan, stat_key, walk,
 };
 pub use statelog::{LoadedState, Restored, StateFile, StateLog};
 

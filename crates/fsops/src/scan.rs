@@ -467,6 +467,17 @@ impl LocalManifest {
     }
 }
 
+/// Applies each folder's delta to the folder of that name (a folder not there yet starts empty):
+/// how a role replays a recorded generation onto its folders.
+pub fn apply_deltas(
+    folders: &mut std::collections::BTreeMap<String, LocalManifest>,
+    deltas: &[(String, LocalDelta)],
+) {
+    for (name, delta) in deltas {
+        folders.entry(name.clone()).or_default().apply_delta(delta);
+    }
+}
+
 /// A hashed file's node and the stat key it had, or why it was skipped.
 pub type HashResult = Result<(Node, StatKey), ScanWarning>;
 

@@ -445,7 +445,9 @@ impl Control {
             };
             let published = f.published.clone();
             let before = published.as_deref();
-            if before.is_some_and(|b| b.manifest == candidate.manifest) {
+            // The digests are kept up to date: comparing them costs nothing, comparing the
+            // manifests a pass over both.
+            if before.is_some_and(|b| b.manifest.digest() == candidate.manifest.digest()) {
                 f.clear_guard();
                 next.push(None);
                 continue;

@@ -586,23 +586,25 @@ async fn inline_small_chunks(
                         file.read_exact_at(&mut buf, at).ok().map(|()| buf)
                     });
                 }
-                let count = |inline: bool| -> usize {
-                    p.ops
-                        .iter()
-                        .map(|op| match op {
-                            syncd_proto::ListOp::Inline(l) if inline => l.len(),
-                            syncd_proto::ListOp::New(r) if !inline => r.len(),
-                            _ => 0,
-                        })
-                        .sum()
-                };
-                tracing::debug!(
-                    path = %p.path,
-                    inline_chunks = count(true),
-                    inline_bytes = p.inline.len(),
-                    new_refs = count(false),
-                    "sending a chunk-list edit"
-                );
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let count = |inline: bool| -> usize {
+                        p.ops
+                            .iter()
+                            .map(|op| match op {
+                                syncd_proto::ListOp::Inline(l) if inline => l.len(),
+                                syncd_proto::ListOp::New(r) if !inline => r.len(),
+                                _ => 0,
+                            })
+                            .sum()
+                    };
+                    tracing::debug!(
+                        path = %p.path,
+                        inline_chunks = count(true),
+                        inline_bytes = p.inline.len(),
+                        new_refs = count(false),
+                        "sending a chunk-list edit"
+                    );
+                }
                 p
             })
             .collect()

@@ -45,13 +45,7 @@ impl ManagerState {
             |state, bytes| {
                 let record: GenerationRecord = syncd_proto::decode_state(bytes)?;
                 state.generation = record.generation;
-                for (name, delta) in &record.folders {
-                    state
-                        .folders
-                        .entry(name.clone())
-                        .or_default()
-                        .apply_delta(delta);
-                }
+                syncd_fsops::apply_deltas(&mut state.folders, &record.folders);
                 Ok(())
             },
         );

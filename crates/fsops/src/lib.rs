@@ -8,6 +8,7 @@ mod archive;
 mod durable;
 mod excludes;
 mod folder;
+mod memory;
 mod scan;
 mod statelog;
 
@@ -18,6 +19,7 @@ pub use archive::{
 pub use durable::write_atomic;
 pub use excludes::{ExcludeError, Excludes, STAGING_DIR, WSO2_DEFAULT_EXCLUDES};
 pub use folder::{FolderRoot, StagedFile, Staging, mtime_of, to_system_time};
+pub use memory::trim_heap;
 pub use scan::{
     HashResult, LocalDelta, LocalManifest, ScanError, ScanStats, ScanWarning, Seen, StatKey,
     apply_deltas, hash_file, hash_files, observe, scan, stat_key, walk,

@@ -54,6 +54,9 @@ pub(crate) enum Command {
 }
 
 const HOLD_FILE: &str = "hold.state";
+/// A generation with at least this many changes leaves enough freed memory behind (its lists,
+/// encodings and the copies compared) to be worth handing back (see `syncd_fsops::trim_heap`).
+const TRIM_AFTER_CHANGES: usize = 4096;
 /// Pending changes listed in status while holding.
 const PENDING_LISTED: usize = 1000;
 
@@ -143,6 +146,8 @@ impl Control {
             tracing::warn!(until = ?h.until, "publication is held (syncctl pause); changes are not sent until `syncctl resume`");
         }
         control.publish(control.generation == Generation(0))?;
+        // The state's decoding and the first walk's buffers are freed by now.
+        syncd_fsops::trim_heap();
         let snapshot = control.snapshot();
         Ok((control, snapshot))
     }
@@ -416,6 +421,7 @@ impl Control {
         }
         let started = Instant::now();
         let mut steps = BTreeMap::new();
+        let mut first_versions: Vec<String> = Vec::new();
         let mut next: Vec<Option<LocalManifest>> = Vec::with_capacity(self.folders.len());
         for f in &mut self.folders {
             // Removals still coming: the folder waits for them (see `REMOVAL_QUIET`).
@@ -483,6 +489,9 @@ impl Control {
                     confirmed = true;
                 }
             }
+            if old.is_empty() {
+                first_versions.push(f.spec.name.clone());
+            }
             f.record_removals(started, removed, confirmed);
             f.clear_guard();
             log_changes(&f.spec.name, &changes);
@@ -546,8 +555,16 @@ impl Control {
             }
         }
         self.generation = generation;
+        let changed: usize = steps.values().map(|s| s.changes.len()).sum();
+        // A folder's first version is not worth remembering as a step: an agent holding nothing
+        // is sent the whole list either way, and at 100,000 files the step would hold every
+        // path and node a second time for as long as the history reaches back.
+        steps.retain(|name, _| !first_versions.contains(name));
         self.history.push(steps);
         tracing::info!(%generation, elapsed_ms = started.elapsed().as_millis() as u64, "published generation");
+        if changed >= TRIM_AFTER_CHANGES {
+            syncd_fsops::trim_heap();
+        }
         Ok(true)
     }
 

@@ -663,7 +663,10 @@ async fn serve_fetch(
             req.folder
         )));
     };
-    let mut served = 0u64;
+    // Check the whole request first: what is asked for, in order, up to the first file that is
+    // no longer published (answered `Gone`, which ends the reply).
+    let mut jobs = Vec::with_capacity(req.files.len());
+    let mut unpublished = None;
     for file in req.files {
         let content = folder
             .local
@@ -672,16 +675,8 @@ async fn serve_fetch(
             .and_then(|n| n.file())
             .filter(|f| f.hash == file.hash);
         let Some(content) = content else {
-            tx.send(
-                &FetchReply::Gone {
-                    path: file.path.clone(),
-                    reason: "no longer published in that version".into(),
-                },
-                MAX_CONTROL_FRAME,
-            )
-            .await?;
-            tx.finish();
-            return Ok(());
+            unpublished = Some(file.path);
+            break;
         };
         let mut offsets = Vec::with_capacity(content.chunks.len());
         let mut at = 0u64;
@@ -697,77 +692,128 @@ async fn serve_fetch(
                 .ok_or_else(|| FetchError::Protocol(format!("{}: no chunk {i}", file.path)))?;
             wanted.push((offsets[i as usize], c.len, c.hash));
         }
-        // Read in batches on the blocking pool; send as they come.
-        // Each batch is read on the blocking pool; the first also opens the file and fetches
-        // the agent's base (its current version of a small file, if this manager served it
-        // lately), so a small file costs one trip there.
-        let mut opened: Option<Opened> = None;
-        let mut start = 0;
-        while start < wanted.len() {
-            let mut end = start;
-            let mut bytes = 0usize;
-            while end < wanted.len() && (end == start || bytes < READ_BATCH) {
-                bytes += wanted[end].1 as usize;
-                end += 1;
-            }
-            let batch: Vec<(u64, u32, ChunkHash)> = wanted[start..end].to_vec();
-            let (root, path, cache) = (
-                Arc::clone(&folder.root),
-                file.path.clone(),
-                Arc::clone(&ctx.cache),
-            );
-            let (wanted_base, was_opened) = (file.base, opened.clone());
-            let read = tokio::task::spawn_blocking(move || {
-                let (source, base) = match was_opened {
-                    Some(o) => o,
-                    None => (
-                        Arc::new(
-                            root.open_file(&path)
-                                .map_err(|e| format!("cannot open: {e}"))?,
-                        ),
-                        wanted_base.and_then(|h| cache.get(&h)).map(Arc::new),
-                    ),
-                };
-                let chunks =
-                    read_chunks(&source, &batch, base.as_deref().map(Vec::as_slice), &cache)?;
-                Ok::<_, String>((source, base, chunks))
-            })
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-            let chunks = match read {
-                Ok((source, base, chunks)) => {
-                    opened = Some((source, base));
-                    chunks
+        jobs.push(ReadJob {
+            path: file.path,
+            base: file.base,
+            wanted,
+        });
+    }
+    // Reading, checking and encoding run on the blocking pool, ahead of the sending here, so
+    // the disk, the compressor and the connection's encryption overlap.
+    let (reads, mut read) = mpsc::channel(READS_AHEAD);
+    let (root, cache) = (Arc::clone(&folder.root), Arc::clone(&ctx.cache));
+    let reader = tokio::task::spawn_blocking(move || read_jobs(&root, &cache, jobs, &reads));
+    let mut served = 0u64;
+    let mut outcome = Ok(());
+    while let Some(item) = read.recv().await {
+        match item {
+            Read::Chunks(chunks) => {
+                for (data, encoding) in chunks {
+                    let len = data.len() as u32;
+                    let sent = async {
+                        tx.send(&FetchReply::Chunk { len, encoding }, MAX_CONTROL_FRAME)
+                            .await?;
+                        tx.write_bytes(data).await
+                    };
+                    if let Err(e) = sent.await {
+                        outcome = Err(e.into());
+                        break;
+                    }
+                    served += u64::from(len);
                 }
-                Err(reason) => return gone(ctx, &mut tx, file.path, reason).await,
-            };
-            for (data, encoding) in chunks {
-                tx.send(
-                    &FetchReply::Chunk {
-                        len: data.len() as u32,
-                        encoding,
-                    },
-                    MAX_CONTROL_FRAME,
-                )
-                .await?;
-                served += data.len() as u64;
-                tx.write_bytes(data).await?;
+                if outcome.is_err() {
+                    break;
+                }
             }
-            start = end;
+            Read::Gone(path, reason) => {
+                outcome = gone(ctx, &mut tx, path, reason).await;
+                break;
+            }
         }
     }
-    tx.finish();
+    // Stops the reader at its next chunk if the reply ended early.
+    drop(read);
+    let _ = reader.await;
     ctx.status.send_modify(|s| {
         s.bytes_served += served;
         if let Some(v) = s.agents.get_mut(agent) {
             v.bytes_sent += served;
         }
     });
+    outcome?;
+    if let Some(path) = unpublished {
+        tx.send(
+            &FetchReply::Gone {
+                path,
+                reason: "no longer published in that version".into(),
+            },
+            MAX_CONTROL_FRAME,
+        )
+        .await?;
+    }
+    tx.finish();
     Ok(())
 }
 
-/// A file being served, and the agent's base for it if the cache had it.
-type Opened = (Arc<std::fs::File>, Option<Arc<Vec<u8>>>);
+/// Read batches buffered ahead of the sending, per fetch stream (each up to `READ_BATCH`).
+const READS_AHEAD: usize = 2;
+
+/// One file's chunks asked for in a fetch request.
+struct ReadJob {
+    path: syncd_manifest::RelPath,
+    /// The agent's current version of the file's last chunk, offered as a delta base.
+    base: Option<ChunkHash>,
+    /// (offset, length, hash) of each chunk, in the order asked.
+    wanted: Vec<(u64, u32, ChunkHash)>,
+}
+
+/// What the reader hands the sender.
+enum Read {
+    /// The next chunks, encoded for the wire.
+    Chunks(Vec<(Bytes, ChunkEncoding)>),
+    /// The file could not be read as published; the reply ends with it.
+    Gone(syncd_manifest::RelPath, String),
+}
+
+/// Reads `jobs` in order, in batches of about `READ_BATCH` bytes, into `out`; stops at the
+/// first file that cannot be served, or when the sender has gone.
+fn read_jobs(
+    root: &syncd_fsops::FolderRoot,
+    cache: &ChunkCache,
+    jobs: Vec<ReadJob>,
+    out: &mpsc::Sender<Read>,
+) {
+    for job in jobs {
+        let file = match root.open_file(&job.path) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = out.blocking_send(Read::Gone(job.path, format!("cannot open: {e}")));
+                return;
+            }
+        };
+        let base = job.base.and_then(|h| cache.get(&h));
+        let mut start = 0;
+        while start < job.wanted.len() {
+            let mut end = start;
+            let mut bytes = 0usize;
+            while end < job.wanted.len() && (end == start || bytes < READ_BATCH) {
+                bytes += job.wanted[end].1 as usize;
+                end += 1;
+            }
+            let item = match read_chunks(&file, &job.wanted[start..end], base.as_deref(), cache) {
+                Ok(chunks) => Read::Chunks(chunks),
+                Err(reason) => {
+                    let _ = out.blocking_send(Read::Gone(job.path, reason));
+                    return;
+                }
+            };
+            if out.blocking_send(item).is_err() {
+                return;
+            }
+            start = end;
+        }
+    }
+}
 
 /// Reads, checks and encodes chunks for the wire (compressed where that pays, against `base`
 /// when that is shorter); an error names the first that no longer matches. Chunks that
@@ -811,4 +857,132 @@ async fn gone(
         .await?;
     tx.finish();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(path: &str, data: &[u8], chunk: usize) -> ReadJob {
+        let mut wanted = Vec::new();
+        let mut at = 0;
+        for c in data.chunks(chunk) {
+            wanted.push((at as u64, c.len() as u32, ChunkHash::of(c)));
+            at += c.len();
+        }
+        ReadJob {
+            path: syncd_manifest::RelPath::new(path).expect("valid path"),
+            base: None,
+            wanted,
+        }
+    }
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Runs the reader over `jobs` and collects what it hands the sender.
+    fn read_all(root: &std::path::Path, jobs: Vec<ReadJob>) -> Vec<Read> {
+        let root = syncd_fsops::FolderRoot::open(root).expect("root opens");
+        let cache = ChunkCache::new(1 << 20);
+        let (tx, mut rx) = mpsc::channel(READS_AHEAD);
+        let reader = std::thread::spawn(move || read_jobs(&root, &cache, jobs, &tx));
+        let mut out = Vec::new();
+        while let Some(item) = rx.blocking_recv() {
+            out.push(item);
+        }
+        reader.join().expect("the reader does not panic");
+        out
+    }
+
+    fn bytes_of(items: &[Read]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for item in items {
+            if let Read::Chunks(chunks) = item {
+                for (data, encoding) in chunks {
+                    assert_eq!(*encoding, ChunkEncoding::Raw, "noise is sent as it is");
+                    out.extend_from_slice(data);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_reader_hands_over_every_chunk_in_the_order_asked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Larger than a read batch, so it comes in several.
+        let big = noise(READ_BATCH * 2 + 12_345, 1);
+        let small = noise(3_000, 2);
+        std::fs::write(dir.path().join("big"), &big).expect("write");
+        std::fs::write(dir.path().join("small"), &small).expect("write");
+        let items = read_all(
+            dir.path(),
+            vec![job("big", &big, 64 * 1024), job("small", &small, 1000)],
+        );
+        assert!(items.len() >= 4, "big comes in at least three batches");
+        assert!(items.iter().all(|i| matches!(i, Read::Chunks(_))));
+        assert!(
+            bytes_of(&items) == [big, small].concat(),
+            "every byte, in order"
+        );
+    }
+
+    #[test]
+    fn a_file_changed_since_it_was_published_ends_the_reply_with_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = noise(5_000, 3);
+        let published = noise(5_000, 6);
+        std::fs::write(dir.path().join("first"), &first).expect("write");
+        // On disk now: not what was published.
+        std::fs::write(dir.path().join("changed"), noise(5_000, 8)).expect("write");
+        let items = read_all(
+            dir.path(),
+            vec![
+                job("first", &first, 1000),
+                job("changed", &published, 1000),
+                job("first", &first, 1000),
+            ],
+        );
+        assert!(
+            bytes_of(&items) == first,
+            "only the file before it is served"
+        );
+        match items.last() {
+            Some(Read::Gone(path, reason)) => {
+                assert_eq!(path.as_str(), "changed");
+                assert!(reason.contains("changed on disk"), "{reason}");
+            }
+            _ => panic!("the reply must end with Gone"),
+        }
+        // A file that vanished is gone too.
+        let items = read_all(dir.path(), vec![job("missing", &first, 1000)]);
+        assert!(
+            matches!(&items[..], [Read::Gone(p, r)] if p.as_str() == "missing" && r.contains("cannot open"))
+        );
+    }
+
+    #[test]
+    fn the_reader_stops_when_the_sender_has_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = noise(READ_BATCH * 8, 6);
+        std::fs::write(dir.path().join("big"), &big).expect("write");
+        let root = syncd_fsops::FolderRoot::open(dir.path()).expect("root opens");
+        let cache = ChunkCache::new(1 << 20);
+        let (tx, mut rx) = mpsc::channel(READS_AHEAD);
+        let jobs = vec![job("big", &big, 64 * 1024)];
+        let reader = std::thread::spawn(move || read_jobs(&root, &cache, jobs, &tx));
+        // Take one batch, then hang up: the reader must return rather than block.
+        assert!(matches!(rx.blocking_recv(), Some(Read::Chunks(_))));
+        drop(rx);
+        reader.join().expect("the reader returns");
+    }
 }

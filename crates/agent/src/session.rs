@@ -10,7 +10,7 @@ use syncd_proto::{
     Pause, UpdateAssembler, close,
 };
 use syncd_transport::{Conn, Endpoint, RecvStream, SendStream, TransportError};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::apply::{self, ApplyError, ApplyStats, Target};
 use crate::drift;
@@ -210,13 +210,30 @@ async fn session(
     // Drift left in place while the manager was out of reach: tell it, and look again now.
     send_drift(agent, &mut tx).await?;
     drift.now();
+    // An operator's pause or resume waiting for the manager's confirmation.
+    let mut pause_ack: Option<PauseAck> = None;
     loop {
         let expiry = pause_expiry(agent);
         let check = drift.check_due();
+        let ack_deadline = pause_ack.as_ref().map(|a| a.deadline);
+        let ack_wait = async move {
+            match ack_deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let msg = tokio::select! {
             m = rx.recv::<ManagerMsg>(MAX_CONTROL_FRAME) => m,
             Some(cmd) = commands.recv() => {
-                handle_command(agent, cmd, Some(&mut tx)).await?;
+                // A newer decision answers the one still waiting (dropping it).
+                if let Some(ack) = handle_command(agent, cmd, Some(&mut tx)).await? {
+                    pause_ack = Some(ack);
+                }
+                continue;
+            }
+            _ = ack_wait => {
+                tracing::warn!(wait = ?PAUSE_ACK_WAIT, "the manager has not confirmed the pause state; answering the operator anyway");
+                pause_ack = None;
                 continue;
             }
             _ = expiry => {
@@ -316,6 +333,10 @@ async fn session(
                 }
                 // Either way, tell the manager what holds now (ours may be the newer decision).
                 send_pause_state(agent, &mut tx).await?;
+                // The manager's echo of our decision (or a newer one of its own) confirms it.
+                if pause_ack.as_ref().is_some_and(|a| set_at >= a.set_at) {
+                    pause_ack = None;
+                }
             }
             ManagerMsg::Welcome { .. } => {
                 return Err(protocol_violation(
@@ -552,13 +573,47 @@ async fn send_pause_state(agent: &Agent, tx: &mut SendStream) -> Result<(), Tran
     .await
 }
 
-/// Handles an operator's command; with a connection, tells the manager about pause changes.
+/// How long `syncctl pause|resume` on a worker waits for the manager to confirm that it
+/// recorded the decision: a `syncctl wait` on the manager right after the command returns then
+/// counts this agent as it now is (paused agents are left out of a plain `wait`).
+const PAUSE_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// A pause or resume decided here, its operator's answer held until the manager confirms the
+/// decision (a `SetPause` carrying its time or a later one). Answered then, after
+/// `PAUSE_ACK_WAIT`, or when dropped (the connection ended), whichever comes first.
+struct PauseAck {
+    set_at: u64,
+    deadline: tokio::time::Instant,
+    reply: Option<AckReply>,
+}
+
+enum AckReply {
+    Pause(oneshot::Sender<Result<Pause, String>>, Pause),
+    Resume(oneshot::Sender<Result<ResumeReport, String>>, ResumeReport),
+}
+
+impl Drop for PauseAck {
+    fn drop(&mut self) {
+        match self.reply.take() {
+            Some(AckReply::Pause(tx, p)) => {
+                let _ = tx.send(Ok(p));
+            }
+            Some(AckReply::Resume(tx, r)) => {
+                let _ = tx.send(Ok(r));
+            }
+            None => {}
+        }
+    }
+}
+
+/// Handles an operator's command; with a connection, tells the manager about pause changes and
+/// returns the answer to hold until the manager confirms them.
 async fn handle_command(
     agent: &mut Agent,
     cmd: Command,
     tx: Option<&mut SendStream>,
-) -> Result<(), TransportError> {
-    match cmd {
+) -> Result<Option<PauseAck>, TransportError> {
+    let decided = match cmd {
         Command::Pause { until, reply } => {
             let p = Pause {
                 until,
@@ -566,17 +621,22 @@ async fn handle_command(
                 by: "agent".into(),
             };
             set_pause(agent, p.clone());
-            let _ = reply.send(Ok(p));
+            Some(AckReply::Pause(reply, p))
         }
         Command::Resume { reply } => {
             // `syncctl resume` also tells the agent to fight flapping paths again.
             agent.drift.forgive_all();
-            let result = resume(agent, pause::now_ms(), "resumed").await;
-            let _ = reply.send(result);
+            match resume(agent, pause::now_ms(), "resumed").await {
+                Ok(report) => Some(AckReply::Resume(reply, report)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    None
+                }
+            }
         }
         Command::Changes { reply } => {
             let _ = reply.send(changes(agent).await);
-            return Ok(());
+            return Ok(None);
         }
         Command::Backups { reply } => {
             let list = drift::list_backups(&agent.config.state_dir)
@@ -588,12 +648,22 @@ async fn handle_command(
                 })
                 .collect();
             let _ = reply.send(list);
-            return Ok(());
+            return Ok(None);
         }
-    }
+    };
+    // Without a connection (or if telling the manager fails) the answer goes at once, as the
+    // `PauseAck` is dropped.
+    let ack = decided.map(|reply| PauseAck {
+        set_at: agent.state.pause_set_at,
+        deadline: tokio::time::Instant::now() + PAUSE_ACK_WAIT,
+        reply: Some(reply),
+    });
     match tx {
-        Some(tx) => send_pause_state(agent, tx).await,
-        None => Ok(()),
+        Some(tx) => {
+            send_pause_state(agent, tx).await?;
+            Ok(ack)
+        }
+        None => Ok(None),
     }
 }
 

@@ -403,8 +403,26 @@ async fn feed(
                     }
                     None => {}
                 }
-                if let Err(e) = ctx.pauses.decide(name, r.clone()) {
-                    tracing::error!(agent = %name, error = %e, "cannot record the agent's pause");
+                match ctx.pauses.decide(name, r.clone()) {
+                    // Confirms the new decision to the agent, whose operator's `syncctl
+                    // pause|resume` returns only then: a `syncctl wait` here right after it
+                    // sees the agent as it now is. (The agent answers with its state again,
+                    // which is no longer new: no further echo.)
+                    Ok(true) => {
+                        tx.send(
+                            &ManagerMsg::SetPause {
+                                pause: r.pause.clone(),
+                                set_at: r.set_at,
+                            },
+                            MAX_CONTROL_FRAME,
+                        )
+                        .await?;
+                        relayed = relayed.max(r.set_at);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(agent = %name, error = %e, "cannot record the agent's pause")
+                    }
                 }
                 reported = Some(r);
             }

@@ -8,7 +8,7 @@ use syncd_manifest::{Chunker, ManifestDigest};
 use syncd_proto::FolderState;
 
 /// A folder the agent keeps in sync.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Folder {
     /// The name both configs use.
     pub name: String,

@@ -212,6 +212,9 @@ async fn session(
     drift.now();
     // An operator's pause or resume waiting for the manager's confirmation.
     let mut pause_ack: Option<PauseAck> = None;
+    // A comparison with what was applied, under way.
+    let mut walk: Option<DriftWalk> = None;
+    let mut walk_again = false;
     loop {
         let expiry = pause_expiry(agent);
         let check = drift.check_due();
@@ -250,7 +253,26 @@ async fn session(
             }
             _ = check => {
                 drift.due = None;
-                check_drift(agent, Some(&conn), Some(&mut tx)).await?;
+                if walk.is_some() {
+                    // Something changed during the walk under way: look again after it.
+                    walk_again = true;
+                } else if agent.state.pause.is_none() {
+                    walk = Some(DriftWalk::start(agent));
+                }
+                continue;
+            }
+            found = async { (&mut walk.as_mut().expect("guarded").task).await }, if walk.is_some() => {
+                let done = walk.take().expect("guarded");
+                let found = found.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                // A generation applied during the walk made it stale, and a change seen during
+                // it may have been missed: look again once things are quiet.
+                let stale = !done.current(agent);
+                if !stale && agent.state.pause.is_none() {
+                    act_on_drift(agent, Some(&conn), Some(&mut tx), found).await?;
+                }
+                if std::mem::take(&mut walk_again) || stale {
+                    drift.schedule();
+                }
                 continue;
             }
             _ = shutdown.changed() => {
@@ -447,6 +469,49 @@ async fn check_drift(
     .await
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     agent.folders = folders;
+    act_on_drift(agent, conn, tx, found).await
+}
+
+/// A comparison of the folders with what was applied, walking on the blocking pool while the
+/// session goes on (a walk of 10,000 files takes ~50 ms, of 100,000 half a second: a generation
+/// arriving meanwhile must not wait for it).
+struct DriftWalk {
+    task: tokio::task::JoinHandle<Vec<drift::Found>>,
+    /// Each folder's applied digest when the walk started: if one moved (a generation was
+    /// applied meanwhile), the walk compared against a stale expectation and is redone.
+    digests: Vec<syncd_manifest::ManifestDigest>,
+}
+
+impl DriftWalk {
+    fn start(agent: &Agent) -> DriftWalk {
+        tracing::debug!("comparing the folders with what was applied");
+        let folders = agent.folders.clone();
+        DriftWalk {
+            digests: agent
+                .folders
+                .iter()
+                .map(|f| f.local.manifest.digest())
+                .collect(),
+            task: tokio::task::spawn_blocking(move || drift::compare(&folders)),
+        }
+    }
+
+    /// Whether what the walk compared against is still what was applied.
+    fn current(&self, agent: &Agent) -> bool {
+        self.digests
+            .iter()
+            .copied()
+            .eq(agent.folders.iter().map(|f| f.local.manifest.digest()))
+    }
+}
+
+/// Reports, reverts or leaves what a comparison found, by each folder's policy.
+async fn act_on_drift(
+    agent: &mut Agent,
+    conn: Option<&Conn>,
+    tx: Option<&mut SendStream>,
+    found: Vec<drift::Found>,
+) -> Result<(), TransportError> {
     let now = Instant::now();
     let mut left = Vec::new();
     let mut reverted = 0u64;

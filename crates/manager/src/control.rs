@@ -54,6 +54,11 @@ pub(crate) enum Command {
 }
 
 const HOLD_FILE: &str = "hold.state";
+/// Publication is put off while a file changed alongside is about to settle (within this), so
+/// that a file renamed into a directory and the directory's new mtime travel as one generation
+/// instead of two (each generation costs every agent a round trip and an apply); never for
+/// longer than `DEBOUNCE_MAX` in a row.
+const IMMINENT: Duration = Duration::from_millis(10);
 /// A generation with at least this many changes leaves enough freed memory behind (its lists,
 /// encodings and the copies compared) to be worth handing back (see `syncd_fsops::trim_heap`).
 const TRIM_AFTER_CHANGES: usize = 4096;
@@ -93,6 +98,8 @@ pub(crate) struct Control {
     threads: usize,
     first_hint: Option<Instant>,
     last_hint: Option<Instant>,
+    /// Since when publication has been put off for a file about to settle.
+    deferred_since: Option<Instant>,
     waiting: Vec<oneshot::Sender<Generation>>,
     /// A time in the past, for work that is due at once.
     started: Instant,
@@ -124,6 +131,7 @@ impl Control {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             first_hint: None,
             last_hint: None,
+            deferred_since: None,
             waiting: Vec::new(),
             started: Instant::now(),
             hold: load_hold(&config.state_dir),
@@ -200,6 +208,28 @@ impl Control {
             Some((last, first)) => (last + DEBOUNCE).min(first + DEBOUNCE_MAX),
             None => self.started,
         })
+    }
+
+    /// Whether to put publication off a moment: a file settles within `IMMINENT`, and it has
+    /// not been put off for `DEBOUNCE_MAX` already.
+    fn defer_publication(&mut self) -> bool {
+        let now = Instant::now();
+        let imminent = self
+            .folders
+            .iter()
+            .filter_map(LiveFolder::next_settled)
+            .min()
+            .is_some_and(|t| t <= now + IMMINENT);
+        if !imminent {
+            self.deferred_since = None;
+            return false;
+        }
+        let since = *self.deferred_since.get_or_insert(now);
+        if now.duration_since(since) < DEBOUNCE_MAX {
+            return true;
+        }
+        self.deferred_since = None;
+        false
     }
 
     /// When the loop must act next without new input.
@@ -279,7 +309,9 @@ impl Control {
                 }
                 _ = sleep => {
                     self.step(false).await;
-                    if let Err(e) = self.publish_and_announce(false) {
+                    if !self.defer_publication()
+                        && let Err(e) = self.publish_and_announce(false)
+                    {
                         tracing::error!(error = %e, "cannot record a new generation; it is not published");
                     }
                     self.report(&status);

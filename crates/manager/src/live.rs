@@ -264,6 +264,16 @@ impl LiveFolder {
             .min()
     }
 
+    /// When the next file that is only waiting out its settle time (not held for being
+    /// incomplete) will be ready.
+    pub(crate) fn next_settled(&self) -> Option<Instant> {
+        self.candidates
+            .iter()
+            .filter(|(p, _)| !self.held.contains_key(*p))
+            .map(|(_, c)| c.ready_at)
+            .min()
+    }
+
     fn removals_due(&self) -> Option<Instant> {
         self.pending_removals
             .map(|(first, last)| (last + REMOVAL_QUIET).min(first + REMOVAL_MAX_WAIT))

@@ -723,6 +723,7 @@ async fn serve_fetch(
     let reader = tokio::task::spawn_blocking(move || read_jobs(&root, &cache, jobs, &reads));
     let mut served = 0u64;
     let mut outcome = Ok(());
+    let mut gone_sent = false;
     while let Some(item) = read.recv().await {
         match item {
             Read::Chunks(chunks) => {
@@ -744,6 +745,8 @@ async fn serve_fetch(
                 }
             }
             Read::Gone(path, reason) => {
+                // The reply ends with it (`gone` finishes the stream): nothing after it.
+                gone_sent = true;
                 outcome = gone(ctx, &mut tx, path, reason).await;
                 break;
             }
@@ -758,7 +761,9 @@ async fn serve_fetch(
             v.bytes_sent += served;
         }
     });
-    outcome?;
+    if outcome.is_err() || gone_sent {
+        return outcome;
+    }
     if let Some(path) = unpublished {
         tx.send(
             &FetchReply::Gone {

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 use syncd_devtools::{Archive, Rng, Scale, write_archive};
@@ -369,4 +369,39 @@ async fn changes_made_while_the_manager_was_down_converge_sending_only_them() {
     assert_eq!(agent.stats().bytes_fetched, 12);
     agent.stop().await;
     manager.stop().await;
+}
+
+/// A file renamed into a directory also changes the directory's mtime; the directory settles at
+/// once, the file a few milliseconds later. Published apart, every agent would apply two
+/// generations (two round trips) for one deploy; the manager waits for the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_renamed_into_a_directory_is_published_with_its_mtime_as_one_generation() {
+    let mdirs = NodeDirs::new();
+    let api = mdirs.data.join("synapse-configs/default/api");
+    fs::create_dir_all(&api).unwrap();
+    fs::write(api.join("a.xml"), "<a/>").unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let manager = TestManager::start(mdirs, &[]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for round in 0..5 {
+        let before = manager.generation();
+        let tmp = scratch.path().join("next.xml");
+        fs::write(&tmp, format!("<api round=\"{round}\"/>")).unwrap();
+        fs::rename(&tmp, api.join(format!("deployed-{round}.xml"))).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while manager.generation() == before {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: nothing published"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Whatever else would come has come by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            manager.generation(),
+            before + 1,
+            "round {round}: the directory's mtime and the file were published apart"
+        );
+    }
 }

@@ -200,12 +200,7 @@ impl PatchedPut {
         new: &FileContent,
         mut read: impl FnMut(u64, u32) -> Option<Vec<u8>>,
     ) {
-        let mut offsets = Vec::with_capacity(new.chunks.len());
-        let mut off = 0u64;
-        for c in new.chunks.iter() {
-            offsets.push(off);
-            off += c.len as u64;
-        }
+        let offsets = new.chunk_offsets();
         let mut raw = Vec::new();
         let mut ops = Vec::with_capacity(self.ops.len());
         let mut index = 0usize;

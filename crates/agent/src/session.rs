@@ -457,18 +457,10 @@ async fn check_drift(
     if agent.state.pause.is_some() {
         return Ok(());
     }
-    tracing::debug!(
-        connected = conn.is_some(),
-        "comparing the folders with what was applied"
-    );
-    let folders = std::mem::take(&mut agent.folders);
-    let (folders, found) = tokio::task::spawn_blocking(move || {
-        let found = drift::compare(&folders);
-        (folders, found)
-    })
-    .await
-    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-    agent.folders = folders;
+    let found = DriftWalk::start(agent)
+        .task
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     act_on_drift(agent, conn, tx, found).await
 }
 

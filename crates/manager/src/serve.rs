@@ -696,12 +696,7 @@ async fn serve_fetch(
             unpublished = Some(file.path);
             break;
         };
-        let mut offsets = Vec::with_capacity(content.chunks.len());
-        let mut at = 0u64;
-        for c in content.chunks.iter() {
-            offsets.push(at);
-            at += c.len as u64;
-        }
+        let offsets = content.chunk_offsets();
         let mut wanted = Vec::with_capacity(file.chunks.len());
         for &i in &file.chunks {
             let c = content

@@ -39,6 +39,20 @@ pub struct FileContent {
     pub chunks: Arc<[ChunkRef]>,
 }
 
+impl FileContent {
+    /// Where each chunk starts in the file, in chunk order.
+    pub fn chunk_offsets(&self) -> Vec<u64> {
+        self.chunks
+            .iter()
+            .scan(0u64, |at, c| {
+                let start = *at;
+                *at += u64::from(c.len);
+                Some(start)
+            })
+            .collect()
+    }
+}
+
 /// What kind of thing is at a path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeKind {
@@ -500,6 +514,25 @@ pub(crate) mod tests {
         };
         let m: Manifest = [(p("a"), dir()), (p("a/l"), link)].into_iter().collect();
         assert!(matches!(m.validate(), Err(TreeError::Symlink(_))));
+    }
+
+    #[test]
+    fn chunk_offsets_are_where_each_chunk_starts() {
+        let chunk = |len| ChunkRef {
+            hash: ChunkHash::of(&[len as u8]),
+            len,
+        };
+        let content = FileContent {
+            size: 17,
+            hash: FileHash::from_chunks(17, []),
+            chunks: vec![chunk(5), chunk(10), chunk(2)].into(),
+        };
+        assert_eq!(content.chunk_offsets(), vec![0, 5, 15]);
+        let empty = FileContent {
+            chunks: Vec::new().into(),
+            ..content
+        };
+        assert!(empty.chunk_offsets().is_empty());
     }
 
     #[test]

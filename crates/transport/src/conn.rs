@@ -112,6 +112,11 @@ pub struct ConnStats {
     pub tx_datagrams: u64,
     /// The largest UDP payload the path is known to carry now (path MTU discovery).
     pub mtu: u16,
+    /// Packets declared lost (and their data sent again).
+    pub lost_packets: u64,
+    /// Times path MTU discovery judged larger packets to be lost on the path and fell back to
+    /// QUIC's 1,200 bytes.
+    pub black_holes: u64,
 }
 
 /// An established, mutually authenticated connection.
@@ -178,6 +183,8 @@ impl Conn {
             rx_bytes: s.udp_rx.bytes,
             tx_datagrams: s.udp_tx.datagrams,
             mtu: s.path.current_mtu,
+            lost_packets: s.path.lost_packets,
+            black_holes: s.path.black_holes_detected,
         }
     }
 }

@@ -10,7 +10,7 @@ mod verify;
 
 pub use conn::{Conn, ConnStats, RecvStream, SendStream, TransportError};
 pub use endpoint::{
-    Congestion, DEFAULT_MAX_UDP_PAYLOAD, Endpoint, Incoming, install_crypto_provider,
-    set_congestion, set_max_udp_payload,
+    Congestion, DEFAULT_MAX_UDP_PAYLOAD, Endpoint, Incoming, MAX_UDP_PAYLOAD_LIMIT,
+    install_crypto_provider, set_congestion, set_max_udp_payload,
 };
 pub use identity::{Identity, IdentityError, NodeId, NodeIdError};

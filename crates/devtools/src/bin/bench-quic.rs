@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use syncd_transport::{Endpoint, Identity};
+use syncd_transport::{ConnStats, Endpoint, Identity};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,16 +38,26 @@ struct Args {
 
 /// A configuration measured: (payload bound, streams).
 type Config = (u16, usize);
-/// One run's figures: seconds, datagrams sent, path MTU reached.
-type Run = (f64, u64, u64);
+/// One run's figures: seconds, datagrams sent, path MTU reached, packets lost, black holes.
+type Run = (f64, u64, u64, u64, u64);
 
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.child {
+        // `RUST_LOG=quinn_proto=trace` shows, for one configuration, what quinn decides.
+        if std::env::var_os("RUST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .init();
+        }
         let (streams, payload) = (args.streams[0], args.payloads[0]);
         let rt = tokio::runtime::Runtime::new()?;
-        let (secs, datagrams, mtu) = rt.block_on(run(args.mib, streams, payload))?;
-        println!("{secs} {datagrams} {mtu}");
+        let (secs, stats) = rt.block_on(run(args.mib, streams, payload))?;
+        println!(
+            "{secs} {} {} {} {}",
+            stats.tx_datagrams, stats.mtu, stats.lost_packets, stats.black_holes
+        );
         return Ok(());
     }
     println!(
@@ -84,24 +94,32 @@ fn main() -> Result<()> {
                     .parse::<f64>()
                     .map_err(Into::into)
             };
-            runs.push((parse(0)?, parse(1)? as u64, parse(2)? as u64));
+            runs.push((
+                parse(0)?,
+                parse(1)? as u64,
+                parse(2)? as u64,
+                parse(3)? as u64,
+                parse(4)? as u64,
+            ));
         }
     }
     println!();
-    println!("| MTU bound | streams | throughput | datagrams sent | path MTU reached |");
-    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| MTU bound | streams | throughput | datagrams sent | path MTU reached | packets lost | black holes |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for ((p, s), runs) in &mut results {
         runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (secs, datagrams, mtu) = runs[runs.len() / 2];
+        let (secs, datagrams, mtu, lost, holes) = runs[runs.len() / 2];
         let gib = args.mib as f64 / 1024.0 / secs;
-        println!("| {p} | {s} | {gib:.2} GiB/s | {datagrams} | {mtu} |");
+        println!("| {p} | {s} | {gib:.2} GiB/s | {datagrams} | {mtu} | {lost} | {holes} |");
     }
     Ok(())
 }
 
 /// Sends `mib` MiB from a client to a server over `streams` streams; returns the seconds from
-/// the first byte written to the last byte read, the datagrams sent and the path MTU reached.
-async fn run(mib: u64, streams: usize, payload: u16) -> Result<(f64, u64, u16)> {
+/// the first byte written to the last byte read, and the sender's connection figures.
+async fn run(mib: u64, streams: usize, payload: u16) -> Result<(f64, ConnStats)> {
     syncd_transport::set_max_udp_payload(payload);
     syncd_transport::install_crypto_provider();
     let dir = tempfile::tempdir()?;
@@ -165,5 +183,5 @@ async fn run(mib: u64, streams: usize, payload: u16) -> Result<(f64, u64, u16)> 
     let done = receiver.await??;
     let stats = conn.stats();
     conn.close(0, "done");
-    Ok(((done - start).as_secs_f64(), stats.tx_datagrams, stats.mtu))
+    Ok(((done - start).as_secs_f64(), stats))
 }

@@ -189,6 +189,11 @@ impl Bench<'_> {
             self.work.display()
         );
         println!("# machine: {} cores, Linux {}", cores(), kernel());
+        if Path::new(REPORTED_KIB).exists() {
+            println!(
+                "# memory: a VM guest with free page reporting; every timed run starts once it has been quiet for 3 s"
+            );
+        }
         let base = self.work.join("base");
         let t = Instant::now();
         build_tree(&base, self.scale)?;
@@ -879,15 +884,51 @@ impl SyncdCluster {
 }
 
 /// Relative paths of every file and link under `root`.
-/// Writes every dirty page back before a timed run, so that no tool pays for the writes of the
-/// setup or of the tool before it: syncd's agent makes a large apply durable with one `syncfs`,
-/// which flushes whatever else is dirty on the filesystem too (on this one machine: the
-/// manager's fresh copy of the tree).
+/// Readies the machine for a timed run: writes every dirty page back, then lets the VM's
+/// memory settle (see [`settle_memory`]).
+///
+/// The write-back is so that no tool pays for the writes of the setup or of the tool before
+/// it: syncd's agent makes a large apply durable with one `syncfs`, which flushes whatever else
+/// is dirty on the filesystem too (on this one machine: the manager's fresh copy of the tree).
 fn flush_disk() -> Result<()> {
     if !Command::new("sync").status()?.success() {
         bail!("sync failed");
     }
+    settle_memory();
     Ok(())
+}
+
+/// Where a VM guest with free page reporting counts the memory it has handed back to the host.
+const REPORTED_KIB: &str = "/sys/module/page_reporting/parameters/reported_kib";
+
+/// Waits until the guest has stopped handing freed memory back to the host (at most a minute).
+///
+/// This machine is a VM with free page reporting: memory the kernel frees is returned to the
+/// host within seconds, and the first write to such a page faults it back in. Page-cache
+/// writes into memory the host has taken back run at about 430 MB/s here; into memory freed a
+/// moment before, at 1.8 GB/s (`dd` of 1.5 GB: 3.5 s against 0.9 s). So whichever tool ran
+/// right after a large free (the tree generator's buffers, a tree deleted) wrote four times
+/// faster than the others: the earlier sessions' rsync initial syncs of 1.4 s were such runs.
+/// Every timed run therefore starts once reporting has been quiet for three seconds: every
+/// tool writes into memory the host has taken back, as a machine does after an idle while.
+/// Not a VM (no such counter): returns at once.
+fn settle_memory() {
+    let read = || std::fs::read_to_string(REPORTED_KIB).ok();
+    let Some(mut last) = read() else {
+        return;
+    };
+    let start = Instant::now();
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(3)
+        && start.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = read().unwrap_or_default();
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
 }
 
 fn walk(root: &Path) -> Result<Vec<String>> {

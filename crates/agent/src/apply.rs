@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use syncd_fsops::{FolderRoot, LocalManifest, Staging, stat_key};
+use syncd_fsops::{DirectFile, FolderRoot, LocalManifest, RunWriter, Staging, stat_key};
 use syncd_manifest::{
     Change, ChunkHash, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
 };
@@ -40,6 +40,12 @@ const MAX_BASE: u32 = 256 * 1024;
 /// of the folder's filesystem is cheaper. Per-file fsync keeps a small deploy from waiting on
 /// unrelated dirty data elsewhere on the filesystem.
 const FSYNC_EACH_LIMIT: usize = 32;
+/// Staged files from this size on have their fetched chunks written past the page cache
+/// (`O_DIRECT`, see `syncd_fsops::RunWriter`): their bytes go straight to the disk, where the
+/// durability step would otherwise have to write them back.
+const DIRECT_MIN: u64 = 1 << 20;
+/// Bytes a fetch task gathers before writing them directly.
+const RUN_BUFFER: usize = 1 << 20;
 
 /// Why a generation could not be applied. Nothing was renamed into place unless the error
 /// says so ([`ApplyError::Commit`]).
@@ -445,7 +451,9 @@ fn index_staged(
 
 /// One staged file being written, shared by the tasks that write its chunks.
 struct Dest {
-    file: File,
+    file: Arc<File>,
+    /// For a large file, where the filesystem takes them: direct writes of what is fetched.
+    direct: Option<DirectFile>,
     path: RelPath,
     written: AtomicU64,
 }
@@ -557,9 +565,19 @@ fn create_staged(
             let staged = staging.create_for(&key).map_err(err)?;
             staged.file.set_len(size).map_err(err)?;
             let name = staged.name().to_owned();
+            let file = Arc::new(staged.file);
+            let direct = if size >= DIRECT_MIN {
+                staging
+                    .open_direct(&name)
+                    .map_err(err)?
+                    .map(|d| DirectFile::new(d, Arc::clone(&file)))
+            } else {
+                None
+            };
             Ok((
                 Dest {
-                    file: staged.file,
+                    file,
+                    direct,
                     path,
                     written: AtomicU64::new(0),
                 },
@@ -722,7 +740,7 @@ async fn stage_batch(
     }
     let dests = Arc::try_unwrap(dests)
         .map_err(|_| ApplyError::Protocol("a fetch task outlived its batch".into()))?;
-    let finish: Vec<(File, u32, syncd_manifest::Mtime, RelPath)> = jobs
+    let finish: Vec<(Arc<File>, u32, syncd_manifest::Mtime, RelPath)> = jobs
         .iter()
         .zip(dests)
         .map(|(job, dest)| (dest.file, job.mode, job.mtime, job.path.clone()))
@@ -746,6 +764,23 @@ async fn stage_batch(
         finished_ms = (t_start.elapsed() - t_fetched).as_millis() as u64,
         "staged a batch"
     );
+    Ok(())
+}
+
+/// Writes `bytes` at `offset` of `dest` and counts them: a large file's through `run` (the
+/// current run goes on, or a new one begins there), a small one's through the page cache.
+fn write_chunk(run: &mut RunWriter, dest: &Dest, offset: u64, bytes: &[u8]) -> io::Result<()> {
+    match &dest.direct {
+        Some(file) => {
+            if !run.continues(file, offset) {
+                run.begin(file.clone(), offset)?;
+            }
+            run.push(bytes)?;
+        }
+        None => dest.file.write_all_at(bytes, offset)?,
+    }
+    dest.written
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     Ok(())
 }
 
@@ -810,6 +845,8 @@ fn copy_local(
 ) -> CopyOutcome {
     let mut open: HashMap<String, Option<File>> = HashMap::new();
     let mut buf = Vec::new();
+    // Copies come file by file, in offset order: a large file's are runs.
+    let mut run = RunWriter::new(RUN_BUFFER);
     let mut reused = 0u64;
     let mut stale = Vec::new();
     for (d, offset, len, hash, src) in copies {
@@ -817,10 +854,8 @@ fn copy_local(
         let (key, src_offset) = match &src {
             Source::Memory(bytes) => {
                 // Its hash was computed from these very bytes when the update was resolved.
-                dest.file
-                    .write_all_at(bytes, offset)
+                write_chunk(&mut run, dest, offset, bytes)
                     .map_err(|e| (dest.path.to_string(), e))?;
-                dest.written.fetch_add(len as u64, Ordering::Relaxed);
                 continue;
             }
             Source::Live {
@@ -849,12 +884,11 @@ fn copy_local(
             stale.push((d, offset, hash));
             continue;
         }
-        dest.file
-            .write_all_at(&buf, offset)
-            .map_err(|e| (dest.path.to_string(), e))?;
-        dest.written.fetch_add(len as u64, Ordering::Relaxed);
+        write_chunk(&mut run, dest, offset, &buf).map_err(|e| (dest.path.to_string(), e))?;
         reused += len as u64;
     }
+    run.end()
+        .map_err(|e| ("a file copied from local chunks".to_owned(), e))?;
     Ok((reused, stale))
 }
 
@@ -932,6 +966,7 @@ async fn fetch(
     tx.send(&req.request, MAX_REQUEST_FRAME).await?;
     tx.finish();
     let (mut wire, mut buf) = (Vec::new(), Vec::new());
+    let mut run = RunWriter::new(RUN_BUFFER);
     let mut received = 0u64;
     for (hash, len, path, base) in &req.expect {
         match rx.expect::<FetchReply>(MAX_CONTROL_FRAME).await? {
@@ -954,22 +989,25 @@ async fn fetch(
                 }
                 received += *len as u64;
                 progress.fetch_add(*len as u64, Ordering::Relaxed);
-                // Writes of one chunk into the page cache take microseconds; doing them here
-                // keeps the chunk buffer single and the stream flowing.
                 for &(d, offset) in wanted.get(hash).map(Vec::as_slice).unwrap_or(&[]) {
                     let dest = &dests[d];
-                    dest.file
-                        .write_all_at(&buf, offset)
-                        .map_err(|source| ApplyError::Stage {
-                            path: dest.path.to_string(),
-                            source,
-                        })?;
-                    dest.written.fetch_add(*len as u64, Ordering::Relaxed);
+                    let err = |source| ApplyError::Stage {
+                        path: dest.path.to_string(),
+                        source,
+                    };
+                    // A large file's chunks come in order, request by request: each
+                    // request's part is one run. Writes into the page cache of a small file's
+                    // chunk take microseconds: doing them here keeps the stream flowing.
+                    write_chunk(&mut run, dest, offset, &buf).map_err(err)?;
                 }
             }
             FetchReply::Gone { path, reason } => return Err(ApplyError::Gone { path, reason }),
         }
     }
+    run.end().map_err(|source| ApplyError::Stage {
+        path: format!("a file fetched in folder {}", req.folder_name),
+        source,
+    })?;
     rx.stop(0);
     Ok(received)
 }

@@ -336,6 +336,22 @@ impl Staging {
             .replace_at(&self.fd, name, &parent, rel.file_name())
     }
 
+    /// Opens staged file `name` a second time, for direct writes ([`crate::RunWriter`]);
+    /// `None` where the filesystem does not take `O_DIRECT` (tmpfs before Linux 6.6, some
+    /// network and FUSE filesystems), whose files are then written through the page cache.
+    pub fn open_direct(&self, name: &str) -> io::Result<Option<File>> {
+        match rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::WRONLY | OFlags::DIRECT | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+        ) {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            Err(rustix::io::Errno::INVAL) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Opens a finished staged file for reading (a chunk source for later files).
     pub fn open_staged(&self, name: &str) -> io::Result<File> {
         let fd = rustix::fs::openat(

@@ -1,0 +1,385 @@
+//! Writing large staged files past the page cache (`O_DIRECT`).
+//!
+//! Every byte the agent stages must reach the disk before the renames anyway (fsync or
+//! syncfs). Written through the page cache, each byte is first copied into a freshly
+//! allocated cache page, then written back; the final flush waits for all of it at once, and a
+//! large deploy evicts the running server's own cached files. Written with `O_DIRECT`, the
+//! bytes go from one reused buffer straight to the device while the transfer goes on, and the
+//! final flush has only metadata and a few partial blocks left. On this machine (a VM whose
+//! freed memory goes back to the host, so every new cache page is a host page fault) page-cache
+//! writes of 1.5 GB ran at about 430 MB/s and direct writes at 1.8 GB/s.
+//!
+//! `O_DIRECT` needs the file offset, the length and the memory address aligned to the device's
+//! block. A [`RunWriter`] takes one contiguous run of a file's bytes, in order, in any pieces
+//! (the chunks of a fetch reply): it keeps them in a buffer laid out so that memory and file
+//! offsets agree modulo [`ALIGN`], writes whole aligned blocks directly, and writes the partial
+//! blocks at the two ends of the run through the page cache (a second, ordinary descriptor of
+//! the same file). Several runs of one file may be written at once, by different writers: a
+//! block shared by two runs is only ever written in part, through the page cache, so direct and
+//! cached writes never touch the same block.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+/// Alignment of direct writes: a page, a multiple of every common logical block size.
+pub const ALIGN: usize = 4096;
+
+/// A file open twice: for direct writes of whole blocks and for ordinary writes of the rest.
+#[derive(Debug, Clone)]
+pub struct DirectFile {
+    direct: Arc<File>,
+    cached: Arc<File>,
+}
+
+impl DirectFile {
+    /// Pairs `direct` (opened with `O_DIRECT`) with `cached`, an ordinary descriptor of the
+    /// same file.
+    pub fn new(direct: File, cached: Arc<File>) -> DirectFile {
+        DirectFile {
+            direct: Arc::new(direct),
+            cached,
+        }
+    }
+}
+
+/// A buffer whose usable part starts at an address aligned to [`ALIGN`].
+struct AlignedBuf {
+    raw: Vec<u8>,
+    /// Index in `raw` of the first aligned byte.
+    skew: usize,
+    capacity: usize,
+}
+
+impl AlignedBuf {
+    fn new(capacity: usize) -> AlignedBuf {
+        debug_assert!(capacity.is_multiple_of(ALIGN) && capacity > 0);
+        let raw = vec![0u8; capacity + ALIGN];
+        let skew = raw.as_ptr().align_offset(ALIGN);
+        AlignedBuf {
+            raw,
+            skew,
+            capacity,
+        }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.skew..self.skew + self.capacity]
+    }
+
+    fn as_ref(&self) -> &[u8] {
+        &self.raw[self.skew..self.skew + self.capacity]
+    }
+}
+
+/// Writes contiguous runs of files' bytes, one run at a time (see the module docs); its buffer
+/// is reused from run to run.
+pub struct RunWriter {
+    /// The file of the run being written; `None` between runs.
+    file: Option<DirectFile>,
+    buf: AlignedBuf,
+    /// File offset of the aligned block `buf` starts with.
+    block: u64,
+    /// The run's bytes held are `buf[from..to]`: `from` is only non-zero before the first write
+    /// (a run that starts within a block).
+    from: usize,
+    to: usize,
+    /// Direct writes failed with EINVAL (alignment the device does not take): the rest of the
+    /// run goes through the page cache.
+    cached_only: bool,
+    /// Bytes written with `O_DIRECT` so far.
+    direct_bytes: u64,
+}
+
+impl std::fmt::Debug for RunWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunWriter")
+            .field("next_offset", &self.next_offset())
+            .field("held", &(self.to - self.from))
+            .field("cached_only", &self.cached_only)
+            .finish()
+    }
+}
+
+impl RunWriter {
+    /// A writer buffering up to `capacity` bytes (rounded up to [`ALIGN`]) between writes.
+    pub fn new(capacity: usize) -> RunWriter {
+        let capacity = capacity.max(2 * ALIGN).next_multiple_of(ALIGN);
+        RunWriter {
+            file: None,
+            buf: AlignedBuf::new(capacity),
+            block: 0,
+            from: 0,
+            to: 0,
+            cached_only: false,
+            direct_bytes: 0,
+        }
+    }
+
+    /// Whether the next bytes of the run being written belong at `offset` of `file`.
+    pub fn continues(&self, file: &DirectFile, offset: u64) -> bool {
+        self.file
+            .as_ref()
+            .is_some_and(|f| Arc::ptr_eq(&f.cached, &file.cached))
+            && self.next_offset() == offset
+    }
+
+    /// Ends the run being written, if any (see [`RunWriter::end`]), and starts one at `offset`
+    /// of `file`.
+    pub fn begin(&mut self, file: DirectFile, offset: u64) -> io::Result<u64> {
+        let done = self.end()?;
+        let skew = (offset % ALIGN as u64) as usize;
+        self.file = Some(file);
+        self.block = offset - skew as u64;
+        self.from = skew;
+        self.to = skew;
+        Ok(done)
+    }
+
+    /// The file offset the next byte of the run belongs at.
+    fn next_offset(&self) -> u64 {
+        self.block + self.to as u64
+    }
+
+    /// Appends `data` to the run begun last, writing whole blocks as the buffer fills.
+    pub fn push(&mut self, mut data: &[u8]) -> io::Result<()> {
+        assert!(self.file.is_some(), "push before begin");
+        while !data.is_empty() {
+            let room = self.buf.capacity - self.to;
+            let n = room.min(data.len());
+            self.buf.as_mut()[self.to..self.to + n].copy_from_slice(&data[..n]);
+            self.to += n;
+            data = &data[n..];
+            if self.to == self.buf.capacity {
+                self.write_blocks()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what the run being written still holds (it is then complete on its file) and
+    /// returns how many of its bytes were written directly (the rest went through the page
+    /// cache). Between runs: nothing to do, 0.
+    pub fn end(&mut self) -> io::Result<u64> {
+        if self.file.is_none() {
+            return Ok(0);
+        }
+        self.write_blocks()?;
+        let file = self.file.take().expect("checked above");
+        // At most a last partial block remains.
+        if self.to > self.from {
+            let at = self.block + self.from as u64;
+            file.cached
+                .write_all_at(&self.buf.as_ref()[self.from..self.to], at)?;
+        }
+        self.from = 0;
+        self.to = 0;
+        Ok(std::mem::take(&mut self.direct_bytes))
+    }
+
+    /// Writes every whole block held, and the part of a first block the run starts within;
+    /// keeps a last partial block (moved to the buffer's start, at the same alignment).
+    fn write_blocks(&mut self) -> io::Result<()> {
+        let file = self.file.as_ref().expect("only called during a run");
+        let (mut from, to) = (self.from, self.to);
+        if !from.is_multiple_of(ALIGN) {
+            // The run starts within a block: that block's part goes through the page cache.
+            let head_end = from.next_multiple_of(ALIGN).min(to);
+            file.cached
+                .write_all_at(&self.buf.as_ref()[from..head_end], self.block + from as u64)?;
+            from = head_end;
+        }
+        let whole_end = to - to % ALIGN;
+        if whole_end > from {
+            let at = self.block + from as u64;
+            let bytes = &self.buf.as_ref()[from..whole_end];
+            if self.cached_only {
+                file.cached.write_all_at(bytes, at)?;
+            } else {
+                match file.direct.write_all_at(bytes, at) {
+                    Ok(()) => self.direct_bytes += bytes.len() as u64,
+                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                        // Alignment this device does not take: the rest goes through the page
+                        // cache.
+                        self.cached_only = true;
+                        file.cached.write_all_at(bytes, at)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            from = whole_end;
+        }
+        // What is left, `from..to`, lies within one block: keep it at its alignment.
+        let keep_at = from % ALIGN;
+        self.buf.as_mut().copy_within(from..to, keep_at);
+        self.block += (from - keep_at) as u64;
+        self.from = keep_at;
+        self.to = keep_at + (to - from);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A file in `dir` of `len` bytes opened as the agent opens a staged file; `None` where
+    /// the filesystem refuses `O_DIRECT`.
+    fn open(dir: &std::path::Path, len: u64) -> Option<DirectFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join("f");
+        let cached = File::create(&path).expect("create");
+        cached.set_len(len).expect("set_len");
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&path)
+            .ok()?;
+        Some(DirectFile::new(direct, Arc::new(cached)))
+    }
+
+    /// Writes `data` as runs cut at `cuts`, each run pushed in pieces of `piece` bytes, with
+    /// runs interleaved as concurrent fetches interleave them; returns the bytes written
+    /// directly.
+    fn write_runs(file: &DirectFile, data: &[u8], cuts: &[usize], piece: usize, cap: usize) -> u64 {
+        let mut bounds = vec![0];
+        bounds.extend_from_slice(cuts);
+        bounds.push(data.len());
+        // One writer per run, as one fetch task per request.
+        let mut writers: Vec<(RunWriter, usize, usize)> = bounds
+            .windows(2)
+            .map(|w| {
+                let mut writer = RunWriter::new(cap);
+                writer.begin(file.clone(), w[0] as u64).expect("begin");
+                (writer, w[0], w[1])
+            })
+            .collect();
+        loop {
+            let mut progressed = false;
+            for (w, at, end) in writers.iter_mut() {
+                if *at < *end {
+                    let n = piece.min(*end - *at);
+                    assert!(w.continues(file, *at as u64));
+                    w.push(&data[*at..*at + n]).expect("push");
+                    *at += n;
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        writers
+            .into_iter()
+            .map(|(mut w, _, _)| {
+                let n = w.end().expect("end");
+                assert_eq!(w.end().expect("a second end"), 0, "nothing left to write");
+                n
+            })
+            .sum()
+    }
+
+    #[test]
+    fn runs_of_any_alignment_write_exactly_their_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cases: &[(usize, &[usize], usize, usize)] = &[
+            // (length, run cuts, piece, buffer)
+            (1_000_000, &[], 65_536, 1 << 20),
+            (1_000_000, &[], 7_777, 3 * ALIGN),
+            (3 * ALIGN, &[ALIGN], ALIGN, 2 * ALIGN),
+            (10, &[], 3, 2 * ALIGN),
+            (2 * ALIGN + 1, &[1, ALIGN + 1], 100, 2 * ALIGN),
+            (
+                500_000,
+                &[4_095, 4_097, 131_072, 300_001],
+                9_999,
+                16 * ALIGN,
+            ),
+            (70_000, &[100, 200, 300], 1, 2 * ALIGN),
+        ];
+        for (i, &(len, cuts, piece, cap)) in cases.iter().enumerate() {
+            let data = noise(len, i as u64 + 1);
+            let Some(file) = open(dir.path(), len as u64) else {
+                eprintln!("O_DIRECT is not supported here; the cached path is tested alone");
+                continue;
+            };
+            let direct = write_runs(&file, &data, cuts, piece, cap);
+            drop(file);
+            if len >= 4 * cap {
+                // Runs of several buffers write most of their bytes directly.
+                assert!(direct as usize > len / 2, "case {i}: {direct} bytes direct");
+            }
+            let got = std::fs::read(dir.path().join("f")).expect("read back");
+            assert!(
+                got == data,
+                "case {i}: the file differs from what was written"
+            );
+        }
+    }
+
+    /// One writer, as one fetch task: runs of two files one after the other, with gaps (chunks
+    /// another task or the page cache writes), its buffer reused from run to run.
+    #[test]
+    fn one_writer_writes_run_after_run_of_several_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sizes = [300_001usize, 123_457];
+        let mut files = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let sub = dir.path().join(i.to_string());
+            std::fs::create_dir(&sub).expect("mkdir");
+            let Some(f) = open(&sub, len as u64) else {
+                eprintln!("O_DIRECT is not supported here");
+                return;
+            };
+            files.push((sub, f, noise(len, 40 + i as u64)));
+        }
+        let mut w = RunWriter::new(8 * ALIGN);
+        let mut direct = 0;
+        for (_, file, data) in &files {
+            // Runs cut at odd places; every third piece written by someone else.
+            let mut at = 0;
+            for (k, piece) in [5_000, 70_000, 1, 9_999, 100_000, 4_096]
+                .iter()
+                .cycle()
+                .enumerate()
+            {
+                if at >= data.len() {
+                    break;
+                }
+                let end = (at + piece).min(data.len());
+                if k % 3 == 2 {
+                    file.cached
+                        .write_all_at(&data[at..end], at as u64)
+                        .expect("write");
+                } else {
+                    if !w.continues(file, at as u64) {
+                        direct += w.begin(file.clone(), at as u64).expect("begin");
+                    }
+                    w.push(&data[at..end]).expect("push");
+                }
+                at = end;
+            }
+        }
+        direct += w.end().expect("end");
+        assert!(direct > 0, "whole blocks went directly");
+        drop(w);
+        for (sub, file, data) in files {
+            drop(file);
+            let got = std::fs::read(sub.join("f")).expect("read back");
+            assert!(got == data, "{} differs", sub.display());
+        }
+    }
+}

@@ -46,6 +46,10 @@ const FSYNC_EACH_LIMIT: usize = 32;
 const DIRECT_MIN: u64 = 1 << 20;
 /// Bytes a fetch task gathers before writing them directly.
 const RUN_BUFFER: usize = 1 << 20;
+/// Local copies run in up to this many parts at once...
+const COPY_PARTS: usize = 2;
+/// ...of at least this many bytes each.
+const COPY_PART_MIN: u64 = 8 << 20;
 
 /// Why a generation could not be applied. Nothing was renamed into place unless the error
 /// says so ([`ApplyError::Commit`]).
@@ -634,18 +638,24 @@ async fn stage_batch(
         }
     }
 
-    // Local copies first (on the blocking pool); a local chunk that no longer matches its hash
-    // (the file changed since it was scanned) is fetched instead.
-    let copy_result = {
+    // Local copies first (on the blocking pool, in parts copied at once: reading, checking and
+    // writing a large archive's unchanged bytes is most of an edit's cost); a local chunk that
+    // no longer matches its hash (the file changed since it was scanned) is fetched instead.
+    let mut copying = JoinSet::new();
+    for part in split_copies(local_copies, COPY_PARTS, COPY_PART_MIN) {
         let dests = Arc::clone(&dests);
         let roots: Vec<Arc<FolderRoot>> = folders.iter().map(|f| Arc::clone(&f.root)).collect();
         let stagings: HashMap<usize, Arc<Staging>> = stagings.clone();
-        tokio::task::spawn_blocking(move || copy_local(&roots, &stagings, &dests, local_copies))
-            .await
+        copying.spawn_blocking(move || copy_local(&roots, &stagings, &dests, part));
+    }
+    let (mut reused, mut stale) = (0, Vec::new());
+    while let Some(done) = copying.join_next().await {
+        let (r, s) = done
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-    };
-    let (reused, stale) =
-        copy_result.map_err(|(path, source)| ApplyError::Stage { path, source })?;
+            .map_err(|(path, source)| ApplyError::Stage { path, source })?;
+        reused += r;
+        stale.extend(s);
+    }
     stats.bytes_reused += reused;
     for (d, offset, hash) in stale {
         let job = &jobs[d];
@@ -835,13 +845,36 @@ fn chunk_at(content: &FileContent, offset: u64) -> (u32, u32) {
 
 type CopyOutcome = Result<(u64, Vec<(usize, u64, ChunkHash)>), (String, io::Error)>;
 
+/// One local copy: (destination, offset there, length, hash, where the chunk is found).
+type LocalCopy = (usize, u64, u32, ChunkHash, Source);
+
+/// Cuts `copies` (in destination and offset order) into at most `parts` consecutive parts of
+/// about equal bytes, none under `min` bytes unless it is the only one. A cut inside a file only
+/// ends one direct-write run and begins another.
+fn split_copies(copies: Vec<LocalCopy>, parts: usize, min: u64) -> Vec<Vec<LocalCopy>> {
+    let total: u64 = copies.iter().map(|c| u64::from(c.2)).sum();
+    let parts = (total / min.max(1)).clamp(1, parts.max(1) as u64);
+    let share = total.div_ceil(parts);
+    let mut out = vec![Vec::new()];
+    let mut in_part = 0u64;
+    for c in copies {
+        if in_part >= share {
+            out.push(Vec::new());
+            in_part = 0;
+        }
+        in_part += u64::from(c.2);
+        out.last_mut().expect("starts with one part").push(c);
+    }
+    out
+}
+
 /// Copies chunks found on this node into staged files, checking each one's hash. Returns the
 /// bytes copied and the positions whose source no longer matched.
 fn copy_local(
     roots: &[Arc<FolderRoot>],
     stagings: &HashMap<usize, Arc<Staging>>,
     dests: &[Dest],
-    copies: Vec<(usize, u64, u32, ChunkHash, Source)>,
+    copies: Vec<LocalCopy>,
 ) -> CopyOutcome {
     let mut open: HashMap<String, Option<File>> = HashMap::new();
     let mut buf = Vec::new();
@@ -1136,4 +1169,48 @@ fn commit_folder(
         },
         stats,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copies(lens: &[u32]) -> Vec<LocalCopy> {
+        let mut offset = 0u64;
+        lens.iter()
+            .map(|&len| {
+                let c = (
+                    0,
+                    offset,
+                    len,
+                    ChunkHash::of(&offset.to_le_bytes()),
+                    Source::Memory(Arc::from(&[][..])),
+                );
+                offset += u64::from(len);
+                c
+            })
+            .collect()
+    }
+
+    fn offsets(parts: &[Vec<LocalCopy>]) -> Vec<Vec<u64>> {
+        parts
+            .iter()
+            .map(|p| p.iter().map(|c| c.1).collect())
+            .collect()
+    }
+
+    #[test]
+    fn local_copies_are_split_in_order_into_parts_of_about_equal_bytes() {
+        let all = copies(&[64 << 10; 1000]);
+        let expected: Vec<u64> = all.iter().map(|c| c.1).collect();
+        let parts = split_copies(all, 2, 8 << 20);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].len(), 500);
+        // Nothing lost, nothing reordered.
+        assert_eq!(offsets(&parts).concat(), expected);
+        // Under the minimum: one part; nothing at all: one empty part.
+        assert_eq!(split_copies(copies(&[64 << 10; 100]), 2, 8 << 20).len(), 1);
+        let none = split_copies(Vec::new(), 2, 8 << 20);
+        assert!(none.len() == 1 && none[0].is_empty());
+    }
 }

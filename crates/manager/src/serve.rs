@@ -708,6 +708,7 @@ async fn serve_fetch(
         jobs.push(ReadJob {
             path: file.path,
             base: file.base,
+            base_at: offsets[content.chunks.len().saturating_sub(1)],
             wanted,
         });
     }
@@ -781,6 +782,11 @@ struct ReadJob {
     path: syncd_manifest::RelPath,
     /// The agent's current version of the file's last chunk, offered as a delta base.
     base: Option<ChunkHash>,
+    /// Offset of the file's last chunk, the only one tried against `base`: the new version of
+    /// the same part of the file (a small file whole, an archive's central directory). Trying
+    /// it on every chunk of a large file cost milliseconds per chunk (a compression dictionary
+    /// built from up to 256 KiB) for nothing.
+    base_at: u64,
     /// (offset, length, hash) of each chunk, in the order asked.
     wanted: Vec<(u64, u32, ChunkHash)>,
 }
@@ -818,7 +824,8 @@ fn read_jobs(
                 bytes += job.wanted[end].1 as usize;
                 end += 1;
             }
-            let item = match read_chunks(&file, &job.wanted[start..end], base.as_deref(), cache) {
+            let base = base.as_deref().map(|b| (job.base_at, b));
+            let item = match read_chunks(&file, &job.wanted[start..end], base, cache) {
                 Ok(chunks) => Read::Chunks(chunks),
                 Err(reason) => {
                     let _ = out.blocking_send(Read::Gone(job.path, reason));
@@ -833,13 +840,14 @@ fn read_jobs(
     }
 }
 
-/// Reads, checks and encodes chunks for the wire (compressed where that pays, against `base`
-/// when that is shorter); an error names the first that no longer matches. Chunks that
-/// compress are kept in `cache`, as bases for their files' next versions.
+/// Reads, checks and encodes chunks for the wire (compressed where that pays; the chunk at
+/// `base`'s offset also against `base`'s bytes, when that is shorter); an error names the first
+/// that no longer matches. Chunks that compress are kept in `cache`, as bases for their files'
+/// next versions.
 fn read_chunks(
     file: &std::fs::File,
     batch: &[(u64, u32, ChunkHash)],
-    base: Option<&[u8]>,
+    base: Option<(u64, &[u8])>,
     cache: &ChunkCache,
 ) -> Result<Vec<(Bytes, ChunkEncoding)>, String> {
     use std::os::unix::fs::FileExt;
@@ -853,6 +861,7 @@ fn read_chunks(
                 "changed on disk since it was scanned (chunk at {offset})"
             ));
         }
+        let base = base.and_then(|(at, bytes)| (at == offset).then_some(bytes));
         let (wire, encoding, plain) = syncd_proto::encode_chunk_keeping_plain(buf, base);
         if let Some(plain) = plain {
             cache.insert(hash, len, plain);
@@ -891,6 +900,7 @@ mod tests {
         ReadJob {
             path: syncd_manifest::RelPath::new(path).expect("valid path"),
             base: None,
+            base_at: 0,
             wanted,
         }
     }

@@ -26,7 +26,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     streams: Vec<usize>,
     /// Bounds on the UDP payload (path MTU discovery) to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1452,8952")]
+    #[arg(long, value_delimiter = ',', default_value = "1452,6500")]
     payloads: Vec<u16>,
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
@@ -114,7 +114,77 @@ fn main() -> Result<()> {
         let gib = args.mib as f64 / 1024.0 / secs;
         println!("| {p} | {s} | {gib:.2} GiB/s | {datagrams} | {mtu} | {lost} | {holes} |");
     }
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut times = rt.block_on(replies_after_idle(20))?;
+    times.sort();
+    println!();
+    println!(
+        "Replies of {} KB on a connection idle for 200 ms before each (a fetch after a quiet spell), 20 runs:",
+        REPLY / 1000
+    );
+    println!();
+    println!("| median | slowest |");
+    println!("| --- | --- |");
+    println!(
+        "| {:.1} ms | {:.1} ms |",
+        times[times.len() / 2].as_secs_f64() * 1e3,
+        times[times.len() - 1].as_secs_f64() * 1e3
+    );
     Ok(())
+}
+
+/// The size of a reply in [`replies_after_idle`]: one archive chunk changed by an edit.
+const REPLY: usize = 73_000;
+
+/// Times `n` request/reply exchanges of [`REPLY`] bytes on one connection, each after 200 ms of
+/// silence: from opening the stream to the last byte read.
+async fn replies_after_idle(n: usize) -> Result<Vec<std::time::Duration>> {
+    syncd_transport::install_crypto_provider();
+    let dir = tempfile::tempdir()?;
+    let server_id = Identity::create(&dir.path().join("server"))?;
+    let client_id = Identity::create(&dir.path().join("client"))?;
+    let allowed = [(client_id.id(), "client".to_owned())]
+        .into_iter()
+        .collect();
+    let server = Endpoint::server(&server_id, allowed, "127.0.0.1:0".parse()?)?;
+    let addr = server.local_addr()?;
+    let client = Endpoint::client(&client_id, addr)?;
+    let replier = tokio::spawn(async move {
+        let conn = server
+            .accept()
+            .await
+            .context("no connection")?
+            .accept()
+            .await?;
+        let reply = bytes::Bytes::from(vec![0x3cu8; REPLY]);
+        while let Ok((mut tx, mut rx)) = conn.accept_bi().await {
+            let mut ask = [0u8; 1];
+            rx.read_exact(&mut ask).await?;
+            tx.write_bytes(reply.clone()).await?;
+            tx.finish();
+            // Keep the stream until the client has read it all.
+            tokio::spawn(async move {
+                let _ = rx.read_exact(&mut ask).await;
+                drop(tx);
+            });
+        }
+        anyhow::Ok(())
+    });
+    let conn = client.connect(&client_id, addr, server_id.id()).await?;
+    let mut times = Vec::with_capacity(n);
+    let mut buf = vec![0u8; REPLY];
+    for _ in 0..n {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let t0 = Instant::now();
+        let (mut tx, mut rx) = conn.open_bi().await?;
+        tx.write_all(b"?").await?;
+        rx.read_exact(&mut buf).await?;
+        times.push(t0.elapsed());
+        tx.finish();
+    }
+    conn.close(0, "done");
+    replier.abort();
+    Ok(times)
 }
 
 /// Sends `mib` MiB from a client to a server over `streams` streams; returns the seconds from

@@ -96,7 +96,20 @@ impl TestManager {
                 .collect(),
             folders: folder(&dirs.data),
         };
-        let manager = Manager::open(config, identity).await.unwrap();
+        // A manager stopped in this process a moment ago may still hold the port: its endpoint's
+        // socket is released by a driver task that runs on after the manager is dropped.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let manager = loop {
+            match Manager::open(config.clone(), dirs.identity()).await {
+                Err(syncd_manager::ManagerError::Transport(
+                    syncd_transport::TransportError::Bind { .. },
+                )) if listen.port() != 0 && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                m => break m.unwrap(),
+            }
+        };
+        drop(identity);
         let addr = manager.local_addr();
         let status = manager.status();
         let rescan = manager.rescan_handle();

@@ -224,16 +224,14 @@ impl RunWriter {
 mod tests {
     use super::*;
 
+    /// Bytes different for each seed (BLAKE3's output stream).
     fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        let mut out = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut out);
+        out
     }
 
     /// A file in `dir` of `len` bytes opened as the agent opens a staged file; `None` where

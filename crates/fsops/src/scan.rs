@@ -760,16 +760,20 @@ mod tests {
         let chunker = Chunker::new(syncd_manifest::ChunkParams::DEFAULT).expect("params");
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("a.war");
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        // Numbers and bytes from BLAKE3's output stream.
+        let mut stream = blake3::Hasher::new().update(b"parts").finalize_xof();
         let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
+            let mut b = [0u8; 8];
+            stream.fill(&mut b);
+            u64::from_le_bytes(b)
         };
         for case in 0..6u64 {
             let size = 3_000_000 + next() % 2_000_000;
-            let data: Vec<u8> = (0..size).map(|i| (next() >> (i % 7)) as u8).collect();
+            let mut data = vec![0u8; size as usize];
+            blake3::Hasher::new()
+                .update(&case.to_le_bytes())
+                .finalize_xof()
+                .fill(&mut data);
             fs::write(&path, &data).expect("write");
             let mut cuts: Vec<u64> = (0..case * 7 + 1).map(|_| next() % size).collect();
             cuts.sort_unstable();

@@ -133,12 +133,17 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The size of a reply in [`replies_after_idle`]: one archive chunk changed by an edit.
-const REPLY: usize = 73_000;
+/// The client half of a [`loopback`] pair.
+struct Client {
+    endpoint: Endpoint,
+    id: Identity,
+    server: std::net::SocketAddr,
+    server_id: syncd_transport::NodeId,
+}
 
-/// Times `n` request/reply exchanges of [`REPLY`] bytes on one connection, each after 200 ms of
-/// silence: from opening the stream to the last byte read.
-async fn replies_after_idle(n: usize) -> Result<Vec<std::time::Duration>> {
+/// A server endpoint on loopback and a client that may connect to it, with fresh identities
+/// (kept in the returned directory).
+fn loopback() -> Result<(tempfile::TempDir, Endpoint, Client)> {
     syncd_transport::install_crypto_provider();
     let dir = tempfile::tempdir()?;
     let server_id = Identity::create(&dir.path().join("server"))?;
@@ -148,7 +153,31 @@ async fn replies_after_idle(n: usize) -> Result<Vec<std::time::Duration>> {
         .collect();
     let server = Endpoint::server(&server_id, allowed, "127.0.0.1:0".parse()?)?;
     let addr = server.local_addr()?;
-    let client = Endpoint::client(&client_id, addr)?;
+    let client = Client {
+        endpoint: Endpoint::client(&client_id, addr)?,
+        id: client_id,
+        server: addr,
+        server_id: server_id.id(),
+    };
+    Ok((dir, server, client))
+}
+
+impl Client {
+    async fn connect(&self) -> Result<syncd_transport::Conn> {
+        Ok(self
+            .endpoint
+            .connect(&self.id, self.server, self.server_id)
+            .await?)
+    }
+}
+
+/// The size of a reply in [`replies_after_idle`]: one archive chunk changed by an edit.
+const REPLY: usize = 73_000;
+
+/// Times `n` request/reply exchanges of [`REPLY`] bytes on one connection, each after 200 ms of
+/// silence: from opening the stream to the last byte read.
+async fn replies_after_idle(n: usize) -> Result<Vec<std::time::Duration>> {
+    let (_dir, server, client) = loopback()?;
     let replier = tokio::spawn(async move {
         let conn = server
             .accept()
@@ -170,7 +199,7 @@ async fn replies_after_idle(n: usize) -> Result<Vec<std::time::Duration>> {
         }
         anyhow::Ok(())
     });
-    let conn = client.connect(&client_id, addr, server_id.id()).await?;
+    let conn = client.connect().await?;
     let mut times = Vec::with_capacity(n);
     let mut buf = vec![0u8; REPLY];
     for _ in 0..n {
@@ -191,16 +220,7 @@ async fn replies_after_idle(n: usize) -> Result<Vec<std::time::Duration>> {
 /// the first byte written to the last byte read, and the sender's connection figures.
 async fn run(mib: u64, streams: usize, payload: u16) -> Result<(f64, ConnStats)> {
     syncd_transport::set_max_udp_payload(payload);
-    syncd_transport::install_crypto_provider();
-    let dir = tempfile::tempdir()?;
-    let server_id = Identity::create(&dir.path().join("server"))?;
-    let client_id = Identity::create(&dir.path().join("client"))?;
-    let allowed = [(client_id.id(), "client".to_owned())]
-        .into_iter()
-        .collect();
-    let server = Endpoint::server(&server_id, allowed, "127.0.0.1:0".parse()?)?;
-    let addr = server.local_addr()?;
-    let client = Endpoint::client(&client_id, addr)?;
+    let (_dir, server, client) = loopback()?;
     let per_stream = mib * (1 << 20) / streams as u64;
     let receiver = tokio::spawn(async move {
         let conn = server
@@ -228,7 +248,7 @@ async fn run(mib: u64, streams: usize, payload: u16) -> Result<(f64, ConnStats)>
         }
         anyhow::Ok(Instant::now())
     });
-    let conn = client.connect(&client_id, addr, server_id.id()).await?;
+    let conn = client.connect().await?;
     let block = bytes::Bytes::from(vec![0x5au8; 1 << 20]);
     let start = Instant::now();
     let mut senders = Vec::new();

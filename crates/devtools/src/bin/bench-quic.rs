@@ -162,6 +162,16 @@ fn loopback() -> Result<(tempfile::TempDir, Endpoint, Client)> {
     Ok((dir, server, client))
 }
 
+/// The next connection to `server`, handshake done.
+async fn accept(server: &Endpoint) -> Result<syncd_transport::Conn> {
+    Ok(server
+        .accept()
+        .await
+        .context("no connection")?
+        .accept()
+        .await?)
+}
+
 impl Client {
     async fn connect(&self) -> Result<syncd_transport::Conn> {
         Ok(self
@@ -179,12 +189,7 @@ const REPLY: usize = 73_000;
 async fn replies_after_idle(n: usize) -> Result<Vec<std::time::Duration>> {
     let (_dir, server, client) = loopback()?;
     let replier = tokio::spawn(async move {
-        let conn = server
-            .accept()
-            .await
-            .context("no connection")?
-            .accept()
-            .await?;
+        let conn = accept(&server).await?;
         let reply = bytes::Bytes::from(vec![0x3cu8; REPLY]);
         while let Ok((mut tx, mut rx)) = conn.accept_bi().await {
             let mut ask = [0u8; 1];
@@ -223,12 +228,7 @@ async fn run(mib: u64, streams: usize, payload: u16) -> Result<(f64, ConnStats)>
     let (_dir, server, client) = loopback()?;
     let per_stream = mib * (1 << 20) / streams as u64;
     let receiver = tokio::spawn(async move {
-        let conn = server
-            .accept()
-            .await
-            .context("no connection")?
-            .accept()
-            .await?;
+        let conn = accept(&server).await?;
         let mut tasks = Vec::new();
         for _ in 0..streams {
             let (_tx, mut rx) = conn.accept_bi().await?;

@@ -603,7 +603,15 @@ impl LiveFolder {
         if to_hash.is_empty() {
             return;
         }
-        for (path, result) in syncd_fsops::hash_files(chunker, to_hash, threads) {
+        let (files, started) = (to_hash.len(), Instant::now());
+        let hashed = syncd_fsops::hash_files(chunker, to_hash, threads);
+        tracing::debug!(
+            folder = %self.spec.name,
+            files,
+            hash_ms = started.elapsed().as_millis() as u64,
+            "hashed settled files"
+        );
+        for (path, result) in hashed {
             match result {
                 Ok((node, key)) => {
                     self.working.manifest.insert(path.clone(), node);

@@ -78,7 +78,9 @@ impl AlignedBuf {
 pub struct RunWriter {
     /// The file of the run being written; `None` between runs.
     file: Option<DirectFile>,
-    buf: AlignedBuf,
+    /// Allocated by the first run (a fetch of small files only never needs it).
+    buf: Option<AlignedBuf>,
+    capacity: usize,
     /// File offset of the aligned block `buf` starts with.
     block: u64,
     /// The run's bytes held are `buf[from..to]`: `from` is only non-zero before the first write
@@ -108,7 +110,8 @@ impl RunWriter {
         let capacity = capacity.max(2 * ALIGN).next_multiple_of(ALIGN);
         RunWriter {
             file: None,
-            buf: AlignedBuf::new(capacity),
+            buf: None,
+            capacity,
             block: 0,
             from: 0,
             to: 0,
@@ -129,12 +132,24 @@ impl RunWriter {
     /// of `file`.
     pub fn begin(&mut self, file: DirectFile, offset: u64) -> io::Result<u64> {
         let done = self.end()?;
+        if self.buf.is_none() {
+            self.buf = Some(AlignedBuf::new(self.capacity));
+        }
         let skew = (offset % ALIGN as u64) as usize;
         self.file = Some(file);
         self.block = offset - skew as u64;
         self.from = skew;
         self.to = skew;
         Ok(done)
+    }
+
+    /// The buffer (allocated by the first run).
+    fn bytes(&self) -> &[u8] {
+        self.buf.as_ref().expect("allocated by begin").as_ref()
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.buf.as_mut().expect("allocated by begin").as_mut()
     }
 
     /// The file offset the next byte of the run belongs at.
@@ -146,12 +161,13 @@ impl RunWriter {
     pub fn push(&mut self, mut data: &[u8]) -> io::Result<()> {
         assert!(self.file.is_some(), "push before begin");
         while !data.is_empty() {
-            let room = self.buf.capacity - self.to;
+            let room = self.capacity - self.to;
             let n = room.min(data.len());
-            self.buf.as_mut()[self.to..self.to + n].copy_from_slice(&data[..n]);
+            let to = self.to;
+            self.bytes_mut()[to..to + n].copy_from_slice(&data[..n]);
             self.to += n;
             data = &data[n..];
-            if self.to == self.buf.capacity {
+            if self.to == self.capacity {
                 self.write_blocks()?;
             }
         }
@@ -171,7 +187,7 @@ impl RunWriter {
         if self.to > self.from {
             let at = self.block + self.from as u64;
             file.cached
-                .write_all_at(&self.buf.as_ref()[self.from..self.to], at)?;
+                .write_all_at(&self.bytes()[self.from..self.to], at)?;
         }
         self.from = 0;
         self.to = 0;
@@ -182,18 +198,19 @@ impl RunWriter {
     /// keeps a last partial block (moved to the buffer's start, at the same alignment).
     fn write_blocks(&mut self) -> io::Result<()> {
         let file = self.file.as_ref().expect("only called during a run");
+        let buf = self.buf.as_ref().expect("allocated by begin").as_ref();
         let (mut from, to) = (self.from, self.to);
         if !from.is_multiple_of(ALIGN) {
             // The run starts within a block: that block's part goes through the page cache.
             let head_end = from.next_multiple_of(ALIGN).min(to);
             file.cached
-                .write_all_at(&self.buf.as_ref()[from..head_end], self.block + from as u64)?;
+                .write_all_at(&buf[from..head_end], self.block + from as u64)?;
             from = head_end;
         }
         let whole_end = to - to % ALIGN;
         if whole_end > from {
             let at = self.block + from as u64;
-            let bytes = &self.buf.as_ref()[from..whole_end];
+            let bytes = &buf[from..whole_end];
             if self.cached_only {
                 file.cached.write_all_at(bytes, at)?;
             } else {
@@ -212,7 +229,7 @@ impl RunWriter {
         }
         // What is left, `from..to`, lies within one block: keep it at its alignment.
         let keep_at = from % ALIGN;
-        self.buf.as_mut().copy_within(from..to, keep_at);
+        self.bytes_mut().copy_within(from..to, keep_at);
         self.block += (from - keep_at) as u64;
         self.from = keep_at;
         self.to = keep_at + (to - from);

@@ -708,7 +708,7 @@ async fn serve_fetch(
         jobs.push(ReadJob {
             path: file.path,
             base: file.base,
-            base_at: offsets[content.chunks.len().saturating_sub(1)],
+            base_at: offsets.last().copied().unwrap_or(0),
             wanted,
         });
     }

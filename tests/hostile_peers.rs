@@ -481,7 +481,7 @@ async fn an_agent_claiming_another_agents_name_is_refused() {
 async fn an_endless_stream_of_changes_is_cut_off_at_its_bound() {
     let dirs = agent_dirs();
     let fake = FakeManager::new(&dirs.identity());
-    let agent = agent_of(&fake, dirs).await;
+    let mut agent = agent_of(&fake, dirs).await;
     let (conn, mut tx, _rx) = fake.accept(Hello::OURS).await;
     tx.send(
         &update_header(Manifest::default().digest()),
@@ -506,9 +506,29 @@ async fn an_endless_stream_of_changes_is_cut_off_at_its_bound() {
         }
     };
     assert!(closed, "the agent accepted {sent} changes");
-    let (code, reason) = closed_reason(&conn).await;
-    assert_eq!(code, close::PROTOCOL_ERROR);
-    assert!(reason.contains("exceeds"), "{reason}");
+    // The agent's verdict is its own record of why it ended the session. Its CONNECTION_CLOSE
+    // usually reaches us too, but we are flooding: on a loaded machine the close can be lost
+    // among our packets, the agent forgets the connection after its draining period and answers
+    // what we still send with a stateless reset, which is a correct end as well.
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap()
+    {
+        TransportError::Closed { code, reason, .. } => {
+            assert_eq!(code, close::PROTOCOL_ERROR);
+            assert!(reason.contains("exceeds"), "{reason}");
+        }
+        TransportError::Lost(why) if why.contains("reset") => {}
+        other => panic!("expected an application close or a reset, got {other}"),
+    }
+    let st = wait_for(&mut agent.status, Duration::from_secs(5), |s| {
+        s.last_error.is_some()
+    })
+    .await
+    .unwrap();
+    let err = st.last_error.unwrap();
+    assert!(err.contains("exceeds"), "{err}");
+    assert_eq!(st.applied.0, 0);
     let dirs = agent.stop().await;
     assert_nothing_written(&dirs);
 }

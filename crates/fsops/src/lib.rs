@@ -21,7 +21,7 @@ pub use direct::{ALIGN, DirectFile, RunWriter};
 pub use durable::write_atomic;
 pub use excludes::{ExcludeError, Excludes, STAGING_DIR, WSO2_DEFAULT_EXCLUDES};
 pub use folder::{FolderRoot, StagedFile, Staging, mtime_of, to_system_time};
-pub use memory::trim_heap;
+pub use memory::{trim_heap, tune_allocator};
 pub use scan::{
     HashResult, LocalDelta, LocalManifest, ScanError, ScanStats, ScanWarning, Seen, StatKey,
     apply_deltas, hash_file, hash_files, observe, scan, stat_key, walk,

@@ -48,11 +48,34 @@ pub fn stat_key(meta: &Metadata) -> StatKey {
 
 /// A manifest together with the stat keys of its files, as a node keeps it for itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "LocalManifestRepr")]
 pub struct LocalManifest {
     /// What the folder holds.
     pub manifest: Manifest,
     /// Stat key of each file in `manifest` when it was hashed.
     pub stats: HashMap<RelPath, StatKey>,
+}
+
+/// How a [`LocalManifest`] is decoded: as encoded, then each stat key's path is replaced by
+/// the manifest's own (decoded twice, a path would be held in memory twice).
+#[derive(Deserialize)]
+struct LocalManifestRepr {
+    manifest: Manifest,
+    stats: HashMap<RelPath, StatKey>,
+}
+
+impl From<LocalManifestRepr> for LocalManifest {
+    fn from(r: LocalManifestRepr) -> Self {
+        let stats = r
+            .stats
+            .into_iter()
+            .map(|(p, k)| (r.manifest.key(&p).cloned().unwrap_or(p), k))
+            .collect();
+        LocalManifest {
+            manifest: r.manifest,
+            stats,
+        }
+    }
 }
 
 /// Something the scan skipped, and why.
@@ -401,15 +424,7 @@ impl LocalManifest {
     /// Drops entries whose parent is missing (a directory that vanished mid-scan) so the
     /// manifest stays a tree.
     pub fn drop_orphans(&mut self) {
-        let orphans: Vec<RelPath> = self
-            .manifest
-            .iter()
-            .filter(|(p, _)| {
-                p.parent_str()
-                    .is_some_and(|d| !self.manifest.get(d).is_some_and(Node::is_dir))
-            })
-            .map(|(p, _)| p.clone())
-            .collect();
+        let orphans: Vec<RelPath> = self.orphans().map(|(p, _)| p.clone()).collect();
         for p in orphans {
             self.manifest.remove(&p);
             self.stats.remove(&p);
@@ -454,6 +469,26 @@ impl LocalDelta {
 }
 
 impl LocalManifest {
+    /// Entries whose parent is not a directory of the manifest.
+    fn orphans(&self) -> impl Iterator<Item = (&RelPath, &Node)> {
+        self.manifest.iter().filter(|(p, _)| {
+            p.parent_str()
+                .is_some_and(|d| !self.manifest.get(d).is_some_and(Node::is_dir))
+        })
+    }
+
+    /// Whether [`LocalManifest::drop_orphans`] would drop anything.
+    pub fn has_orphans(&self) -> bool {
+        self.orphans().next().is_some()
+    }
+
+    /// Packs the manifest's map (see [`Manifest::compact`]) and gives the stat keys' spare
+    /// capacity back.
+    pub fn compact(&mut self) {
+        self.manifest.compact();
+        self.stats.shrink_to_fit();
+    }
+
     /// Applies a delta: `old.apply_delta(&LocalDelta::between(&old, &new))` gives `new` (stat
     /// keys included, for every file the delta puts).
     pub fn apply_delta(&mut self, delta: &LocalDelta) {
@@ -462,7 +497,8 @@ impl LocalManifest {
             self.stats.remove(c.path());
         }
         for (p, k) in &delta.stats {
-            self.stats.insert(p.clone(), *k);
+            let p = self.manifest.key(p).unwrap_or(p).clone();
+            self.stats.insert(p, *k);
         }
     }
 }
@@ -705,6 +741,43 @@ mod tests {
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(matches!(warnings[0], ScanWarning::Symlink { .. }));
         m.validate().unwrap();
+    }
+
+    #[test]
+    fn a_decoded_local_manifest_holds_each_path_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..10 {
+            fs::write(dir.path().join(format!("f{i}")), format!("content {i}")).unwrap();
+        }
+        let chunker = Chunker::new(ChunkParams::DEFAULT).unwrap();
+        let (local, _, _) = scan(dir.path(), &chunker, &Excludes::none(), None, 2).unwrap();
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&local, config).unwrap();
+        let (back, _): (LocalManifest, _) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(back, local);
+        assert_eq!(back.stats.len(), 10);
+        for path in back.stats.keys() {
+            let held = back.manifest.key(path).unwrap();
+            assert_eq!(held.as_str().as_ptr(), path.as_str().as_ptr(), "{path}");
+        }
+        // Deltas applied after it share the manifest's paths too.
+        let mut next = back.clone();
+        fs::write(dir.path().join("f3"), b"changed").unwrap();
+        let (changed, _, _) =
+            scan(dir.path(), &chunker, &Excludes::none(), Some(&back), 2).unwrap();
+        let delta = LocalDelta::between(&back, &changed);
+        let bytes = bincode::serde::encode_to_vec(&delta, config).unwrap();
+        let (delta, _): (LocalDelta, _) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        next.apply_delta(&delta);
+        assert_eq!(next, changed);
+        let f3 = p("f3");
+        let (held, stat) = (
+            next.manifest.key(&f3).unwrap(),
+            next.stats.get_key_value(&f3).unwrap().0,
+        );
+        assert_eq!(held.as_str().as_ptr(), stat.as_str().as_ptr());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use crate::history::{History, Step};
 use crate::inotify::{CHANNEL, FolderWatch, Signal, WatchMsg};
 use crate::live::{GuardReason, LiveFolder};
-use crate::state::{GenerationRecord, ManagerState};
+use crate::state::{GenerationRecord, ManagerState, ManagerStateView};
 use crate::{
     GuardedFolder, HeldFile, Hold, ManagerConfig, ManagerError, ManagerStatus, PendingChange,
 };
@@ -62,6 +62,9 @@ const IMMINENT: Duration = Duration::from_millis(10);
 /// A generation with at least this many changes leaves enough freed memory behind (its lists,
 /// encodings and the copies compared) to be worth handing back (see `syncd_fsops::trim_heap`).
 const TRIM_AFTER_CHANGES: usize = 4096;
+/// How long after such a generation the heap is trimmed: by then its transient buffers (the
+/// previous snapshot, the first agents' update pages) are freed too.
+const TRIM_DELAY: Duration = Duration::from_secs(1);
 /// Pending changes listed in status while holding.
 const PENDING_LISTED: usize = 1000;
 
@@ -101,6 +104,8 @@ pub(crate) struct Control {
     /// Since when publication has been put off for a file about to settle.
     deferred_since: Option<Instant>,
     waiting: Vec<oneshot::Sender<Generation>>,
+    /// When to hand freed heap back again, after a large generation.
+    trim_at: Option<Instant>,
     /// A time in the past, for work that is due at once.
     started: Instant,
     /// Publication held by the operator.
@@ -119,7 +124,9 @@ impl Control {
         let folders = config
             .folders
             .iter()
-            .map(|spec| LiveFolder::new(spec.clone(), state.folders.remove(&spec.name)))
+            .map(|spec| {
+                LiveFolder::new(spec.clone(), state.folders.remove(&spec.name).map(Arc::new))
+            })
             .collect();
         let mut control = Control {
             generation: state.generation,
@@ -133,6 +140,7 @@ impl Control {
             last_hint: None,
             deferred_since: None,
             waiting: Vec::new(),
+            trim_at: None,
             started: Instant::now(),
             hold: load_hold(&config.state_dir),
             store,
@@ -154,8 +162,9 @@ impl Control {
             tracing::warn!(until = ?h.until, "publication is held (syncctl pause); changes are not sent until `syncctl resume`");
         }
         control.publish(control.generation == Generation(0))?;
-        // The state's decoding and the first walk's buffers are freed by now.
+        // The state's decoding and the first walk's buffers are freed by now, or soon.
         syncd_fsops::trim_heap();
+        control.trim_at = Some(Instant::now() + TRIM_DELAY);
         let snapshot = control.snapshot();
         Ok((control, snapshot))
     }
@@ -301,6 +310,10 @@ impl Control {
                     }
                     None => break,
                 },
+                _ = sleep_until(self.trim_at) => {
+                    self.trim_at = None;
+                    syncd_fsops::trim_heap();
+                }
                 _ = hold_expiry(&self.hold) => {
                     if let Err(e) = self.release("hold time limit reached") {
                         tracing::error!(error = %e, "cannot end the hold");
@@ -454,7 +467,7 @@ impl Control {
         let started = Instant::now();
         let mut steps = BTreeMap::new();
         let mut first_versions: Vec<String> = Vec::new();
-        let mut next: Vec<Option<LocalManifest>> = Vec::with_capacity(self.folders.len());
+        let mut next: Vec<Option<Arc<LocalManifest>>> = Vec::with_capacity(self.folders.len());
         for f in &mut self.folders {
             // Removals still coming: the folder waits for them (see `REMOVAL_QUIET`).
             if f.removals_pending() {
@@ -474,7 +487,7 @@ impl Control {
                         next.push(None);
                         continue;
                     }
-                    empty
+                    Arc::new(empty)
                 }
                 None => {
                     next.push(None);
@@ -563,15 +576,15 @@ impl Control {
                 })
                 .collect(),
         };
-        let full = || ManagerState {
+        let full = || ManagerStateView {
             generation,
             folders: self
                 .folders
                 .iter()
                 .zip(&next)
                 .filter_map(|(f, n)| {
-                    let local = n.clone().or_else(|| f.published.as_deref().cloned())?;
-                    Some((f.spec.name.clone(), local))
+                    let local = n.as_deref().or(f.published.as_deref())?;
+                    Some((f.spec.name.as_str(), local))
                 })
                 .collect(),
         };
@@ -583,7 +596,7 @@ impl Control {
         })?;
         for (f, n) in self.folders.iter_mut().zip(next) {
             if let Some(n) = n {
-                f.set_published(Arc::new(n));
+                f.set_published(n);
             }
         }
         self.generation = generation;
@@ -596,6 +609,7 @@ impl Control {
         tracing::info!(%generation, elapsed_ms = started.elapsed().as_millis() as u64, "published generation");
         if changed >= TRIM_AFTER_CHANGES {
             syncd_fsops::trim_heap();
+            self.trim_at = Some(Instant::now() + TRIM_DELAY);
         }
         Ok(true)
     }
@@ -776,6 +790,14 @@ fn load_hold(state_dir: &std::path::Path) -> Option<Hold> {
         tracing::error!(path = %path.display(), error = %e, "hold record unreadable; not holding");
         None
     })
+}
+
+/// Resolves at `at` (never, without one).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when a hold with a time limit ends (never, without one).

@@ -89,8 +89,10 @@ pub(crate) struct LiveFolder {
     pub root: Option<Arc<FolderRoot>>,
     /// What was last published.
     pub published: Option<Arc<LocalManifest>>,
-    /// What is on disk and complete (held files keep their previous entry, or none).
-    working: LocalManifest,
+    /// What is on disk and complete (held files keep their previous entry, or none). Shared
+    /// with `published` until it changes (copy on write, see [`LiveFolder::working_mut`]): at
+    /// rest, a folder's manifest and stat keys are in memory once.
+    working: Arc<LocalManifest>,
     /// Paths hinted since the last look.
     dirty: BTreeSet<RelPath>,
     /// The whole folder must be walked again (start, queue overflow, periodic check).
@@ -127,15 +129,17 @@ pub(crate) const REMOVAL_MAX_WAIT: Duration = Duration::from_secs(2);
 
 impl LiveFolder {
     /// A folder starting from what was last published (persisted state), to be walked.
-    pub(crate) fn new(spec: FolderSpec, published: Option<LocalManifest>) -> LiveFolder {
-        let working = published.clone().unwrap_or_else(|| LocalManifest {
-            manifest: Manifest::new(ChunkParams::DEFAULT),
-            ..LocalManifest::default()
+    pub(crate) fn new(spec: FolderSpec, published: Option<Arc<LocalManifest>>) -> LiveFolder {
+        let working = published.clone().unwrap_or_else(|| {
+            Arc::new(LocalManifest {
+                manifest: Manifest::new(ChunkParams::DEFAULT),
+                ..LocalManifest::default()
+            })
         });
         LiveFolder {
             spec,
             root: None,
-            published: published.map(Arc::new),
+            published,
             working,
             dirty: BTreeSet::new(),
             rescan_all: true,
@@ -391,18 +395,14 @@ impl LiveFolder {
             }
             Some(s @ Seen::Symlink { .. }) => {
                 self.replace_subtree(path);
-                self.working
-                    .manifest
-                    .insert(path.clone(), s.node().expect("links have nodes"));
+                self.put(path.clone(), s.node().expect("links have nodes"));
             }
             Some(s @ Seen::Dir { .. }) => {
                 let known_dir = self.working.manifest.get(path).is_some_and(Node::is_dir);
                 if !known_dir {
                     self.replace_subtree(path);
                 }
-                self.working
-                    .manifest
-                    .insert(path.clone(), s.node().expect("directories have nodes"));
+                self.put(path.clone(), s.node().expect("directories have nodes"));
                 if !known_dir {
                     // A new directory (created, or moved in with its contents): walk it.
                     self.walk_under(Some(path), now);
@@ -463,7 +463,7 @@ impl LiveFolder {
                     if !same_kind {
                         self.replace_subtree(&path);
                     }
-                    self.working.manifest.insert(path, node);
+                    self.put(path, node);
                 }
             }
         }
@@ -546,9 +546,27 @@ impl LiveFolder {
             .subtree(path)
             .map(|(p, _)| p.clone())
             .collect();
+        if doomed.is_empty() {
+            return;
+        }
+        let working = self.working_mut();
         for p in &doomed {
-            self.working.manifest.remove(p);
-            self.working.stats.remove(p);
+            working.manifest.remove(p);
+            working.stats.remove(p);
+        }
+    }
+
+    /// The working state, to change: copied first if it is still shared with what is
+    /// published (once per generation, at its first change).
+    fn working_mut(&mut self) -> &mut LocalManifest {
+        Arc::make_mut(&mut self.working)
+    }
+
+    /// Sets a directory's or link's node, leaving the working state shared if it is unchanged
+    /// (a rescan looks at every directory again).
+    fn put(&mut self, path: RelPath, node: Node) {
+        if self.working.manifest.get(&path) != Some(&node) {
+            self.working_mut().manifest.insert(path, node);
         }
     }
 
@@ -600,6 +618,11 @@ impl LiveFolder {
                 }
             }
         }
+        // A map keeps its capacity when emptied: after the first walk's 100,000 candidates it
+        // would hold megabytes for nothing.
+        if self.candidates.capacity() > 4 * self.candidates.len().max(1024) {
+            self.candidates.shrink_to_fit();
+        }
         if to_hash.is_empty() {
             return;
         }
@@ -611,11 +634,14 @@ impl LiveFolder {
             hash_ms = started.elapsed().as_millis() as u64,
             "hashed settled files"
         );
+        let mut entered = 0;
         for (path, result) in hashed {
             match result {
                 Ok((node, key)) => {
-                    self.working.manifest.insert(path.clone(), node);
-                    self.working.stats.insert(path.clone(), key);
+                    let working = self.working_mut();
+                    working.manifest.insert(path.clone(), node);
+                    working.stats.insert(path.clone(), key);
+                    entered += 1;
                     self.release(&path);
                     self.closed.remove(&path);
                 }
@@ -625,11 +651,16 @@ impl LiveFolder {
                 }
             }
         }
+        // Inserting in path order leaves the map's nodes half full; a large batch (the first
+        // walk, a big deployment) is worth packing again.
+        if entered >= COMPACT_AFTER {
+            self.working_mut().compact();
+        }
     }
 
     /// What may be published now: the working state, except new directories that still hold
     /// files in flux (a new directory, such as an exploded webapp, appears whole).
-    pub(crate) fn publishable(&self) -> Option<LocalManifest> {
+    pub(crate) fn publishable(&self) -> Option<Arc<LocalManifest>> {
         if self.root_failed && self.published.is_some() {
             return None;
         }
@@ -650,7 +681,11 @@ impl LiveFolder {
                 blocked.insert(top);
             }
         }
-        let mut next = self.working.clone();
+        if blocked.is_empty() && !self.working.has_orphans() {
+            // The usual case: what is published is the working state itself, shared.
+            return Some(self.working.clone());
+        }
+        let mut next = LocalManifest::clone(&self.working);
         for top in blocked {
             let doomed: Vec<RelPath> = next
                 .manifest
@@ -671,7 +706,7 @@ impl LiveFolder {
             }
         }
         next.drop_orphans();
-        Some(next)
+        Some(Arc::new(next))
     }
 
     /// Records what was published.
@@ -679,6 +714,9 @@ impl LiveFolder {
         self.published = Some(published);
     }
 }
+
+/// Files entering the working state at once beyond which its map is packed again.
+const COMPACT_AFTER: usize = 4096;
 
 /// How long ago the file's inode last changed (data or metadata: the change time moves with
 /// both, and no one can set it back). A change time in the future (the clock went back) counts
@@ -740,6 +778,51 @@ mod tests {
     }
 
     #[test]
+    fn at_rest_the_published_state_is_the_working_state_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        for i in 0..3 {
+            fs::write(dir.path().join(format!("sub/{i}.xml")), b"<x/>").unwrap();
+        }
+        let mut f = folder(dir.path());
+        settle_all(&mut f);
+        f.set_published(f.publishable().unwrap());
+        let shared = |f: &LiveFolder| Arc::ptr_eq(&f.working, f.published.as_ref().unwrap());
+        assert!(shared(&f));
+        // A full walk that finds nothing new copies nothing.
+        f.rescan();
+        settle_all(&mut f);
+        assert!(shared(&f));
+        // A change makes a working copy; the published version stays as it was.
+        fs::write(dir.path().join("sub/1.xml"), b"<changed/>").unwrap();
+        f.hint(p("sub/1.xml"), Hint::Written);
+        settle_all(&mut f);
+        assert!(!shared(&f));
+        let old = f.published.clone().unwrap();
+        assert_eq!(
+            old.manifest
+                .get(&p("sub/1.xml"))
+                .unwrap()
+                .file()
+                .unwrap()
+                .size,
+            4
+        );
+        let next = f.publishable().unwrap();
+        assert_eq!(
+            next.manifest
+                .get(&p("sub/1.xml"))
+                .unwrap()
+                .file()
+                .unwrap()
+                .size,
+            10
+        );
+        f.set_published(next);
+        assert!(shared(&f));
+    }
+
+    #[test]
     fn removals_wait_until_they_stop_coming() {
         let dir = tempfile::tempdir().unwrap();
         for i in 0..3 {
@@ -747,7 +830,7 @@ mod tests {
         }
         let mut f = folder(dir.path());
         let mut now = settle_all(&mut f);
-        f.set_published(Arc::new(f.publishable().unwrap()));
+        f.set_published(f.publishable().unwrap());
         assert!(!f.removals_pending());
         // Removals keep coming every 100 ms: nothing is due until they stop.
         for i in 0..3 {
@@ -827,7 +910,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut f = folder(dir.path());
         settle_all(&mut f);
-        f.set_published(Arc::new(f.publishable().unwrap()));
+        f.set_published(f.publishable().unwrap());
         fs::create_dir_all(dir.path().join("webapps/app/WEB-INF")).unwrap();
         fs::write(dir.path().join("webapps/app/index.html"), b"hi").unwrap();
         fs::write(dir.path().join("webapps/app/WEB-INF/web.xml"), b"<web").unwrap();
@@ -882,7 +965,7 @@ mod tests {
         fs::write(root.join("a.xml"), b"a").unwrap();
         let mut f = folder(&root);
         settle_all(&mut f);
-        f.set_published(Arc::new(f.publishable().unwrap()));
+        f.set_published(f.publishable().unwrap());
         fs::remove_dir_all(&root).unwrap();
         f.rescan();
         settle_all(&mut f);

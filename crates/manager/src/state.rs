@@ -23,6 +23,15 @@ pub(crate) struct ManagerState {
     pub folders: BTreeMap<String, LocalManifest>,
 }
 
+/// The persisted state, borrowed from the live folders: encodes exactly as [`ManagerState`]
+/// (a map's keys and values encode the same borrowed or owned), without copying every
+/// manifest to write a snapshot.
+#[derive(Debug, Serialize)]
+pub(crate) struct ManagerStateView<'a> {
+    pub generation: Generation,
+    pub folders: BTreeMap<&'a str, &'a LocalManifest>,
+}
+
 /// One published generation, as appended to the log.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct GenerationRecord {
@@ -33,6 +42,15 @@ pub(crate) struct GenerationRecord {
 }
 
 impl ManagerState {
+    /// The state, borrowed for encoding.
+    #[cfg(test)]
+    pub(crate) fn view(&self) -> ManagerStateView<'_> {
+        ManagerStateView {
+            generation: self.generation,
+            folders: self.folders.iter().map(|(k, v)| (k.as_str(), v)).collect(),
+        }
+    }
+
     /// Loads the state; a missing file is a first start. A damaged one is set aside: the
     /// manager rescans everything, and to keep generation numbers increasing it continues from
     /// a clock-derived number.
@@ -76,10 +94,10 @@ impl ManagerState {
 
 /// Records a generation durably: its changes appended to the log, or, when the log is due for
 /// folding, the whole state `full()` (which must include this generation) as a new snapshot.
-pub(crate) fn record(
+pub(crate) fn record<'a>(
     file: &mut StateFile,
     record: &GenerationRecord,
-    full: impl FnOnce() -> ManagerState,
+    full: impl FnOnce() -> ManagerStateView<'a>,
 ) -> std::io::Result<()> {
     let bytes = syncd_proto::encode_state(record).map_err(std::io::Error::other)?;
     file.commit(&bytes, || {
@@ -118,12 +136,22 @@ mod tests {
                 generation: Generation(g),
                 folders: vec![("app".into(), LocalDelta::new(changes, folder))],
             };
-            let full = || ManagerState {
-                generation: state.generation,
-                folders: state.folders.clone(),
-            };
-            record(store, &rec, full).unwrap();
+            record(store, &rec, || state.view()).unwrap();
         }
+    }
+
+    #[test]
+    fn the_borrowed_view_encodes_as_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut state, mut store) = ManagerState::load(dir.path());
+        publish(&mut store, &mut state, 3);
+        state
+            .folders
+            .insert("empty".into(), LocalManifest::default());
+        let owned = syncd_proto::encode_state(&state).unwrap();
+        assert_eq!(syncd_proto::encode_state(&state.view()).unwrap(), owned);
+        let back: ManagerState = syncd_proto::decode_state(&owned).unwrap();
+        assert_eq!(back.folders, state.folders);
     }
 
     #[test]

@@ -148,7 +148,38 @@ pub struct Manifest {
 #[derive(Deserialize)]
 struct ManifestRepr {
     params: ChunkParams,
+    #[serde(deserialize_with = "packed_map")]
     nodes: BTreeMap<RelPath, Node>,
+}
+
+/// Decodes a map the way serde's own impl does (a later duplicate key replaces an earlier one),
+/// but builds it from the whole list at once, with full nodes: inserting the entries one by one
+/// in order leaves every node of the map half empty.
+fn packed_map<'de, D>(d: D) -> Result<BTreeMap<RelPath, Node>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = BTreeMap<RelPath, Node>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of paths to nodes")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            // The length comes from the peer or the disk: trust it only so far.
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(4096));
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries.into_iter().collect())
+        }
+    }
+    d.deserialize_map(Entries)
 }
 
 impl From<ManifestRepr> for Manifest {
@@ -265,6 +296,15 @@ impl Manifest {
         self.nodes.get(path)
     }
 
+    /// The path as the manifest holds it: a clone of it shares the manifest's allocation.
+    pub fn key<Q>(&self, path: &Q) -> Option<&RelPath>
+    where
+        RelPath: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.nodes.get_key_value(path).map(|(k, _)| k)
+    }
+
     /// All entries in path order (a directory before its contents).
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&RelPath, &Node)> + ExactSizeIterator {
         self.nodes.iter()
@@ -279,6 +319,12 @@ impl Manifest {
             .range(dir.clone()..)
             .take_while(move |(p, _)| p.as_str().starts_with(dir.as_str()))
             .filter(move |(p, _)| p.starts_with(dir))
+    }
+
+    /// Rebuilds the map with full nodes: one built by inserting entries in path order (a walk)
+    /// holds every entry in about twice the memory it needs.
+    pub fn compact(&mut self) {
+        self.nodes = std::mem::take(&mut self.nodes).into_iter().collect();
     }
 
     /// Sets the entry at `path`, returning the previous one.
@@ -617,6 +663,57 @@ pub(crate) mod tests {
         let (back, _): (Manifest, _) =
             bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
         assert_eq!(back.digest(), fresh.digest());
+    }
+
+    #[test]
+    fn packing_and_decoding_keep_every_entry_and_the_digest() {
+        let mut m = Manifest::new(ChunkParams::DEFAULT);
+        m.insert(p("d"), dir());
+        for i in 0..1000i64 {
+            m.insert(p(&format!("d/f{i:04}")), file(&i.to_le_bytes(), 0o644, i));
+        }
+        let before = m.clone();
+        m.compact();
+        assert_eq!(m, before);
+        assert_eq!(m.digest(), before.digest());
+        assert_eq!(m.iter().count(), 1001);
+        // Still an ordinary map afterwards.
+        m.insert(p("d/f0500"), file(b"new", 0o600, 9));
+        m.remove(&p("d/f0001"));
+        let mut expected = before.clone();
+        expected.insert(p("d/f0500"), file(b"new", 0o600, 9));
+        expected.remove(&p("d/f0001"));
+        assert_eq!(m, expected);
+        assert_eq!(m.digest(), expected.digest());
+
+        // Decoding builds the map at once; a repeated path keeps its last entry, as serde's
+        // own map decoding does.
+        #[derive(Serialize)]
+        struct Raw {
+            params: ChunkParams,
+            nodes: Vec<(RelPath, Node)>,
+        }
+        let raw = Raw {
+            params: ChunkParams::DEFAULT,
+            nodes: vec![
+                (p("a"), file(b"first", 0o644, 1)),
+                (p("b"), dir()),
+                (p("a"), file(b"second", 0o644, 1)),
+            ],
+        };
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&raw, config).unwrap();
+        let (back, _): (Manifest, _) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        let (serde_map, _): ((ChunkParams, BTreeMap<RelPath, Node>), _) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(back.iter().count(), 2);
+        assert_eq!(back.get(&p("a")), Some(&file(b"second", 0o644, 1)));
+        assert!(back.iter().eq(serde_map.1.iter()));
+        let m_bytes = bincode::serde::encode_to_vec(&m, config).unwrap();
+        let (m_back, _): (Manifest, _) =
+            bincode::serde::decode_from_slice(&m_bytes, config).unwrap();
+        assert_eq!(m_back, m);
+        assert_eq!(m_back.digest(), m.digest());
     }
 
     #[test]

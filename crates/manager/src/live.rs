@@ -693,10 +693,16 @@ impl LiveFolder {
                 .map(|(p, _)| p.clone())
                 .collect();
             for p in doomed {
-                // Keep what is already published beneath it, as published.
+                // Keep what is already published beneath it, as published, with the stat key
+                // of that version: the newer one's would make a restart take the old version
+                // for what is on disk.
                 match published.and_then(|m| m.manifest.get(&p)) {
                     Some(n) => {
                         next.manifest.insert(p.clone(), n.clone());
+                        match published.and_then(|m| m.stats.get(&p)) {
+                            Some(k) => next.stats.insert(p.clone(), *k),
+                            None => next.stats.remove(&p),
+                        };
                     }
                     None => {
                         next.manifest.remove(&p);

@@ -129,6 +129,10 @@ impl Chunker {
     }
 }
 
+/// The buffer a file is first read into; a larger file gets one of a few times the largest
+/// chunk.
+const FIRST_BUFFER: usize = 64 << 10;
+
 /// Reads `reader` to its end and returns its chunk list, size and hash.
 ///
 /// Memory stays at one buffer of a few times `params.max` whatever the file's size. `on_chunk`
@@ -153,7 +157,10 @@ pub fn chunk_reader_with_cuts(
 ) -> io::Result<FileContent> {
     let mut cuts = cuts.iter().copied().peekable();
     let max = chunker.params.max as usize;
-    let mut buf = vec![0u8; (4 * max).max(1 << 20)];
+    let cap = (4 * max).max(1 << 20);
+    // Most files are small: start with a buffer to match, and take the full one only for a file
+    // that fills it (zeroing a megabyte for each 2 KB file cost more than hashing it).
+    let mut buf = vec![0u8; FIRST_BUFFER.min(cap)];
     let (mut start, mut end) = (0usize, 0usize);
     let mut eof = false;
     let mut size = 0u64;
@@ -165,7 +172,13 @@ pub fn chunk_reader_with_cuts(
             buf.copy_within(start..end, 0);
             end -= start;
             start = 0;
-            while end < buf.len() {
+            loop {
+                if end == buf.len() {
+                    if buf.len() >= cap {
+                        break;
+                    }
+                    buf.resize(cap, 0);
+                }
                 match reader.read(&mut buf[end..]) {
                     Ok(0) => {
                         eof = true;

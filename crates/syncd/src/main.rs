@@ -231,7 +231,10 @@ fn run_role(path: &Path, role: &str) -> ExitCode {
         Ok(i) => i,
         Err(e) => return identity_error(e),
     };
-    syncd_fsops::tune_allocator();
+    if matches!(config.role, Role::Manager { .. }) {
+        // The manager holds every folder's manifest for its lifetime (see the function).
+        syncd_fsops::tune_allocator();
+    }
     // Every log line of the daemon carries the node's name (in its span).
     let span = tracing::info_span!("syncd", node = %config.node.name);
     let thread_span = span.clone();

@@ -154,9 +154,16 @@ async fn serve_agent(ctx: Arc<Ctx>, incoming: Incoming, mut shutdown: watch::Rec
     match result {
         Ok(()) => tracing::info!(agent = %name, %from, "agent disconnected"),
         Err(e) => {
-            tracing::warn!(agent = %name, %from, error = %e, "agent session ended");
+            // Closed by us (a bad request on a fetch stream): say why, not just that it was.
+            let error = match conn.closed_by_us() {
+                Some((_, reason)) if !matches!(e, SessionError::Refused(_)) => {
+                    format!("connection closed by us: {reason}")
+                }
+                _ => e.to_string(),
+            };
+            tracing::warn!(agent = %name, %from, %error, "agent session ended");
             if current || matches!(e, SessionError::Refused(_)) {
-                ctx.update_agent(&name, |v| v.last_error = Some(e.to_string()));
+                ctx.update_agent(&name, |v| v.last_error = Some(error));
             }
         }
     }
@@ -641,6 +648,7 @@ async fn serve_fetches(ctx: Arc<Ctx>, conn: Conn, name: String) {
         tasks.spawn(async move {
             if let Err(e) = serve_fetch(&ctx, &name, tx, rx).await {
                 if let FetchError::Protocol(reason) = &e {
+                    tracing::warn!(agent = %name, %reason, "refusing a fetch request; closing the connection");
                     conn.close(close::PROTOCOL_ERROR, reason);
                 }
                 tracing::debug!(error = %e, "fetch stream ended");

@@ -1,6 +1,7 @@
 //! A QUIC connection to an authenticated peer, and framed messages on its streams.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -124,6 +125,8 @@ pub struct ConnStats {
 pub struct Conn {
     inner: quinn::Connection,
     peer: NodeId,
+    /// How we closed it, if we did: quinn reports a local close without its reason.
+    closed_by_us: Arc<Mutex<Option<(u32, String)>>>,
 }
 
 impl Conn {
@@ -140,7 +143,11 @@ impl Conn {
             .ok_or_else(|| TransportError::Connect("peer presented no certificate".into()))?;
         let peer =
             NodeId::of_certificate(first).map_err(|e| TransportError::Connect(e.to_string()))?;
-        Ok(Conn { inner, peer })
+        Ok(Conn {
+            inner,
+            peer,
+            closed_by_us: Arc::default(),
+        })
     }
 
     /// The verified ID of the peer.
@@ -167,7 +174,20 @@ impl Conn {
 
     /// Closes the connection, telling the peer why.
     pub fn close(&self, code: u32, reason: &str) {
+        self.closed_by_us
+            .lock()
+            .expect("no panic while holding the lock")
+            .get_or_insert_with(|| (code, reason.to_owned()));
         self.inner.close(code.into(), reason.as_bytes());
+    }
+
+    /// The code and reason we first closed the connection with, if we closed it (a stream
+    /// operation on it then fails with a local close that does not say why).
+    pub fn closed_by_us(&self) -> Option<(u32, String)> {
+        self.closed_by_us
+            .lock()
+            .expect("no panic while holding the lock")
+            .clone()
     }
 
     /// Resolves when the connection ends, with the reason.

@@ -24,18 +24,18 @@ pub fn trim_heap() {
 
 /// Allocations of this size and more get their own mapping, returned to the system when freed.
 const MMAP_THRESHOLD: i32 = 8 << 20;
-/// Free memory at the top of a heap beyond this is returned to the system at once.
-const TRIM_THRESHOLD: i32 = 1 << 20;
+/// Free memory at the top of a heap beyond this is returned to the system at once. Kept high: at
+/// 1 MiB the manager returned and faulted in again the buffers of every fetch it served (10-worker
+/// fan-out 142 ms instead of 113 ms, BENCHMARKS.md "Session 7").
+const TRIM_THRESHOLD: i32 = 64 << 20;
 
 /// Sets the allocator up for a daemon that keeps a large, long-lived map (the manifests) beside
 /// short-lived large buffers (the first walk's lists, a snapshot's encoding, hash tables being
 /// grown). glibc by default raises its mapping threshold to the size of the largest buffer freed
 /// (up to 32 MiB), so after the first large buffer all of them come from the heap, where the
 /// long-lived entries allocated in between pin their pages: with 100,000 files this left the
-/// manager holding some 15 MiB it had freed. A fixed threshold keeps buffers of 8 MiB and more
-/// out of the heap; the trim threshold stays a little above what the dynamic scheme sets for
-/// 256 KiB chunks, so chunk buffers are reused rather than returned and faulted in again.
-/// Call once, before starting threads; a no-op where the C library is not glibc.
+/// manager holding some 9 MiB it had freed. A fixed threshold keeps buffers of 8 MiB and more
+/// out of the heap. Call once, before starting threads; a no-op where the C library is not glibc.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

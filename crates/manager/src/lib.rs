@@ -15,6 +15,7 @@ mod live;
 mod pauses;
 mod serve;
 mod state;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

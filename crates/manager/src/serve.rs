@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use syncd_manifest::{Change, ChunkHash, ManifestDigest};
 use syncd_proto::{
-    AgentMsg, Base, ChunkEncoding, FetchReply, FetchRequest, FolderState, Generation, HELLO_LEN,
-    Hello, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg, close, paginate,
+    AgentMsg, Base, FetchReply, FetchRequest, FolderState, Generation, HELLO_LEN, Hello,
+    MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg, close, paginate,
 };
 use syncd_transport::{Conn, Endpoint, Incoming, NodeId, RecvStream, SendStream, TransportError};
 use tokio::sync::{mpsc, watch};
@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use crate::cache::ChunkCache;
 use crate::control::{Command, Snapshot};
 use crate::pauses::{PauseRecord, Pauses};
+use crate::wire::{Encoded, WireCache};
 use crate::{ManagerConfig, ManagerStatus};
 
 /// Time an agent has to complete the hello and join after connecting.
@@ -42,6 +43,8 @@ pub(crate) struct Ctx {
     serial: AtomicU64,
     /// Compressible chunks served lately: bases for deltas when those files change.
     cache: Arc<ChunkCache>,
+    /// Chunks encoded for the fetches under way, shared between agents.
+    wire: Arc<WireCache>,
 }
 
 impl Ctx {
@@ -66,6 +69,7 @@ impl Ctx {
             live: Default::default(),
             serial: AtomicU64::new(0),
             cache: Arc::new(ChunkCache::new(crate::cache::CACHE_BYTES)),
+            wire: Arc::new(WireCache::new(crate::wire::WIRE_BYTES)),
         })
     }
 
@@ -724,7 +728,10 @@ async fn serve_fetch(
     // the disk, the compressor and the connection's encryption overlap.
     let (reads, mut read) = mpsc::channel(READS_AHEAD);
     let (root, cache) = (Arc::clone(&folder.root), Arc::clone(&ctx.cache));
-    let reader = tokio::task::spawn_blocking(move || read_jobs(&root, &cache, jobs, &reads));
+    let wire = WireUse::begin(&ctx.wire);
+    let shared = Arc::clone(&ctx.wire);
+    let reader =
+        tokio::task::spawn_blocking(move || read_jobs(&root, &cache, &shared, jobs, &reads));
     let mut served = 0u64;
     let mut outcome = Ok(());
     let mut gone_sent = false;
@@ -759,6 +766,7 @@ async fn serve_fetch(
     // Stops the reader at its next chunk if the reply ended early.
     drop(read);
     let _ = reader.await;
+    drop(wire);
     ctx.status.send_modify(|s| {
         s.bytes_served += served;
         if let Some(v) = s.agents.get_mut(agent) {
@@ -782,6 +790,22 @@ async fn serve_fetch(
     Ok(())
 }
 
+/// A fetch under way, for the wire cache's idle clearing.
+struct WireUse(Arc<WireCache>);
+
+impl WireUse {
+    fn begin(wire: &Arc<WireCache>) -> WireUse {
+        wire.begin();
+        WireUse(Arc::clone(wire))
+    }
+}
+
+impl Drop for WireUse {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
 /// Read batches buffered ahead of the sending, per fetch stream (each up to `READ_BATCH`).
 const READS_AHEAD: usize = 2;
 
@@ -802,7 +826,7 @@ struct ReadJob {
 /// What the reader hands the sender.
 enum Read {
     /// The next chunks, encoded for the wire.
-    Chunks(Vec<(Bytes, ChunkEncoding)>),
+    Chunks(Vec<Encoded>),
     /// The file could not be read as published; the reply ends with it.
     Gone(syncd_manifest::RelPath, String),
 }
@@ -812,6 +836,7 @@ enum Read {
 fn read_jobs(
     root: &syncd_fsops::FolderRoot,
     cache: &ChunkCache,
+    wire: &WireCache,
     jobs: Vec<ReadJob>,
     out: &mpsc::Sender<Read>,
 ) {
@@ -823,7 +848,7 @@ fn read_jobs(
                 return;
             }
         };
-        let base = job.base.and_then(|h| cache.get(&h));
+        let base = job.base.and_then(|h| Some((h, cache.get(&h)?)));
         let mut start = 0;
         while start < job.wanted.len() {
             let mut end = start;
@@ -832,8 +857,8 @@ fn read_jobs(
                 bytes += job.wanted[end].1 as usize;
                 end += 1;
             }
-            let base = base.as_deref().map(|b| (job.base_at, b));
-            let item = match read_chunks(&file, &job.wanted[start..end], base, cache) {
+            let base = base.as_ref().map(|(h, b)| (job.base_at, *h, b.as_slice()));
+            let item = match read_chunks(&file, &job.wanted[start..end], base, cache, wire) {
                 Ok(chunks) => Read::Chunks(chunks),
                 Err(reason) => {
                     let _ = out.blocking_send(Read::Gone(job.path, reason));
@@ -849,32 +874,37 @@ fn read_jobs(
 }
 
 /// Reads, checks and encodes chunks for the wire (compressed where that pays; the chunk at
-/// `base`'s offset also against `base`'s bytes, when that is shorter); an error names the first
-/// that no longer matches. Chunks that compress are kept in `cache`, as bases for their files'
-/// next versions.
+/// `base`'s offset also against `base`'s bytes, when that is shorter), or takes them from `wire`
+/// when another fetch did so lately; an error names the first that no longer matches. Chunks
+/// that compress are kept in `cache`, as bases for their files' next versions.
 fn read_chunks(
     file: &std::fs::File,
     batch: &[(u64, u32, ChunkHash)],
-    base: Option<(u64, &[u8])>,
+    base: Option<(u64, ChunkHash, &[u8])>,
     cache: &ChunkCache,
-) -> Result<Vec<(Bytes, ChunkEncoding)>, String> {
+    wire: &WireCache,
+) -> Result<Vec<Encoded>, String> {
     use std::os::unix::fs::FileExt;
     let mut out = Vec::with_capacity(batch.len());
     for &(offset, len, hash) in batch {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset)
-            .map_err(|e| format!("read at {offset}: {e}"))?;
-        if ChunkHash::of(&buf) != hash {
-            return Err(format!(
-                "changed on disk since it was scanned (chunk at {offset})"
-            ));
-        }
-        let base = base.and_then(|(at, bytes)| (at == offset).then_some(bytes));
-        let (wire, encoding, plain) = syncd_proto::encode_chunk_keeping_plain(buf, base);
-        if let Some(plain) = plain {
-            cache.insert(hash, len, plain);
-        }
-        out.push((Bytes::from(wire), encoding));
+        let base = base.filter(|(at, ..)| *at == offset);
+        let encoded = wire.get_or_encode(hash, base.map(|(_, h, _)| h), || {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset)
+                .map_err(|e| format!("read at {offset}: {e}"))?;
+            if ChunkHash::of(&buf) != hash {
+                return Err(format!(
+                    "changed on disk since it was scanned (chunk at {offset})"
+                ));
+            }
+            let (wire, encoding, plain) =
+                syncd_proto::encode_chunk_keeping_plain(buf, base.map(|(.., b)| b));
+            if let Some(plain) = plain {
+                cache.insert(hash, len, plain);
+            }
+            Ok((Bytes::from(wire), encoding))
+        })?;
+        out.push(encoded);
     }
     Ok(out)
 }
@@ -897,6 +927,7 @@ async fn gone(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use syncd_proto::ChunkEncoding;
 
     fn job(path: &str, data: &[u8], chunk: usize) -> ReadJob {
         let mut wanted = Vec::new();
@@ -925,10 +956,20 @@ mod tests {
 
     /// Runs the reader over `jobs` and collects what it hands the sender.
     fn read_all(root: &std::path::Path, jobs: Vec<ReadJob>) -> Vec<Read> {
+        read_all_sharing(root, jobs, &Arc::new(WireCache::new(64 << 20)))
+    }
+
+    /// [`read_all`] with a wire cache that other readers share.
+    fn read_all_sharing(
+        root: &std::path::Path,
+        jobs: Vec<ReadJob>,
+        wire: &Arc<WireCache>,
+    ) -> Vec<Read> {
         let root = syncd_fsops::FolderRoot::open(root).expect("root opens");
         let cache = ChunkCache::new(1 << 20);
+        let wire = Arc::clone(wire);
         let (tx, mut rx) = mpsc::channel(READS_AHEAD);
-        let reader = std::thread::spawn(move || read_jobs(&root, &cache, jobs, &tx));
+        let reader = std::thread::spawn(move || read_jobs(&root, &cache, &wire, jobs, &tx));
         let mut out = Vec::new();
         while let Some(item) = rx.blocking_recv() {
             out.push(item);
@@ -1011,12 +1052,45 @@ mod tests {
         std::fs::write(dir.path().join("big"), &big).expect("write");
         let root = syncd_fsops::FolderRoot::open(dir.path()).expect("root opens");
         let cache = ChunkCache::new(1 << 20);
+        let wire = WireCache::new(64 << 20);
         let (tx, mut rx) = mpsc::channel(READS_AHEAD);
         let jobs = vec![job("big", &big, 64 * 1024)];
-        let reader = std::thread::spawn(move || read_jobs(&root, &cache, jobs, &tx));
+        let reader = std::thread::spawn(move || read_jobs(&root, &cache, &wire, jobs, &tx));
         // Take one batch, then hang up: the reader must return rather than block.
         assert!(matches!(rx.blocking_recv(), Some(Read::Chunks(_))));
         drop(rx);
         reader.join().expect("the reader returns");
+    }
+
+    #[test]
+    fn fetches_share_what_one_of_them_read_and_a_changed_file_is_still_caught() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let published = noise(5_000, 9);
+        let other = noise(3_000, 10);
+        std::fs::write(dir.path().join("app"), &published).expect("write");
+        std::fs::write(dir.path().join("other"), &other).expect("write");
+        let wire = Arc::new(WireCache::new(64 << 20));
+        // The first agent's fetch reads the first three chunks of `app`.
+        let mut first = job("app", &published, 1000);
+        first.wanted.truncate(3);
+        let items = read_all_sharing(dir.path(), vec![first], &wire);
+        assert!(bytes_of(&items) == published[..3000]);
+        // The file changes on disk before a second agent asks for the same chunks: they are
+        // the published bytes, whatever the disk holds now, and are shared.
+        std::fs::write(dir.path().join("app"), noise(5_000, 11)).expect("write");
+        let mut second = job("app", &published, 1000);
+        second.wanted.truncate(3);
+        let items = read_all_sharing(dir.path(), vec![job("other", &other, 1000), second], &wire);
+        assert!(bytes_of(&items) == [&other[..], &published[..3000]].concat());
+        // A chunk that must be read from disk no longer matches and ends the reply with Gone,
+        // as without the cache.
+        let items = read_all_sharing(dir.path(), vec![job("app", &published, 1000)], &wire);
+        match items.last() {
+            Some(Read::Gone(path, reason)) => {
+                assert_eq!(path.as_str(), "app");
+                assert!(reason.contains("changed on disk"), "{reason}");
+            }
+            _ => panic!("the reply must end with Gone"),
+        }
     }
 }

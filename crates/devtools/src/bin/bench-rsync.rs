@@ -359,8 +359,13 @@ impl Bench<'_> {
             self.counters.reset()?;
             let changed = mutate(&mgr, &scratch, m)?;
             let t0 = Instant::now();
-            wait_paths(&mgr, &cluster.workers, &changed, Duration::from_secs(120))?;
-            let time = t0.elapsed();
+            let time = wait_paths(
+                &mgr,
+                &cluster.workers,
+                &changed,
+                t0,
+                Duration::from_secs(120),
+            )?;
             std::thread::sleep(Duration::from_millis(500));
             let bytes = self.counters.udp()?;
             same_tree(&mgr, &cluster.workers[0])?;
@@ -418,8 +423,13 @@ impl Bench<'_> {
             self.counters.reset()?;
             let changed = mutate(&mgr, &scratch, m)?;
             let t0 = Instant::now();
-            wait_paths(&mgr, &daemon.workers, &changed, Duration::from_secs(120))?;
-            let time = t0.elapsed();
+            let time = wait_paths(
+                &mgr,
+                &daemon.workers,
+                &changed,
+                t0,
+                Duration::from_secs(120),
+            )?;
             // Let a trailing rsync run finish before reading the counters.
             std::thread::sleep(Duration::from_millis(1500));
             let bytes = self.counters.tcp()?;
@@ -444,8 +454,13 @@ impl Bench<'_> {
         flush_disk()?;
         let changed = mutate(&mgr, &scratch, Mutation::NewCar)?;
         let t0 = Instant::now();
-        wait_paths(&mgr, &cluster.workers, &changed, Duration::from_secs(120))?;
-        let syncd = t0.elapsed();
+        let syncd = wait_paths(
+            &mgr,
+            &cluster.workers,
+            &changed,
+            t0,
+            Duration::from_secs(120),
+        )?;
         for w in &cluster.workers {
             same_tree(&mgr, w)?;
         }
@@ -578,36 +593,75 @@ fn mutate(root: &Path, scratch: &Path, m: Mutation) -> Result<Vec<String>> {
     })
 }
 
-/// Waits until every worker holds each of `paths` as the manager does (or lacks it too).
-fn wait_paths(mgr: &Path, workers: &[PathBuf], paths: &[String], timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
+/// Waits until every worker holds each of `paths` as the manager does (or lacks it too) and
+/// returns how long after `t0` the last one got there.
+///
+/// Polls with `stat` alone (length and mtime: every tool here renames a complete file into place
+/// with the source's mtime) and takes a worker's time when its stat first matches; the contents
+/// are compared after that, outside the timing, and a mismatch goes back to polling. Reading the
+/// files on every poll, as this did before session 8, made the poller compete with the tools for
+/// the two cores, the more so the more workers and the larger the file (two 63 MB reads per
+/// worker for a WAR), and read syncd's copies, written with O_DIRECT, from disk.
+fn wait_paths(
+    mgr: &Path,
+    workers: &[PathBuf],
+    paths: &[String],
+    t0: Instant,
+    timeout: Duration,
+) -> Result<Duration> {
+    let deadline = t0 + timeout;
     let want: Vec<(PathBuf, Option<std::fs::Metadata>)> = paths
         .iter()
         .map(|p| (PathBuf::from(p), std::fs::metadata(mgr.join(p)).ok()))
         .collect();
-    for w in workers {
-        let mut pending: Vec<&(PathBuf, Option<std::fs::Metadata>)> = want.iter().collect();
-        while !pending.is_empty() {
-            pending.retain(|(rel, meta)| {
-                let got = std::fs::symlink_metadata(w.join(rel)).ok();
-                match (meta, got) {
-                    (None, None) => false,
-                    (Some(m), Some(g)) if m.len() == g.len() && g.is_file() => {
-                        std::fs::read(w.join(rel)).ok() != std::fs::read(mgr.join(rel)).ok()
-                    }
-                    _ => true,
-                }
-            });
-            if pending.is_empty() {
-                break;
+    let stat_matches = |w: &Path, rel: &Path, meta: &Option<std::fs::Metadata>| {
+        let got = std::fs::symlink_metadata(w.join(rel)).ok();
+        match (meta, got) {
+            (None, None) => true,
+            (Some(m), Some(g)) => {
+                g.is_file() && m.len() == g.len() && m.modified().ok() == g.modified().ok()
             }
-            if Instant::now() > deadline {
-                bail!("{} paths did not reach {}", pending.len(), w.display());
-            }
-            std::thread::sleep(Duration::from_millis(2));
+            _ => false,
         }
+    };
+    let same_bytes =
+        |w: &Path, rel: &Path| std::fs::read(w.join(rel)).ok() == std::fs::read(mgr.join(rel)).ok();
+    // When each (worker, path) first matched by stat; None while it has not.
+    let mut matched: Vec<Vec<Option<Instant>>> = vec![vec![None; want.len()]; workers.len()];
+    loop {
+        let mut pending = false;
+        for (w, times) in workers.iter().zip(&mut matched) {
+            for ((rel, meta), at) in want.iter().zip(times.iter_mut()) {
+                if at.is_none() {
+                    if stat_matches(w, rel, meta) {
+                        *at = Some(Instant::now());
+                    } else {
+                        pending = true;
+                    }
+                }
+            }
+        }
+        if !pending {
+            // Everything matches by stat: now compare contents, outside the timing.
+            for (w, times) in workers.iter().zip(&mut matched) {
+                for ((rel, meta), at) in want.iter().zip(times.iter_mut()) {
+                    if meta.is_some() && !same_bytes(w, rel) {
+                        *at = None;
+                        pending = true;
+                    }
+                }
+            }
+            if !pending {
+                let last = matched.iter().flatten().flatten().max().copied();
+                return Ok(last.map_or(Duration::ZERO, |t| t.saturating_duration_since(t0)));
+            }
+        }
+        if Instant::now() > deadline {
+            let left = matched.iter().flatten().filter(|t| t.is_none()).count();
+            bail!("{left} paths did not reach the workers in {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
-    Ok(())
 }
 
 /// nftables counters on loopback for the syncd (UDP) and rsync (TCP) ports.

@@ -38,6 +38,10 @@ struct Args {
     /// Worker counts for the fan-out part (empty to skip it).
     #[arg(long, default_value = "1,5,10", value_parser = parse_counts)]
     fanout: Counts,
+    /// New CARs deployed per worker count in the fan-out part (the median is reported: one
+    /// deploy's time to ten workers varies by 10-20% here).
+    #[arg(long, default_value_t = 5)]
+    fanout_reps: usize,
     /// Skip lsyncd.
     #[arg(long)]
     no_lsyncd: bool,
@@ -323,7 +327,8 @@ impl Bench<'_> {
         if !self.args.fanout.0.is_empty() {
             println!();
             println!(
-                "## Fan-out: a new 5 MB CAR to N workers (rsync: one run per worker, in turn)"
+                "## Fan-out: a new 5 MB CAR to N workers (rsync: one run per worker, in turn; median of {})",
+                self.args.fanout_reps
             );
             println!();
             println!("| workers | syncd | rsync | syncd ÷ rsync | syncd ÷ syncd with 1 worker |");
@@ -442,8 +447,10 @@ impl Bench<'_> {
         Ok(out)
     }
 
-    /// A new CAR to `n` workers: syncd pushes to all at once, rsync runs once per worker.
+    /// New CARs to `n` workers, `--fanout-reps` times each: syncd pushes to all at once, rsync
+    /// runs once per worker. Medians.
     fn fanout(&self, base: &Path, n: usize) -> Result<(Duration, Duration)> {
+        let reps = self.args.fanout_reps.max(1);
         let dir = self.work.join(format!("fan-syncd-{n}"));
         let mgr = dir.join("mgr/server");
         copy_tree(base, &mgr)?;
@@ -451,16 +458,20 @@ impl Bench<'_> {
         cluster.wait_all(Duration::from_secs(600))?;
         let scratch = dir.join("scratch");
         std::fs::create_dir_all(&scratch)?;
-        flush_disk()?;
-        let changed = mutate(&mgr, &scratch, Mutation::NewCar)?;
-        let t0 = Instant::now();
-        let syncd = wait_paths(
-            &mgr,
-            &cluster.workers,
-            &changed,
-            t0,
-            Duration::from_secs(120),
-        )?;
+        let mut syncd = Vec::new();
+        for rep in 0..reps {
+            std::thread::sleep(Duration::from_millis(300));
+            flush_disk()?;
+            let changed = new_car(&mgr, &scratch, rep)?;
+            let t0 = Instant::now();
+            syncd.push(wait_paths(
+                &mgr,
+                &cluster.workers,
+                &changed,
+                t0,
+                Duration::from_secs(120),
+            )?);
+        }
         for w in &cluster.workers {
             same_tree(&mgr, w)?;
         }
@@ -476,20 +487,38 @@ impl Bench<'_> {
         }
         let scratch = dir.join("scratch");
         std::fs::create_dir_all(&scratch)?;
-        flush_disk()?;
-        mutate(&mgr, &scratch, Mutation::NewCar)?;
-        let t0 = Instant::now();
-        for i in 0..n {
-            daemon.push(&mgr, i, &[])?;
+        let mut rsync = Vec::new();
+        for rep in 0..reps {
+            flush_disk()?;
+            new_car(&mgr, &scratch, rep)?;
+            let t0 = Instant::now();
+            for i in 0..n {
+                daemon.push(&mgr, i, &[])?;
+            }
+            rsync.push(t0.elapsed());
         }
-        let rsync = t0.elapsed();
         for w in &daemon.workers {
             same_tree(&mgr, w)?;
         }
         drop(daemon);
         self.discard(&dir)?;
-        Ok((syncd, rsync))
+        Ok((median(&mut syncd), median(&mut rsync)))
     }
+}
+
+/// Deploys the fan-out's `rep`th new CAR (5 MB of fresh content) and returns its path.
+fn new_car(root: &Path, scratch: &Path, rep: usize) -> Result<Vec<String>> {
+    let rel = format!("carbonapps/fan-out-{rep}_1.0.0.car");
+    let tmp = scratch.join("car.tmp");
+    syncd_devtools::write_archive(
+        &tmp,
+        Archive::Car,
+        5_000_000,
+        &mut Rng::new(91 + rep as u64),
+        3,
+    )?;
+    std::fs::rename(&tmp, root.join(&rel))?;
+    Ok(vec![rel])
 }
 
 /// The base tree: the generator's tree at `scale`, plus the two WARs the changes work on.

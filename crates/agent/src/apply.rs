@@ -9,12 +9,15 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use syncd_fsops::{DirectFile, FolderRoot, LocalManifest, RunWriter, Staging, stat_key};
+use syncd_fsops::{
+    CopyReader, DirectFile, FolderRoot, LocalManifest, RunWriter, Staging, stat_key,
+};
 use syncd_manifest::{
     Change, ChunkHash, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
 };
@@ -46,8 +49,9 @@ const FSYNC_EACH_LIMIT: usize = 32;
 const DIRECT_MIN: u64 = 1 << 20;
 /// Bytes a fetch task gathers before writing them directly.
 const RUN_BUFFER: usize = 1 << 20;
-/// Local copies run in up to this many parts at once...
-const COPY_PARTS: usize = 2;
+/// Local copies run in up to this many parts at once (four: the cold copy of a 63 MB WAR, read
+/// and written directly, took 92-95 ms against 94-114 ms in two)...
+const COPY_PARTS: usize = 4;
 /// ...of at least this many bytes each.
 const COPY_PART_MIN: u64 = 8 << 20;
 
@@ -878,6 +882,9 @@ fn copy_local(
 ) -> CopyOutcome {
     let mut open: HashMap<String, Option<File>> = HashMap::new();
     let mut buf = Vec::new();
+    // Sources this node wrote itself are not in the page cache (they were written directly):
+    // read those directly too.
+    let mut reader = CopyReader::new();
     // Copies come file by file, in offset order: a large file's are runs.
     let mut run = RunWriter::new(RUN_BUFFER);
     let mut reused = 0u64;
@@ -911,7 +918,8 @@ fn copy_local(
         });
         buf.resize(len as usize, 0);
         let ok = file.as_ref().is_some_and(|f| {
-            f.read_exact_at(&mut buf, src_offset).is_ok() && ChunkHash::of(&buf) == hash
+            let id = f.as_raw_fd() as u64;
+            reader.read_exact_at(id, f, &mut buf, src_offset).is_ok() && ChunkHash::of(&buf) == hash
         });
         if !ok {
             stale.push((d, offset, hash));

@@ -1,4 +1,5 @@
-//! Writing large staged files past the page cache (`O_DIRECT`).
+//! Writing large staged files past the page cache (`O_DIRECT`), and reading the sources of local
+//! copies past it when they are not cached.
 //!
 //! Every byte the agent stages must reach the disk before the renames anyway (fsync or
 //! syncfs). Written through the page cache, each byte is first copied into a freshly
@@ -237,6 +238,182 @@ impl RunWriter {
     }
 }
 
+/// Bytes a [`CopyReader`] reads directly at a time.
+pub const READ_WINDOW: usize = 1 << 20;
+
+/// Reads the chunks that local copies take from files on this node (the previous version of a
+/// file, mostly read in order): from the page cache when they are there, found by a read that
+/// must not wait (`RWF_NOWAIT`); otherwise directly from the device a [`READ_WINDOW`] at a time,
+/// in whole aligned blocks, into one reused buffer, and the following chunks from that buffer.
+///
+/// Files the agent staged itself are written with `O_DIRECT` and so are not cached when their
+/// next version copies from them; read through the page cache, each of their pages cost a
+/// fresh cache page (a host page fault on this VM) and a copy: the local copy of a 63 MB WAR
+/// took 113-138 ms cold against 45-57 ms when cached.
+///
+/// One reader serves many files (the caller names each by a number unique while it is open,
+/// such as its descriptor); it sets `O_DIRECT` on a file's descriptor only for the duration of a
+/// window's read, so the descriptor must not be shared with another thread meanwhile.
+pub struct CopyReader {
+    /// Allocated at the first direct read.
+    buf: Option<AlignedBuf>,
+    /// (file, offset, bytes) the buffer holds.
+    held: Option<(u64, u64, usize)>,
+    /// Reads that must not wait are supported (cleared at the first EOPNOTSUPP).
+    nowait: bool,
+    /// Bytes read directly so far.
+    direct_bytes: u64,
+}
+
+impl std::fmt::Debug for CopyReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyReader")
+            .field("held", &self.held)
+            .field("direct_bytes", &self.direct_bytes)
+            .finish()
+    }
+}
+
+impl Default for CopyReader {
+    fn default() -> Self {
+        CopyReader::new()
+    }
+}
+
+impl CopyReader {
+    pub fn new() -> CopyReader {
+        CopyReader {
+            buf: None,
+            held: None,
+            nowait: true,
+            direct_bytes: 0,
+        }
+    }
+
+    /// Bytes read directly from the device so far.
+    pub fn direct_bytes(&self) -> u64 {
+        self.direct_bytes
+    }
+
+    /// Reads exactly `out.len()` bytes at `offset` of `file`, which the caller names `id`.
+    pub fn read_exact_at(
+        &mut self,
+        id: u64,
+        file: &File,
+        out: &mut [u8],
+        offset: u64,
+    ) -> io::Result<()> {
+        if self.copy_from_window(id, out, offset) || self.read_cached(file, out, offset)? {
+            return Ok(());
+        }
+        let skew = (offset % ALIGN as u64) as usize;
+        if out.len() + skew > READ_WINDOW || !self.fill_window(id, file, offset - skew as u64)? {
+            return file.read_exact_at(out, offset);
+        }
+        if self.copy_from_window(id, out, offset) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("read of {} bytes at {offset} past the end", out.len()),
+            ))
+        }
+    }
+
+    /// Copies `out` from the window if it holds all of it.
+    fn copy_from_window(&self, id: u64, out: &mut [u8], offset: u64) -> bool {
+        let Some((held_id, start, len)) = self.held else {
+            return false;
+        };
+        let end = offset + out.len() as u64;
+        if held_id != id || offset < start || end > start + len as u64 {
+            return false;
+        }
+        let from = (offset - start) as usize;
+        let buf = self
+            .buf
+            .as_ref()
+            .expect("a held window has a buffer")
+            .as_ref();
+        out.copy_from_slice(&buf[from..from + out.len()]);
+        true
+    }
+
+    /// Reads `out` from the page cache if all of it is there, without waiting for the device.
+    fn read_cached(&mut self, file: &File, out: &mut [u8], offset: u64) -> io::Result<bool> {
+        if !self.nowait {
+            return Ok(false);
+        }
+        let mut got = 0;
+        while got < out.len() {
+            let read = rustix::io::preadv2(
+                file,
+                &mut [io::IoSliceMut::new(&mut out[got..])],
+                offset + got as u64,
+                rustix::io::ReadWriteFlags::NOWAIT,
+            );
+            match read {
+                Ok(0) => return Ok(false),
+                Ok(n) => got += n,
+                Err(rustix::io::Errno::AGAIN) => return Ok(false),
+                Err(rustix::io::Errno::OPNOTSUPP) => {
+                    self.nowait = false;
+                    return Ok(false);
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads up to a window of `file` from `start` (aligned) directly; false if the file's
+    /// filesystem or device does not take direct reads (the caller reads through the cache).
+    fn fill_window(&mut self, id: u64, file: &File, start: u64) -> io::Result<bool> {
+        use rustix::fs::{OFlags, fcntl_getfl, fcntl_setfl};
+        self.held = None;
+        let flags = fcntl_getfl(file)?;
+        if fcntl_setfl(file, flags | OFlags::DIRECT).is_err() {
+            return Ok(false);
+        }
+        let buf = self
+            .buf
+            .get_or_insert_with(|| AlignedBuf::new(READ_WINDOW))
+            .as_mut();
+        let mut got = 0;
+        let read = loop {
+            match file.read_at(&mut buf[got..], start + got as u64) {
+                Ok(0) => break Ok(true),
+                // A short read ends at the end of the file (or of what the device gave): the
+                // window holds what was read.
+                Ok(n) if !n.is_multiple_of(ALIGN) => {
+                    got += n;
+                    break Ok(true);
+                }
+                Ok(n) => {
+                    got += n;
+                    if got == READ_WINDOW {
+                        break Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    break Ok(false);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        fcntl_setfl(file, flags)?;
+        if read? {
+            self.held = Some((id, start, got));
+            self.direct_bytes += got as u64;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,6 +572,118 @@ mod tests {
             drop(file);
             let got = std::fs::read(sub.join("f")).expect("read back");
             assert!(got == data, "{} differs", sub.display());
+        }
+    }
+
+    /// Drops the page cache's copy of `path` (clean after fsync), so that reads must go to the
+    /// device.
+    fn evict(path: &std::path::Path) {
+        let f = File::open(path).expect("open");
+        f.sync_all().expect("fsync");
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+    }
+
+    #[test]
+    fn the_copy_reader_reads_exactly_the_bytes_asked_for_cached_or_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 3 * READ_WINDOW + 12_345;
+        let data = noise(len, 77);
+        let path = dir.path().join("source");
+        std::fs::write(&path, &data).expect("write");
+        // (offset, length) in the order asked: in order, backwards, across window and block
+        // bounds, the last bytes of the file, a whole window.
+        let mut reads: Vec<(usize, usize)> = Vec::new();
+        let mut at = 0;
+        for i in 0.. {
+            let n = 30_000 + (i * 7_919) % 200_000;
+            if at + n > len {
+                break;
+            }
+            reads.push((at, n));
+            at += n;
+        }
+        reads.extend([
+            (len - 1, 1),
+            (len - 5_000, 5_000),
+            (READ_WINDOW - 10, 20),
+            (0, 1),
+            (ALIGN - 1, 2),
+            (2 * READ_WINDOW, READ_WINDOW - ALIGN),
+            (100, READ_WINDOW + 1),
+        ]);
+        for cold in [false, true] {
+            if cold {
+                evict(&path);
+            }
+            let file = File::open(&path).expect("open");
+            let mut reader = CopyReader::new();
+            for &(offset, n) in &reads {
+                let mut out = vec![0u8; n];
+                reader
+                    .read_exact_at(7, &file, &mut out, offset as u64)
+                    .expect("read");
+                assert!(out == data[offset..offset + n], "{n} bytes at {offset}");
+            }
+            if cold {
+                use std::os::unix::fs::OpenOptionsExt;
+                let supported = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                    .open(&path)
+                    .is_ok();
+                if supported {
+                    assert!(
+                        reader.direct_bytes() >= len as u64,
+                        "an evicted file is read directly: {}",
+                        reader.direct_bytes()
+                    );
+                } else {
+                    eprintln!("O_DIRECT is not supported here; the cached path is tested alone");
+                }
+            } else {
+                assert_eq!(
+                    reader.direct_bytes(),
+                    0,
+                    "a cached file is read from the cache"
+                );
+            }
+            // Past the end: an error, not short bytes.
+            let mut out = vec![0u8; 10];
+            assert!(
+                reader
+                    .read_exact_at(7, &file, &mut out, len as u64 - 5)
+                    .is_err()
+            );
+            // The descriptor is left as it was found.
+            let flags = rustix::fs::fcntl_getfl(&file).expect("getfl");
+            assert!(!flags.contains(rustix::fs::OFlags::DIRECT));
+        }
+    }
+
+    #[test]
+    fn one_copy_reader_serves_several_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = noise(2 * READ_WINDOW, 1);
+        let b = noise(READ_WINDOW + 1, 2);
+        std::fs::write(dir.path().join("a"), &a).expect("write");
+        std::fs::write(dir.path().join("b"), &b).expect("write");
+        evict(&dir.path().join("a"));
+        evict(&dir.path().join("b"));
+        let fa = File::open(dir.path().join("a")).expect("open");
+        let fb = File::open(dir.path().join("b")).expect("open");
+        let mut reader = CopyReader::new();
+        for i in 0..20u64 {
+            let (id, file, data) = if i % 2 == 0 {
+                (1, &fa, &a)
+            } else {
+                (2, &fb, &b)
+            };
+            let offset = (i * 50_000) as usize % (data.len() - 70_000);
+            let mut out = vec![0u8; 70_000];
+            reader
+                .read_exact_at(id, file, &mut out, offset as u64)
+                .expect("read");
+            assert!(out == data[offset..offset + 70_000], "read {i}");
         }
     }
 }

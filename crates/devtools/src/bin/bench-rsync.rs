@@ -355,6 +355,11 @@ impl Bench<'_> {
         copy_tree(base, &mgr)?;
         let cluster = SyncdCluster::start(&self.args.syncd, &dir, 1, self.args.port)?;
         cluster.wait_all(Duration::from_secs(300))?;
+        // The initial copy is checked, as lsyncd's is (which is how lsyncd's initial sync is
+        // awaited). Reading the worker's files also leaves both tools' worker trees in the page
+        // cache alike: syncd writes large files past it, and the first WAR edit's local copy
+        // otherwise read its source from the device while lsyncd's rsync read its from memory.
+        same_tree(&mgr, &cluster.workers[0])?;
         let scratch = dir.join("scratch");
         std::fs::create_dir_all(&scratch)?;
         let mut out = Vec::new();

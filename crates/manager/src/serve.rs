@@ -729,9 +729,18 @@ async fn serve_fetch(
     let (reads, mut read) = mpsc::channel(READS_AHEAD);
     let (root, cache) = (Arc::clone(&folder.root), Arc::clone(&ctx.cache));
     let wire = WireUse::begin(&ctx.wire);
-    let shared = Arc::clone(&ctx.wire);
-    let reader =
-        tokio::task::spawn_blocking(move || read_jobs(&root, &cache, &shared, jobs, &reads));
+    // Encoded chunks are shared between agents: with one connected, there is nobody to share
+    // them with.
+    let several = ctx
+        .live
+        .lock()
+        .expect("the live map is never poisoned")
+        .len()
+        > 1;
+    let shared = several.then(|| Arc::clone(&ctx.wire));
+    let reader = tokio::task::spawn_blocking(move || {
+        read_jobs(&root, &cache, shared.as_deref(), jobs, &reads)
+    });
     let mut served = 0u64;
     let mut outcome = Ok(());
     let mut gone_sent = false;
@@ -836,7 +845,7 @@ enum Read {
 fn read_jobs(
     root: &syncd_fsops::FolderRoot,
     cache: &ChunkCache,
-    wire: &WireCache,
+    wire: Option<&WireCache>,
     jobs: Vec<ReadJob>,
     out: &mpsc::Sender<Read>,
 ) {
@@ -875,20 +884,20 @@ fn read_jobs(
 
 /// Reads, checks and encodes chunks for the wire (compressed where that pays; the chunk at
 /// `base`'s offset also against `base`'s bytes, when that is shorter), or takes them from `wire`
-/// when another fetch did so lately; an error names the first that no longer matches. Chunks
-/// that compress are kept in `cache`, as bases for their files' next versions.
+/// (if shared) when another fetch did so lately; an error names the first that no longer
+/// matches. Chunks that compress are kept in `cache`, as bases for their files' next versions.
 fn read_chunks(
     file: &std::fs::File,
     batch: &[(u64, u32, ChunkHash)],
     base: Option<(u64, ChunkHash, &[u8])>,
     cache: &ChunkCache,
-    wire: &WireCache,
+    wire: Option<&WireCache>,
 ) -> Result<Vec<Encoded>, String> {
     use std::os::unix::fs::FileExt;
     let mut out = Vec::with_capacity(batch.len());
     for &(offset, len, hash) in batch {
         let base = base.filter(|(at, ..)| *at == offset);
-        let encoded = wire.get_or_encode(hash, base.map(|(_, h, _)| h), || {
+        let encode = || {
             let mut buf = vec![0u8; len as usize];
             file.read_exact_at(&mut buf, offset)
                 .map_err(|e| format!("read at {offset}: {e}"))?;
@@ -903,7 +912,11 @@ fn read_chunks(
                 cache.insert(hash, len, plain);
             }
             Ok((Bytes::from(wire), encoding))
-        })?;
+        };
+        let encoded = match wire {
+            Some(w) => w.get_or_encode(hash, base.map(|(_, h, _)| h), encode)?,
+            None => encode()?,
+        };
         out.push(encoded);
     }
     Ok(out)
@@ -969,7 +982,7 @@ mod tests {
         let cache = ChunkCache::new(1 << 20);
         let wire = Arc::clone(wire);
         let (tx, mut rx) = mpsc::channel(READS_AHEAD);
-        let reader = std::thread::spawn(move || read_jobs(&root, &cache, &wire, jobs, &tx));
+        let reader = std::thread::spawn(move || read_jobs(&root, &cache, Some(&*wire), jobs, &tx));
         let mut out = Vec::new();
         while let Some(item) = rx.blocking_recv() {
             out.push(item);
@@ -1055,7 +1068,7 @@ mod tests {
         let wire = WireCache::new(64 << 20);
         let (tx, mut rx) = mpsc::channel(READS_AHEAD);
         let jobs = vec![job("big", &big, 64 * 1024)];
-        let reader = std::thread::spawn(move || read_jobs(&root, &cache, &wire, jobs, &tx));
+        let reader = std::thread::spawn(move || read_jobs(&root, &cache, Some(&wire), jobs, &tx));
         // Take one batch, then hang up: the reader must return rather than block.
         assert!(matches!(rx.blocking_recv(), Some(Read::Chunks(_))));
         drop(rx);

@@ -7,8 +7,10 @@
 //! changed file is still caught by the fetch that reads it first.
 //!
 //! A fetch that finds a chunk being encoded by another waits for it instead of doing the same
-//! work. The cache is bounded in bytes (oldest out first) and emptied once no fetch has been
-//! under way for [`IDLE_CLEAR`], so it costs nothing at rest.
+//! work. Fetches use the cache only while several agents are connected (one agent has nobody to
+//! share with: a 1 GiB file would just pass through it). The cache is bounded in bytes (oldest
+//! out first) and emptied once no fetch has been under way for [`IDLE_CLEAR`], so it costs
+//! nothing at rest.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,7 +23,7 @@ use syncd_proto::ChunkEncoding;
 
 /// The most wire bytes kept: a 63 MB WAR's changed chunks many times over, or the whole of a new
 /// 20 MB CAR while the slowest of its agents catches up with the fastest.
-pub(crate) const WIRE_BYTES: usize = 64 << 20;
+pub(crate) const WIRE_BYTES: usize = 32 << 20;
 /// How long after the last fetch ends the cache is emptied.
 pub(crate) const IDLE_CLEAR: Duration = Duration::from_secs(2);
 
@@ -126,6 +128,8 @@ impl WireCache {
                 && cache.begun.load(Ordering::Relaxed) == begun
             {
                 cache.clear();
+                // Give back what the chunks held (see `syncd_fsops::trim_heap`).
+                syncd_fsops::trim_heap();
             }
         });
     }

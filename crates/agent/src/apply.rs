@@ -33,8 +33,13 @@ use crate::journal::Journal;
 const BATCH_FILES: usize = 128;
 /// Bytes staged together before the next batch starts.
 const BATCH_BYTES: u64 = 256 << 20;
-/// Chunks asked for in one fetch request (one QUIC stream).
+/// Chunks asked for in one fetch request (one QUIC stream), at most...
 const REQUEST_CHUNKS: usize = 512;
+/// ...and, when a batch's chunks are spread over the requests in flight, at least. A batch of
+/// 128 small files went as one request of 128 chunks, read and compressed one after the other by
+/// one reader on the manager while the other core idled: spread over four, the manager's reader
+/// tasks and the agent's fetch tasks run side by side.
+const REQUEST_MIN_CHUNKS: usize = 16;
 /// Fetch requests in flight at once.
 const REQUESTS_IN_FLIGHT: usize = 4;
 /// Chunks up to this long are offered as bases for deltas of their files' new versions.
@@ -933,6 +938,16 @@ fn copy_local(
     Ok((reused, stale))
 }
 
+/// How many of a batch's `total` missing chunks one fetch request asks for: enough requests to
+/// keep [`REQUESTS_IN_FLIGHT`] busy, none larger than [`REQUEST_CHUNKS`] or (unless the batch
+/// needs fewer) smaller than [`REQUEST_MIN_CHUNKS`].
+fn chunks_per_request(total: usize) -> usize {
+    total
+        .div_ceil(REQUESTS_IN_FLIGHT)
+        .clamp(REQUEST_MIN_CHUNKS, REQUEST_CHUNKS)
+}
+
+/// Groups the missing chunks of a batch's files into fetch requests, file by file in order.
 fn build_requests(
     folders: &[Folder],
     jobs: &[StageJob],
@@ -940,6 +955,7 @@ fn build_requests(
     bases: &HashMap<usize, ChunkHash>,
 ) -> Vec<Request> {
     let mut out: Vec<Request> = Vec::new();
+    let per_request = chunks_per_request(lists.iter().map(|(_, l)| l.len()).sum());
     let mut by_folder: HashMap<usize, Vec<(usize, Vec<u32>)>> = HashMap::new();
     for (d, list) in lists {
         by_folder.entry(jobs[d].folder).or_default().push((d, list));
@@ -958,9 +974,8 @@ fn build_requests(
         };
         for (d, list) in by_folder.remove(&f).unwrap_or_default() {
             let job = &jobs[d];
-            for piece in list.chunks(REQUEST_CHUNKS) {
-                if current.expect.len() + piece.len() > REQUEST_CHUNKS && !current.expect.is_empty()
-                {
+            for piece in list.chunks(per_request) {
+                if current.expect.len() + piece.len() > per_request && !current.expect.is_empty() {
                     out.push(std::mem::replace(
                         &mut current,
                         Request {
@@ -1205,6 +1220,21 @@ mod tests {
             .iter()
             .map(|p| p.iter().map(|c| c.1).collect())
             .collect()
+    }
+
+    #[test]
+    fn a_batch_of_small_files_is_fetched_on_every_stream_in_flight() {
+        // 128 one-chunk files: four requests of 32, not one of 128.
+        assert_eq!(chunks_per_request(128), 32);
+        assert_eq!(
+            128usize.div_ceil(chunks_per_request(128)),
+            REQUESTS_IN_FLIGHT
+        );
+        // A handful of chunks stays one request; a large file's are capped per request.
+        assert_eq!(chunks_per_request(3), REQUEST_MIN_CHUNKS);
+        assert_eq!(chunks_per_request(0), REQUEST_MIN_CHUNKS);
+        assert_eq!(chunks_per_request(100_000), REQUEST_CHUNKS);
+        assert_eq!(chunks_per_request(1000), 250);
     }
 
     #[test]

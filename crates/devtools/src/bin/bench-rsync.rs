@@ -197,6 +197,21 @@ impl Bench<'_> {
             println!(
                 "# memory: a VM guest with free page reporting; every timed run starts once it has been quiet for 3 s"
             );
+            // Which of its two states decides how fast page-cache writes are (BENCHMARKS.md,
+            // session 8): with much clean cache, new pages are reclaimed from it at memory
+            // speed; with much free memory, each is faulted in from the host.
+            if let (Some(cached), Some(free)) = (meminfo_kib("Cached"), meminfo_kib("MemFree")) {
+                println!(
+                    "# page cache at the start: {:.1} GiB cached, {:.1} GiB free ({})",
+                    cached as f64 / 1048576.0,
+                    free as f64 / 1048576.0,
+                    if cached > free {
+                        "page-cache writes reclaim cached pages: fast, as on ordinary hardware"
+                    } else {
+                        "page-cache writes fault memory in from the host: slow"
+                    }
+                );
+            }
         }
         let base = self.work.join("base");
         let t = Instant::now();
@@ -1128,4 +1143,13 @@ fn kb(b: u64) -> String {
     } else {
         format!("{:.1} KB", b as f64 / 1e3)
     }
+}
+
+/// A `/proc/meminfo` field, in KiB.
+fn meminfo_kib(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
 }

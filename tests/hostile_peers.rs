@@ -450,9 +450,8 @@ async fn a_protocol_version_mismatch_is_refused_naming_both_versions() {
     manager.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_claiming_another_agents_name_is_refused() {
-    let mdirs = NodeDirs::new();
+/// A manager over `mdirs` that knows two agents, worker-1 and worker-2, and their directories.
+async fn manager_with_two_workers(mdirs: NodeDirs) -> (TestManager, NodeDirs, NodeDirs) {
     let w1 = NodeDirs::new();
     let w2 = NodeDirs::new();
     let manager = TestManager::start(
@@ -463,6 +462,13 @@ async fn an_agent_claiming_another_agents_name_is_refused() {
         ],
     )
     .await;
+    (manager, w1, w2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_claiming_another_agents_name_is_refused() {
+    let mdirs = NodeDirs::new();
+    let (manager, _w1, w2) = manager_with_two_workers(mdirs).await;
     // worker-2's identity, calling itself worker-1.
     let mut agent = TestAgent::start("worker-1", w2, &manager).await;
     let st = wait_for(&mut agent.status, Duration::from_secs(10), |s| {
@@ -569,16 +575,7 @@ async fn fetches_of_chunks_that_do_not_exist_are_refused_and_the_manager_serves_
     let mdirs = NodeDirs::new();
     fs::write(mdirs.data.join("empty.xml"), b"").unwrap();
     fs::write(mdirs.data.join("a.xml"), b"<api name=\"a\"/>").unwrap();
-    let w1 = NodeDirs::new();
-    let w2 = NodeDirs::new();
-    let manager = TestManager::start(
-        mdirs,
-        &[
-            ("worker-1", w1.identity().id()),
-            ("worker-2", w2.identity().id()),
-        ],
-    )
-    .await;
+    let (manager, w1, w2) = manager_with_two_workers(mdirs).await;
     // The version the manager published: small files are one chunk (none when empty).
     let published = |path: &str| {
         let data = fs::read(manager.dirs.data.join(path)).unwrap();

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -927,8 +926,7 @@ fn copy_local(
         });
         buf.resize(len as usize, 0);
         let ok = file.as_ref().is_some_and(|f| {
-            let id = f.as_raw_fd() as u64;
-            reader.read_exact_at(id, f, &mut buf, src_offset).is_ok() && ChunkHash::of(&buf) == hash
+            reader.read_exact_at(f, &mut buf, src_offset).is_ok() && ChunkHash::of(&buf) == hash
         });
         if !ok {
             stale.push((d, offset, hash));

@@ -21,6 +21,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -251,14 +252,15 @@ pub const READ_WINDOW: usize = 1 << 20;
 /// fresh cache page (a host page fault on this VM) and a copy: the local copy of a 63 MB WAR
 /// took 113-138 ms cold against 45-57 ms when cached.
 ///
-/// One reader serves many files (the caller names each by a number unique while it is open,
-/// such as its descriptor); it sets `O_DIRECT` on a file's descriptor only for the duration of a
-/// window's read, so the descriptor must not be shared with another thread meanwhile.
+/// One reader serves many files, told apart by descriptor: keep each file open while the reader
+/// is used with it (a closed descriptor's number may name another file next). It sets
+/// `O_DIRECT` on a file's descriptor only for the duration of a window's read, so the descriptor
+/// must not be shared with another thread meanwhile.
 pub struct CopyReader {
     /// Allocated at the first direct read.
     buf: Option<AlignedBuf>,
-    /// (file, offset, bytes) the buffer holds.
-    held: Option<(u64, u64, usize)>,
+    /// (descriptor, offset, bytes) the buffer holds.
+    held: Option<(RawFd, u64, usize)>,
     /// Reads that must not wait are supported (cleared at the first EOPNOTSUPP).
     nowait: bool,
     /// Bytes read directly so far.
@@ -295,14 +297,9 @@ impl CopyReader {
         self.direct_bytes
     }
 
-    /// Reads exactly `out.len()` bytes at `offset` of `file`, which the caller names `id`.
-    pub fn read_exact_at(
-        &mut self,
-        id: u64,
-        file: &File,
-        out: &mut [u8],
-        offset: u64,
-    ) -> io::Result<()> {
+    /// Reads exactly `out.len()` bytes at `offset` of `file`.
+    pub fn read_exact_at(&mut self, file: &File, out: &mut [u8], offset: u64) -> io::Result<()> {
+        let id = file.as_raw_fd();
         if self.copy_from_window(id, out, offset) || self.read_cached(file, out, offset)? {
             return Ok(());
         }
@@ -321,7 +318,7 @@ impl CopyReader {
     }
 
     /// Copies `out` from the window if it holds all of it.
-    fn copy_from_window(&self, id: u64, out: &mut [u8], offset: u64) -> bool {
+    fn copy_from_window(&self, id: RawFd, out: &mut [u8], offset: u64) -> bool {
         let Some((held_id, start, len)) = self.held else {
             return false;
         };
@@ -369,7 +366,7 @@ impl CopyReader {
 
     /// Reads up to a window of `file` from `start` (aligned) directly; false if the file's
     /// filesystem or device does not take direct reads (the caller reads through the cache).
-    fn fill_window(&mut self, id: u64, file: &File, start: u64) -> io::Result<bool> {
+    fn fill_window(&mut self, id: RawFd, file: &File, start: u64) -> io::Result<bool> {
         use rustix::fs::{OFlags, fcntl_getfl, fcntl_setfl};
         self.held = None;
         let flags = fcntl_getfl(file)?;
@@ -620,7 +617,7 @@ mod tests {
             for &(offset, n) in &reads {
                 let mut out = vec![0u8; n];
                 reader
-                    .read_exact_at(7, &file, &mut out, offset as u64)
+                    .read_exact_at(&file, &mut out, offset as u64)
                     .expect("read");
                 assert!(out == data[offset..offset + n], "{n} bytes at {offset}");
             }
@@ -651,7 +648,7 @@ mod tests {
             let mut out = vec![0u8; 10];
             assert!(
                 reader
-                    .read_exact_at(7, &file, &mut out, len as u64 - 5)
+                    .read_exact_at(&file, &mut out, len as u64 - 5)
                     .is_err()
             );
             // The descriptor is left as it was found.
@@ -673,15 +670,11 @@ mod tests {
         let fb = File::open(dir.path().join("b")).expect("open");
         let mut reader = CopyReader::new();
         for i in 0..20u64 {
-            let (id, file, data) = if i % 2 == 0 {
-                (1, &fa, &a)
-            } else {
-                (2, &fb, &b)
-            };
+            let (file, data) = if i % 2 == 0 { (&fa, &a) } else { (&fb, &b) };
             let offset = (i * 50_000) as usize % (data.len() - 70_000);
             let mut out = vec![0u8; 70_000];
             reader
-                .read_exact_at(id, file, &mut out, offset as u64)
+                .read_exact_at(file, &mut out, offset as u64)
                 .expect("read");
             assert!(out == data[offset..offset + 70_000], "read {i}");
         }

@@ -17,7 +17,7 @@ pub use archive::{
     ArchiveError, CentralDirectory, check_archive, check_entries, cut_points, is_archive,
     locate_central_directory,
 };
-pub use direct::{ALIGN, CopyReader, DirectFile, READ_WINDOW, RunWriter};
+pub use direct::{ALIGN, CopyReader, DirectFile, RunWriter};
 pub use durable::write_atomic;
 pub use excludes::{ExcludeError, Excludes, STAGING_DIR, WSO2_DEFAULT_EXCLUDES};
 pub use folder::{FolderRoot, StagedFile, Staging, mtime_of, to_system_time};

@@ -728,7 +728,7 @@ async fn serve_fetch(
     // the disk, the compressor and the connection's encryption overlap.
     let (reads, mut read) = mpsc::channel(READS_AHEAD);
     let (root, cache) = (Arc::clone(&folder.root), Arc::clone(&ctx.cache));
-    let wire = WireUse::begin(&ctx.wire);
+    let wire = ctx.wire.begin();
     // Encoded chunks are shared between agents: with one connected, there is nobody to share
     // them with.
     let several = ctx
@@ -797,22 +797,6 @@ async fn serve_fetch(
     }
     tx.finish();
     Ok(())
-}
-
-/// A fetch under way, for the wire cache's idle clearing.
-struct WireUse(Arc<WireCache>);
-
-impl WireUse {
-    fn begin(wire: &Arc<WireCache>) -> WireUse {
-        wire.begin();
-        WireUse(Arc::clone(wire))
-    }
-}
-
-impl Drop for WireUse {
-    fn drop(&mut self) {
-        self.0.end();
-    }
 }
 
 /// Read batches buffered ahead of the sending, per fetch stream (each up to `READ_BATCH`).

@@ -108,15 +108,16 @@ impl WireCache {
         }
     }
 
-    /// A fetch begins; pair with [`WireCache::end`].
-    pub(crate) fn begin(&self) {
+    /// A fetch begins; it ends when the returned guard is dropped.
+    pub(crate) fn begin(self: &Arc<Self>) -> FetchUnderWay {
         self.begun.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::AcqRel);
+        FetchUnderWay(Arc::clone(self))
     }
 
     /// A fetch ended: when it was the last, the cache is emptied after [`IDLE_CLEAR`] unless
     /// another fetch has begun by then.
-    pub(crate) fn end(self: &Arc<Self>) {
+    fn end(self: &Arc<Self>) {
         if self.active.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
@@ -149,6 +150,16 @@ impl WireCache {
         self.inner
             .lock()
             .expect("the wire cache lock is never poisoned")
+    }
+}
+
+/// A fetch under way (see [`WireCache::begin`]); dropping it ends the fetch.
+#[derive(Debug)]
+pub(crate) struct FetchUnderWay(Arc<WireCache>);
+
+impl Drop for FetchUnderWay {
+    fn drop(&mut self) {
+        self.0.end();
     }
 }
 
@@ -253,19 +264,17 @@ mod tests {
     async fn the_cache_is_emptied_once_no_fetch_is_under_way() {
         let cache = Arc::new(WireCache::new(1 << 20));
         let (hash, enc) = chunk(4, 100);
-        cache.begin();
+        let first = cache.begin();
         cache.get_or_encode(hash, None, || Ok(enc.clone())).unwrap();
-        cache.begin();
-        cache.end();
+        drop(cache.begin());
         tokio::time::sleep(IDLE_CLEAR * 2).await;
         // One fetch is still under way: kept.
         assert_eq!(cache.bytes(), 100);
-        cache.end();
+        drop(first);
         // Another fetch comes and goes before the first clearing is due: that one is skipped,
         // the second clears.
         tokio::time::sleep(IDLE_CLEAR / 2).await;
-        cache.begin();
-        cache.end();
+        drop(cache.begin());
         tokio::time::sleep(IDLE_CLEAR * 3 / 4).await;
         assert_eq!(cache.bytes(), 100);
         tokio::time::sleep(IDLE_CLEAR).await;

@@ -526,19 +526,19 @@ impl Bench<'_> {
     }
 }
 
-/// Deploys the fan-out's `rep`th new CAR (5 MB of fresh content) and returns its path.
+/// Deploys the fan-out's `rep`th new CAR and returns its path.
 fn new_car(root: &Path, scratch: &Path, rep: usize) -> Result<Vec<String>> {
     let rel = format!("carbonapps/fan-out-{rep}_1.0.0.car");
+    deploy_car(root, scratch, &rel, 91 + rep as u64)
+}
+
+/// Writes a new 5 MB CAR of fresh content (from `seed`) beside the tree and renames it in at
+/// `rel`, as a deployment does; returns its path.
+fn deploy_car(root: &Path, scratch: &Path, rel: &str, seed: u64) -> Result<Vec<String>> {
     let tmp = scratch.join("car.tmp");
-    syncd_devtools::write_archive(
-        &tmp,
-        Archive::Car,
-        5_000_000,
-        &mut Rng::new(91 + rep as u64),
-        3,
-    )?;
-    std::fs::rename(&tmp, root.join(&rel))?;
-    Ok(vec![rel])
+    syncd_devtools::write_archive(&tmp, Archive::Car, 5_000_000, &mut Rng::new(seed), 3)?;
+    std::fs::rename(&tmp, root.join(rel))?;
+    Ok(vec![rel.to_owned()])
 }
 
 /// The base tree: the generator's tree at `scale`, plus the two WARs the changes work on.
@@ -613,10 +613,7 @@ fn mutate(root: &Path, scratch: &Path, m: Mutation) -> Result<Vec<String>> {
         }
         Mutation::NewCar => {
             let rel = format!("carbonapps/new-app-{}_1.0.0.car", walk(root)?.len());
-            let tmp = scratch.join("car.tmp");
-            syncd_devtools::write_archive(&tmp, Archive::Car, 5_000_000, &mut Rng::new(91), 3)?;
-            std::fs::rename(&tmp, root.join(&rel))?;
-            vec![rel]
+            deploy_car(root, scratch, &rel, 91)?
         }
         Mutation::Delete => {
             let rel = "carbonapps/app-001_1.0.0.car".to_owned();

@@ -113,8 +113,20 @@ pub(crate) struct LiveFolder {
     /// Files removed by generations published in the last [`GUARD_WINDOW`]: a tree deleted
     /// over several generations (`rm -rf` outlasts the debounce) counts as one deletion.
     recent_removals: std::collections::VecDeque<(Instant, usize)>,
-    /// When the first and the last removal not yet published were seen.
-    pending_removals: Option<(Instant, Instant)>,
+    /// Removals seen and not yet published.
+    pending_removals: Option<PendingRemovals>,
+}
+
+/// Removals waiting for more removals to stop (see [`REMOVAL_QUIET`]).
+#[derive(Debug, Clone, Copy)]
+struct PendingRemovals {
+    first: Instant,
+    last: Instant,
+    /// Files removed (directories and links do not count, as for the delete guard).
+    files: usize,
+    /// Whether these removals, with those published within [`GUARD_WINDOW`], are few enough to
+    /// wait only [`REMOVAL_QUIET_FEW`]; once not, they stay not until published.
+    few: bool,
 }
 
 /// How far back the delete guard adds up removals.
@@ -124,6 +136,14 @@ pub(crate) const GUARD_WINDOW: Duration = Duration::from_secs(10);
 /// not as slices each under the share, and an artifact replaced by removing the old version
 /// and adding the new one changes on the workers in one generation.
 pub(crate) const REMOVAL_QUIET: Duration = Duration::from_millis(100);
+/// The quiet time of removals that are still few (files removed, with those published within
+/// [`GUARD_WINDOW`], at most [`FEW_REMOVALS_SHARE`] of the folder's published entries): an operator's single deletion goes out
+/// without the full wait. An `rm -rf` unlinks far faster than this, so its removals cross the
+/// share and get the full wait before it pauses; if it stalls longer right at its start, the
+/// few files removed by then go out and the guard still sees the whole.
+pub(crate) const REMOVAL_QUIET_FEW: Duration = Duration::from_millis(30);
+/// Removals up to this share of a folder's entries (and at least one file) are few.
+const FEW_REMOVALS_SHARE: f64 = 0.01;
 /// Longest a removal waits for removals to stop.
 pub(crate) const REMOVAL_MAX_WAIT: Duration = Duration::from_secs(2);
 
@@ -279,8 +299,14 @@ impl LiveFolder {
     }
 
     fn removals_due(&self) -> Option<Instant> {
-        self.pending_removals
-            .map(|(first, last)| (last + REMOVAL_QUIET).min(first + REMOVAL_MAX_WAIT))
+        self.pending_removals.map(|r| {
+            let quiet = if r.few {
+                REMOVAL_QUIET_FEW
+            } else {
+                REMOVAL_QUIET
+            };
+            (r.last + quiet).min(r.first + REMOVAL_MAX_WAIT)
+        })
     }
 
     /// Whether removals were seen that have not stopped for [`REMOVAL_QUIET`] yet: the folder
@@ -525,8 +551,31 @@ impl LiveFolder {
     /// about writers there: the path is gone.
     fn forget_subtree(&mut self, path: &RelPath, now: Instant) {
         if self.working.manifest.get(path).is_some() {
-            let first = self.pending_removals.map_or(now, |(first, _)| first);
-            self.pending_removals = Some((first, now));
+            let files = self
+                .working
+                .manifest
+                .subtree(path)
+                .filter(|(_, n)| n.file().is_some())
+                .count();
+            let before = self.pending_removals.unwrap_or(PendingRemovals {
+                first: now,
+                last: now,
+                files: 0,
+                few: true,
+            });
+            let files = before.files + files;
+            let few = before.few && {
+                // Entries, not files: counting files would be a pass over the folder.
+                let total = self.published.as_ref().map_or(0, |p| p.manifest.len());
+                let limit = ((total as f64 * FEW_REMOVALS_SHARE) as usize).max(1);
+                files + self.recent_removals(now) <= limit
+            };
+            self.pending_removals = Some(PendingRemovals {
+                first: before.first,
+                last: now,
+                files,
+                few,
+            });
         }
         self.replace_subtree(path);
         let under = |p: &RelPath| p.starts_with(path);
@@ -854,6 +903,53 @@ mod tests {
         f.expire_removals(due);
         assert!(!f.removals_pending() && !f.settling());
         assert_eq!(f.publishable().unwrap().manifest.len(), 0);
+    }
+
+    #[test]
+    fn a_few_removals_wait_a_shorter_quiet_time_than_many() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..300 {
+            fs::write(dir.path().join(format!("{i}.xml")), b"<x/>").unwrap();
+        }
+        let mut f = folder(dir.path());
+        let mut now = settle_all(&mut f);
+        f.set_published(f.publishable().unwrap());
+        let remove = |f: &mut LiveFolder, i: usize, now: Instant| {
+            fs::remove_file(dir.path().join(format!("{i}.xml"))).unwrap();
+            f.hint(p(&format!("{i}.xml")), Hint::Changed);
+            f.examine(now);
+        };
+        // One file of 300: few (the limit is 1% of the entries, two or three files here).
+        remove(&mut f, 0, now);
+        assert_eq!(f.next_ready(), Some(now + REMOVAL_QUIET_FEW));
+        f.expire_removals(now + REMOVAL_QUIET_FEW);
+        assert!(!f.removals_pending());
+        let next = f.publishable().unwrap();
+        f.set_published(next);
+        f.record_removals(now, 1, false);
+        // The second within the guard's window still is; the third is not.
+        now += Duration::from_secs(1);
+        remove(&mut f, 1, now);
+        assert_eq!(f.next_ready(), Some(now + REMOVAL_QUIET_FEW));
+        remove(&mut f, 2, now + Duration::from_millis(5));
+        assert_eq!(
+            f.next_ready(),
+            Some(now + Duration::from_millis(5) + REMOVAL_QUIET)
+        );
+        // Many stay many until published, even when the count is recomputed.
+        remove(&mut f, 3, now + Duration::from_millis(10));
+        assert_eq!(
+            f.next_ready(),
+            Some(now + Duration::from_millis(10) + REMOVAL_QUIET)
+        );
+        f.expire_removals(now + Duration::from_millis(10) + REMOVAL_QUIET);
+        assert!(!f.removals_pending());
+        // Once the window has passed, a single removal is few again.
+        now += GUARD_WINDOW + Duration::from_secs(1);
+        let next = f.publishable().unwrap();
+        f.set_published(next);
+        remove(&mut f, 4, now);
+        assert_eq!(f.next_ready(), Some(now + REMOVAL_QUIET_FEW));
     }
 
     #[test]

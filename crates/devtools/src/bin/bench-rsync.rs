@@ -616,7 +616,13 @@ fn mutate(root: &Path, scratch: &Path, m: Mutation) -> Result<Vec<String>> {
             deploy_car(root, scratch, &rel, 91)?
         }
         Mutation::Delete => {
-            let rel = "carbonapps/app-001_1.0.0.car".to_owned();
+            // The first CAR left (a repeated deletion takes the next one).
+            let mut cars: Vec<String> = walk(root)?
+                .into_iter()
+                .filter(|p| p.starts_with("carbonapps/app-") && p.ends_with(".car"))
+                .collect();
+            cars.sort();
+            let rel = cars.first().context("no CAR left to delete")?.clone();
             std::fs::remove_file(root.join(&rel))?;
             vec![rel]
         }

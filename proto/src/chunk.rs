@@ -94,10 +94,14 @@ pub fn encode_chunk_keeping_plain(
         return (chunk, ChunkEncoding::Raw, None);
     }
     let pays = |from: usize, to: usize| to < from - from / 10;
-    let probe = &chunk[..chunk.len().min(PROBE)];
-    match compress(probe, 1) {
-        Ok(c) if pays(probe.len(), c.len()) => {}
-        _ => return (chunk, ChunkEncoding::Raw, None),
+    // A chunk no longer than the probe is compressed once, below: probing it would compress
+    // it twice (most Synapse XMLs are a single chunk of a few KB).
+    if chunk.len() > PROBE {
+        let probe = &chunk[..PROBE];
+        match compress(probe, 1) {
+            Ok(c) if pays(probe.len(), c.len()) => {}
+            _ => return (chunk, ChunkEncoding::Raw, None),
+        }
     }
     let plain = compress(&chunk, LEVEL)
         .ok()

@@ -266,6 +266,7 @@ pub(crate) async fn apply(
 
     // Everything staged is made durable before the first rename: few files are fsynced one by
     // one as they are finished, many at once here.
+    let t_staged = std::time::Instant::now();
     if jobs.len() > FSYNC_EACH_LIMIT {
         let roots: Vec<Arc<FolderRoot>> = stagings
             .keys()
@@ -300,6 +301,7 @@ pub(crate) async fn apply(
     })
     .await?;
 
+    let t_journaled = std::time::Instant::now();
     let mut staged_names: HashMap<(usize, RelPath), String> = HashMap::new();
     for job in jobs {
         if let Some(name) = job.staged {
@@ -345,6 +347,7 @@ pub(crate) async fn apply(
     for (_, staging) in stagings {
         drop(staging);
     }
+    let t_committed = std::time::Instant::now();
     // The renames and deletions are made durable, and staging is cleared, in every folder that
     // changed.
     for (i, dirs) in touched {
@@ -365,6 +368,12 @@ pub(crate) async fn apply(
         })
         .await?;
     }
+    tracing::debug!(
+        durable_ms = (t_journaled - t_staged).as_millis() as u64,
+        renamed_ms = (t_committed - t_journaled).as_millis() as u64,
+        synced_ms = t_committed.elapsed().as_millis() as u64,
+        "committed"
+    );
     Ok(results)
 }
 
@@ -1117,26 +1126,32 @@ fn commit_folder(
         }
     }
     // 3. Files: staged ones renamed in quick succession; unchanged content gets metadata only.
+    let mut committed: Vec<(RelPath, syncd_fsops::StatKey)> = Vec::new();
     let mut touched: Vec<RelPath> = Vec::new();
+    let mut committer = staging.map(Staging::committer);
     for change in changes {
         if let Change::Put(path, node) = change
             && node.file().is_some()
         {
             match staged.get(path) {
                 Some(name) => {
-                    staging
+                    let key = committer
+                        .as_mut()
                         .expect("a staged file implies a staging directory")
                         .commit(name, path)
                         .map_err(err(path))?;
+                    committed.push((path.clone(), key));
                     stats.files_written += 1;
                 }
-                None => root
-                    .set_file_meta(path, node.mode, node.mtime)
-                    .map_err(err(path))?,
+                None => {
+                    root.set_file_meta(path, node.mode, node.mtime)
+                        .map_err(err(path))?;
+                    touched.push(path.clone());
+                }
             }
-            touched.push(path.clone());
         }
     }
+    drop(committer);
     // 4. Symbolic links, each replaced atomically.
     for change in changes {
         if let Change::Put(path, node) = change
@@ -1186,6 +1201,7 @@ fn commit_folder(
     for change in changes {
         stats_map.remove(change.path());
     }
+    stats_map.extend(committed);
     for path in touched {
         let meta = std::fs::symlink_metadata(root.abs(&path)).map_err(err(&path))?;
         stats_map.insert(path, stat_key(&meta));

@@ -249,6 +249,7 @@ impl Bench<'_> {
         let mut rsync_init = Vec::new();
         let mut rsync_fsync_init = Vec::new();
         let mut syncd_init = Vec::new();
+        let mut syncd_join = Vec::new();
         for rep in 0..self.args.reps {
             let dir = self.work.join(format!("init-rsync-{rep}"));
             let daemon = RsyncDaemon::start(&dir, 1, self.args.rsync_port)?;
@@ -274,11 +275,29 @@ impl Bench<'_> {
             same_tree(&mgr, &cluster.workers[0])?;
             drop(cluster);
             self.discard(&dir)?;
+
+            // A worker joining a manager that is already running (as a new or rebuilt worker
+            // does): the manager has hashed its tree; the agent starts on an empty folder.
+            let dir = self.work.join(format!("join-syncd-{rep}"));
+            let mgr = dir.join("mgr/server");
+            copy_tree(base, &mgr)?;
+            let mut cluster =
+                SyncdCluster::start_manager(&self.args.syncd, &dir, 1, self.args.port)?;
+            cluster.wait_published(Duration::from_secs(300))?;
+            flush_disk()?;
+            let t0 = Instant::now();
+            cluster.start_agents()?;
+            cluster.wait_all(Duration::from_secs(300))?;
+            syncd_join.push(t0.elapsed());
+            same_tree(&mgr, &cluster.workers[0])?;
+            drop(cluster);
+            self.discard(&dir)?;
         }
-        let (r, rf, s) = (
+        let (r, rf, s, j) = (
             median(&mut rsync_init),
             median(&mut rsync_fsync_init),
             median(&mut syncd_init),
+            median(&mut syncd_join),
         );
         println!();
         println!(
@@ -286,16 +305,28 @@ impl Bench<'_> {
             self.args.reps
         );
         println!();
-        println!("| tool | time | syncd ÷ tool |");
-        println!("| --- | --- | --- |");
+        println!("| tool | time | syncd joining ÷ tool | syncd cold ÷ tool |");
+        println!("| --- | --- | --- | --- |");
         println!(
-            "| syncd (processes started cold: scan, hash, transfer, fsync) | {} | 1.00 |",
-            secs(s)
+            "| syncd, a worker joining a running manager (agent start, transfer, fsync) | {} | 1.00 | {:.2} |",
+            secs(j),
+            ratio(s, j)
         );
-        println!("| rsync daemon | {} | {:.2} |", secs(r), ratio(s, r));
         println!(
-            "| rsync daemon, `--fsync` | {} | {:.2} |",
+            "| syncd, both processes started cold (scan, hash, transfer, fsync) | {} | {:.2} | 1.00 |",
+            secs(s),
+            ratio(j, s)
+        );
+        println!(
+            "| rsync daemon | {} | {:.2} | {:.2} |",
+            secs(r),
+            ratio(j, r),
+            ratio(s, r)
+        );
+        println!(
+            "| rsync daemon, `--fsync` | {} | {:.2} | {:.2} |",
             secs(rf),
+            ratio(j, rf),
             ratio(s, rf)
         );
         Ok(())
@@ -896,7 +927,9 @@ impl Lsyncd {
 }
 
 struct SyncdCluster {
-    _children: Children,
+    children: Children,
+    syncd: PathBuf,
+    dir: PathBuf,
     mgr_socket: PathBuf,
     syncctl: PathBuf,
     workers: Vec<PathBuf>,
@@ -905,6 +938,13 @@ struct SyncdCluster {
 impl SyncdCluster {
     /// Starts a manager serving `dir/mgr/server` and `n` agents on `dir/w*/server`.
     fn start(syncd: &Path, dir: &Path, n: usize, port: u16) -> Result<SyncdCluster> {
+        let mut cluster = SyncdCluster::start_manager(syncd, dir, n, port)?;
+        cluster.start_agents()?;
+        Ok(cluster)
+    }
+
+    /// Configures a manager and `n` agents and starts the manager alone.
+    fn start_manager(syncd: &Path, dir: &Path, n: usize, port: u16) -> Result<SyncdCluster> {
         let mid = syncd_init(syncd, &dir.join("mgr/state"))?;
         let mut agents = String::new();
         let mut workers = Vec::new();
@@ -928,39 +968,68 @@ impl SyncdCluster {
                 "[node]\nname = \"mgr\"\nstate_dir = \"state\"\nadmin_socket = \"admin.sock\"\n[manager]\nlisten = \"127.0.0.1:{port}\"\n{agents}[[folders]]\nname = \"deployment\"\npath = \"server\"\n"
             ),
         )?;
-        let spawn = |role: &str, cfg: PathBuf, log: PathBuf| -> Result<Child> {
-            Ok(Command::new(syncd)
-                .args([role, "--config"])
-                .arg(cfg)
-                // `BENCH_SYNCD_LOG=debug` (with `--work`) keeps what the daemons did in w*.log.
-                .env(
-                    "SYNCD_LOG",
-                    std::env::var("BENCH_SYNCD_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(log)?)
-                .spawn()?)
-        };
-        let mut children = Children(Vec::new());
-        children.0.push(spawn(
-            "manager",
-            dir.join("mgr/syncd.toml"),
-            dir.join("mgr.log"),
-        )?);
-        for i in 0..n {
-            let w = dir.join(format!("w{i}"));
-            children.0.push(spawn(
-                "agent",
-                w.join("syncd.toml"),
-                dir.join(format!("w{i}.log")),
-            )?);
-        }
-        Ok(SyncdCluster {
-            _children: children,
+        let mut cluster = SyncdCluster {
+            children: Children(Vec::new()),
+            syncd: syncd.to_owned(),
+            dir: dir.to_owned(),
             mgr_socket: dir.join("mgr/admin.sock"),
             syncctl: syncd.with_file_name("syncctl"),
             workers,
-        })
+        };
+        cluster.spawn("manager", dir.join("mgr/syncd.toml"), dir.join("mgr.log"))?;
+        Ok(cluster)
+    }
+
+    /// Starts the agents.
+    fn start_agents(&mut self) -> Result<()> {
+        for i in 0..self.workers.len() {
+            let w = self.dir.join(format!("w{i}"));
+            let log = self.dir.join(format!("w{i}.log"));
+            self.spawn("agent", w.join("syncd.toml"), log)?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, role: &str, cfg: PathBuf, log: PathBuf) -> Result<()> {
+        let child = Command::new(&self.syncd)
+            .args([role, "--config"])
+            .arg(cfg)
+            // `BENCH_SYNCD_LOG=debug` (with `--work`) keeps what the daemons did in w*.log.
+            .env(
+                "SYNCD_LOG",
+                std::env::var("BENCH_SYNCD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        self.children.0.push(child);
+        Ok(())
+    }
+
+    /// Waits until the manager has published its first generation.
+    fn wait_published(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = Command::new(&self.syncctl)
+                .arg("--socket")
+                .arg(&self.mgr_socket)
+                .args(["status", "--json"])
+                .output()?;
+            if out.status.success() {
+                let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                if status["generation"].as_u64().is_some_and(|g| g > 0) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the manager published nothing in {timeout:?}: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Waits until every agent applied the manager's latest generation.

@@ -799,6 +799,8 @@ async fn serve_fetch(
     Ok(())
 }
 
+/// Bytes of chunks gathered from small files before they are handed to the sender.
+const SMALL_ITEM: usize = 128 << 10;
 /// Read batches buffered ahead of the sending, per fetch stream (each up to `READ_BATCH`).
 const READS_AHEAD: usize = 2;
 
@@ -833,11 +835,24 @@ fn read_jobs(
     jobs: Vec<ReadJob>,
     out: &mpsc::Sender<Read>,
 ) {
+    // Small files' chunks go to the sender together, up to `SMALL_ITEM` bytes: one hand-over
+    // between threads per few dozen XMLs instead of one per file.
+    let mut pending: Vec<Encoded> = Vec::new();
+    let mut pending_bytes = 0usize;
+    let flush = |pending: &mut Vec<Encoded>, pending_bytes: &mut usize| {
+        *pending_bytes = 0;
+        pending.is_empty()
+            || out
+                .blocking_send(Read::Chunks(std::mem::take(pending)))
+                .is_ok()
+    };
     for job in jobs {
         let file = match root.open_file(&job.path) {
             Ok(f) => f,
             Err(e) => {
-                let _ = out.blocking_send(Read::Gone(job.path, format!("cannot open: {e}")));
+                if flush(&mut pending, &mut pending_bytes) {
+                    let _ = out.blocking_send(Read::Gone(job.path, format!("cannot open: {e}")));
+                }
                 return;
             }
         };
@@ -851,19 +866,23 @@ fn read_jobs(
                 end += 1;
             }
             let base = base.as_ref().map(|(h, b)| (job.base_at, *h, b.as_slice()));
-            let item = match read_chunks(&file, &job.wanted[start..end], base, cache, wire) {
-                Ok(chunks) => Read::Chunks(chunks),
+            match read_chunks(&file, &job.wanted[start..end], base, cache, wire) {
+                Ok(chunks) => pending.extend(chunks),
                 Err(reason) => {
-                    let _ = out.blocking_send(Read::Gone(job.path, reason));
+                    if flush(&mut pending, &mut pending_bytes) {
+                        let _ = out.blocking_send(Read::Gone(job.path, reason));
+                    }
                     return;
                 }
-            };
-            if out.blocking_send(item).is_err() {
+            }
+            pending_bytes += bytes;
+            if pending_bytes >= SMALL_ITEM && !flush(&mut pending, &mut pending_bytes) {
                 return;
             }
             start = end;
         }
     }
+    flush(&mut pending, &mut pending_bytes);
 }
 
 /// Reads, checks and encodes chunks for the wire (compressed where that pays; the chunk at
@@ -1000,12 +1019,31 @@ mod tests {
             dir.path(),
             vec![job("big", &big, 64 * 1024), job("small", &small, 1000)],
         );
-        assert!(items.len() >= 4, "big comes in at least three batches");
+        // Big in three batches, its short last one together with small.
+        assert_eq!(items.len(), 3, "big comes in three batches");
         assert!(items.iter().all(|i| matches!(i, Read::Chunks(_))));
         assert!(
             bytes_of(&items) == [big, small].concat(),
             "every byte, in order"
         );
+    }
+
+    #[test]
+    fn small_files_are_handed_over_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut jobs = Vec::new();
+        let mut all = Vec::new();
+        // 60 files of 3,000 bytes: 180,000 bytes, two hand-overs of at most `SMALL_ITEM`.
+        for i in 0..60 {
+            let bytes = noise(3_000, 100 + i);
+            let name = format!("f{i}");
+            std::fs::write(dir.path().join(&name), &bytes).expect("write");
+            jobs.push(job(&name, &bytes, 1000));
+            all.extend_from_slice(&bytes);
+        }
+        let items = read_all(dir.path(), jobs);
+        assert_eq!(items.len(), 2, "{} hand-overs", items.len());
+        assert!(bytes_of(&items) == all, "every byte, in order");
     }
 
     #[test]

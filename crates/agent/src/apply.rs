@@ -185,6 +185,9 @@ enum Source {
 
 /// Applies `targets` to `folders`: stages everything, syncs, renames, deletes, and returns the
 /// folders' new local manifests.
+// Each argument is a different part of the agent, borrowed differently (the folders shared,
+// the chunk index and the watch exclusively): a struct of them would only be taken apart again.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn apply(
     conn: &Conn,
     folders: &[Folder],
@@ -193,6 +196,7 @@ pub(crate) async fn apply(
     received: &Arc<AtomicU64>,
     state_dir: &Path,
     chunks: &mut LocalChunks,
+    watch: Option<&mut crate::drift::Watch>,
 ) -> Result<Vec<(usize, LocalManifest)>, ApplyError> {
     let mut jobs = Vec::new();
     let mut plans = Vec::new();
@@ -242,6 +246,11 @@ pub(crate) async fn apply(
     }
 
     let fsync_each = jobs.len() <= FSYNC_EACH_LIMIT;
+    // Many files written: the drift watch would wake for each (it is back, and the folders
+    // are compared, when this returns).
+    let _paused = watch
+        .filter(|_| !fsync_each)
+        .map(crate::drift::Watch::pause);
     tracing::debug!(
         files = jobs.len(),
         bytes = jobs.iter().map(|j| j.content.size).sum::<u64>(),

@@ -29,7 +29,8 @@ pub(crate) const VERIFY_EVERY: Duration = Duration::from_secs(60);
 /// Watches the folders; `changed` is notified on any change (our own writes included: the
 /// comparison tells them apart).
 pub(crate) struct Watch {
-    _watchers: Vec<notify::RecommendedWatcher>,
+    /// Each folder's watch, with its path (`None` while the folder cannot be watched).
+    watchers: Vec<(Option<notify::RecommendedWatcher>, PathBuf)>,
     pub changed: Arc<Notify>,
 }
 
@@ -42,37 +43,72 @@ impl std::fmt::Debug for Watch {
 /// Starts watching `paths`; a folder that cannot be watched is still verified periodically.
 pub(crate) fn watch(paths: &[PathBuf]) -> Watch {
     let changed = Arc::new(Notify::new());
-    let mut watchers = Vec::new();
-    for path in paths {
-        let notify = Arc::clone(&changed);
-        let handler = move |res: notify::Result<notify::Event>| {
-            let relevant = match res {
-                Ok(ev) => {
-                    !matches!(ev.kind, notify::EventKind::Access(_))
-                        && ev
-                            .paths
-                            .iter()
-                            .any(|p| !p.components().any(|c| c.as_os_str() == STAGING_DIR))
-                }
-                Err(_) => true,
-            };
-            if relevant {
-                notify.notify_one();
+    let watchers = paths
+        .iter()
+        .map(|path| (start(path, &changed), path.clone()))
+        .collect();
+    Watch { watchers, changed }
+}
+
+fn start(path: &Path, changed: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    let notify = Arc::clone(changed);
+    let handler = move |res: notify::Result<notify::Event>| {
+        let relevant = match res {
+            Ok(ev) => {
+                !matches!(ev.kind, notify::EventKind::Access(_))
+                    && ev
+                        .paths
+                        .iter()
+                        .any(|p| !p.components().any(|c| c.as_os_str() == STAGING_DIR))
             }
+            Err(_) => true,
         };
-        match notify::recommended_watcher(handler).and_then(|mut w| {
-            w.watch(path, RecursiveMode::Recursive)?;
-            Ok(w)
-        }) {
-            Ok(w) => watchers.push(w),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, every = ?VERIFY_EVERY, "cannot watch the folder for local changes; verifying it periodically only")
-            }
+        if relevant {
+            notify.notify_one();
+        }
+    };
+    match notify::recommended_watcher(handler).and_then(|mut w| {
+        w.watch(path, RecursiveMode::Recursive)?;
+        Ok(w)
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, every = ?VERIFY_EVERY, "cannot watch the folder for local changes; verifying it periodically only");
+            None
         }
     }
-    Watch {
-        _watchers: watchers,
-        changed,
+}
+
+impl Watch {
+    /// Stops watching until the guard is dropped: while the agent writes thousands of files
+    /// itself, every one of them would wake the watch for nothing (a tenth of the agent's CPU in
+    /// an initial sync). The folders are compared once the watch is back, so a local change made
+    /// meanwhile is still found.
+    pub(crate) fn pause(&mut self) -> PausedWatch<'_> {
+        for (w, path) in &mut self.watchers {
+            if let Some(w) = w {
+                let _ = w.unwatch(path);
+            }
+        }
+        PausedWatch(self)
+    }
+}
+
+/// A paused [`Watch`]; watching again when dropped.
+pub(crate) struct PausedWatch<'a>(&'a mut Watch);
+
+impl Drop for PausedWatch<'_> {
+    fn drop(&mut self) {
+        let Watch { watchers, changed } = &mut *self.0;
+        for (slot, path) in watchers {
+            if let Some(w) = slot
+                && let Err(e) = w.watch(path, RecursiveMode::Recursive)
+            {
+                tracing::warn!(path = %path.display(), error = %e, every = ?VERIFY_EVERY, "cannot watch the folder for local changes again; verifying it periodically only");
+                *slot = None;
+            }
+        }
+        changed.notify_one();
     }
 }
 
@@ -363,6 +399,42 @@ pub(crate) fn normalize(mut entries: Vec<DriftEntry>) -> Vec<DriftEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits up to `secs` for `changed` to be notified.
+    fn notified_within(watch: &Watch, secs: u64) -> bool {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(secs), watch.changed.notified())
+                .await
+                .is_ok()
+        })
+    }
+
+    #[test]
+    fn a_paused_watch_watches_again_and_asks_for_a_comparison() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let mut w = watch(&[dir.path().to_owned()]);
+        std::fs::write(dir.path().join("sub/before"), b"x").unwrap();
+        assert!(notified_within(&w, 5), "a change is seen");
+        // Events already queued may still arrive: let them, then forget them.
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = notified_within(&w, 0);
+        {
+            let _paused = w.pause();
+            std::fs::write(dir.path().join("sub/during"), b"x").unwrap();
+        }
+        // Back: a comparison is asked for, which finds what changed meanwhile.
+        assert!(notified_within(&w, 5), "resuming asks for a comparison");
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = notified_within(&w, 0);
+        // And the watch is on again, in subdirectories too.
+        std::fs::write(dir.path().join("sub/after"), b"x").unwrap();
+        assert!(notified_within(&w, 5), "a change after the pause is seen");
+    }
 
     #[test]
     fn backups_are_bounded_oldest_first() {

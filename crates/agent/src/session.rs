@@ -332,7 +332,8 @@ async fn session(
                     continue;
                 }
                 agent.status.send_modify(|s| s.syncing = true);
-                let (reply, changed) = apply_generation(agent, &conn, generation, updates).await;
+                let (reply, changed) =
+                    apply_generation(agent, &conn, generation, updates, &mut drift.watch).await;
                 agent.status.send_modify(|s| s.syncing = false);
                 // The reply goes first: the folders are already right and durable, and the
                 // record only spares a rehash after a restart. It is written even when the
@@ -549,6 +550,7 @@ async fn act_on_drift(
             manifest: plan.target,
             inline: Vec::new(),
         };
+        // The watch stays on: a revert is small, and is what the watch is for.
         let result = apply::apply(
             conn,
             &agent.folders,
@@ -557,6 +559,7 @@ async fn act_on_drift(
             &agent.received,
             &agent.config.state_dir,
             &mut agent.chunks,
+            None,
         )
         .await;
         let mut expected = expected;
@@ -865,6 +868,7 @@ async fn apply_generation(
     conn: &Conn,
     generation: Generation,
     updates: Vec<(ManagerMsg, UpdateAssembler)>,
+    watch: &mut drift::Watch,
 ) -> (AgentMsg, Option<Vec<(String, LocalDelta)>>) {
     let started = Instant::now();
     let mut stats = ApplyStats::default();
@@ -880,6 +884,7 @@ async fn apply_generation(
                 &agent.received,
                 &agent.config.state_dir,
                 &mut agent.chunks,
+                Some(watch),
             )
             .await
         }

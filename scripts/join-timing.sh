@@ -12,7 +12,8 @@
 # the machine's busy and idle CPU time over the same window. Earlier runs' directories are set
 # aside as /tmp/jt.trash.* and deleted at the end: on this machine's ext4 (no journal), file
 # creation runs up to 20x slower for minutes after a large deletion (see BENCHMARKS.md), so
-# nothing is deleted between timed runs. BIN and CTL pick the binaries; PORT the UDP port.
+# nothing is deleted between timed runs (KEEP=1 keeps them for a next invocation too). BIN and
+# CTL pick the binaries; PORT the UDP port.
 set -euo pipefail
 BASE=${1:?usage: join-timing.sh BASE_TREE [RUNS]}
 RUNS=${2:-3}
@@ -48,4 +49,4 @@ for run in $(seq "$RUNS"); do
   echo "join $run: $(( (t1 - t0) / 1000000 )) ms; cpu before: $before after: $(cpu); $machine"
 done
 stop
-rm -rf $R.trash.*
+[ -n "${KEEP:-}" ] || rm -rf $R.trash.*

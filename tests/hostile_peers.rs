@@ -307,6 +307,17 @@ async fn links_out_of_the_folder_and_files_through_links_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_that_does_not_match_its_hash_is_never_written() {
+    served_chunk_is_refused(5, b"HELLO", "does not match its hash").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_chunk_shorter_than_the_chunk_is_never_written() {
+    served_chunk_is_refused(3, b"hel", "raw chunk of 3 bytes where 5 were expected").await;
+}
+
+/// The agent asks for `a.xml` ("hello"), is served `bytes` as a raw chunk of `len` bytes, and
+/// must refuse the generation for `why` without writing anything.
+async fn served_chunk_is_refused(len: u32, bytes: &'static [u8], why: &str) {
     let dirs = agent_dirs();
     let fake = FakeManager::new(&dirs.identity());
     let agent = agent_of(&fake, dirs).await;
@@ -320,14 +331,14 @@ async fn a_chunk_that_does_not_match_its_hash_is_never_written() {
             assert_eq!(req.files[0].path.as_str(), "a.xml");
             ftx.send(
                 &FetchReply::Chunk {
-                    len: 5,
+                    len,
                     encoding: ChunkEncoding::Raw,
                 },
                 MAX_CONTROL_FRAME,
             )
             .await
             .unwrap();
-            ftx.write_all(b"HELLO").await.unwrap();
+            ftx.write_all(bytes).await.unwrap();
             ftx.finish();
         })
     };
@@ -336,7 +347,7 @@ async fn a_chunk_that_does_not_match_its_hash_is_never_written() {
     let AgentMsg::Failed { reason, .. } = verdict else {
         panic!("accepted: {verdict:?}")
     };
-    assert!(reason.contains("does not match its hash"), "{reason}");
+    assert!(reason.contains(why), "{reason}");
     let dirs = agent.stop().await;
     assert_nothing_written(&dirs);
 }

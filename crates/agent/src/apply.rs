@@ -20,7 +20,9 @@ use syncd_fsops::{
 use syncd_manifest::{
     Change, ChunkHash, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
 };
-use syncd_proto::{FetchFile, FetchReply, FetchRequest, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME};
+use syncd_proto::{
+    ChunkEncoding, FetchFile, FetchReply, FetchRequest, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
+};
 use syncd_transport::{Conn, TransportError};
 use tokio::task::JoinSet;
 
@@ -1060,10 +1062,25 @@ async fn fetch(
                 wire.resize(got as usize, 0);
                 rx.read_exact(&mut wire).await?;
                 let base = base.and_then(|b| bases.get(&b)).map(Vec::as_slice);
-                syncd_proto::decode_chunk(encoding, &wire, *len as usize, base, &mut buf).map_err(
-                    |e| ApplyError::Protocol(format!("{path}: {e} (folder {})", req.folder_name)),
-                )?;
-                if ChunkHash::of(&buf) != *hash {
+                let bad = |e: syncd_proto::ChunkDecodeError| {
+                    ApplyError::Protocol(format!("{path}: {e} (folder {})", req.folder_name))
+                };
+                // Raw bytes are the chunk: checked and written from where they were received
+                // (decoding would only copy them, a memcpy of every byte of every archive).
+                let chunk: &[u8] = if encoding == ChunkEncoding::Raw {
+                    if got != *len {
+                        return Err(bad(syncd_proto::ChunkDecodeError::Length {
+                            got: got as usize,
+                            expected: *len as usize,
+                        }));
+                    }
+                    &wire
+                } else {
+                    syncd_proto::decode_chunk(encoding, &wire, *len as usize, base, &mut buf)
+                        .map_err(bad)?;
+                    &buf
+                };
+                if ChunkHash::of(chunk) != *hash {
                     return Err(ApplyError::BadChunk { path: path.clone() });
                 }
                 received += *len as u64;
@@ -1077,7 +1094,7 @@ async fn fetch(
                     // A large file's chunks come in order, request by request: each
                     // request's part is one run. Writes into the page cache of a small file's
                     // chunk take microseconds: doing them here keeps the stream flowing.
-                    write_chunk(&mut run, dest, offset, &buf).map_err(err)?;
+                    write_chunk(&mut run, dest, offset, chunk).map_err(err)?;
                 }
             }
             FetchReply::Gone { path, reason } => return Err(ApplyError::Gone { path, reason }),

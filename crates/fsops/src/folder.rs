@@ -369,9 +369,7 @@ impl Staging {
     /// Renames a finished staged file (by its name) to `rel`, replacing a file or link there,
     /// or an empty directory.
     pub fn commit(&self, name: &str, rel: &RelPath) -> io::Result<()> {
-        let parent = self.root.parent_dir(rel)?;
-        self.root
-            .replace_at(&self.fd, name, &parent, rel.file_name())
+        self.committer().commit(name, rel).map(drop)
     }
 
     /// A [`Committer`]: for many files, in path order.

@@ -550,13 +550,7 @@ impl LiveFolder {
     /// Removes `path` and everything beneath it from the working state, with what was known
     /// about writers there: the path is gone.
     fn forget_subtree(&mut self, path: &RelPath, now: Instant) {
-        if self.working.manifest.get(path).is_some() {
-            let files = self
-                .working
-                .manifest
-                .subtree(path)
-                .filter(|(_, n)| n.file().is_some())
-                .count();
+        if let Some(files) = self.replace_subtree(path) {
             let before = self.pending_removals.unwrap_or(PendingRemovals {
                 first: now,
                 last: now,
@@ -577,7 +571,6 @@ impl LiveFolder {
                 few,
             });
         }
-        self.replace_subtree(path);
         let under = |p: &RelPath| p.starts_with(path);
         self.candidates.retain(|p, _| !under(p));
         self.held.retain(|p, _| !under(p));
@@ -588,21 +581,23 @@ impl LiveFolder {
     /// Removes `path` and everything beneath it from the working state, keeping what is known
     /// about writers (the path is still there, as something else; hints about paths beneath it
     /// are fresh, and a stale one is dropped when its path is looked at and found gone).
-    fn replace_subtree(&mut self, path: &RelPath) {
-        let doomed: Vec<RelPath> = self
+    /// Returns how many files it removed, or `None` if nothing was at `path`.
+    fn replace_subtree(&mut self, path: &RelPath) -> Option<usize> {
+        let doomed: Vec<(RelPath, bool)> = self
             .working
             .manifest
             .subtree(path)
-            .map(|(p, _)| p.clone())
+            .map(|(p, n)| (p.clone(), n.file().is_some()))
             .collect();
         if doomed.is_empty() {
-            return;
+            return None;
         }
         let working = self.working_mut();
-        for p in &doomed {
+        for (p, _) in &doomed {
             working.manifest.remove(p);
             working.stats.remove(p);
         }
+        Some(doomed.iter().filter(|(_, file)| *file).count())
     }
 
     /// The working state, to change: copied first if it is still shared with what is
@@ -877,15 +872,21 @@ mod tests {
         assert!(shared(&f));
     }
 
+    /// A folder of `n` XMLs (`0.xml`...), settled and published; and the time it settled.
+    fn published_xmls(dir: &std::path::Path, n: usize) -> (LiveFolder, Instant) {
+        for i in 0..n {
+            fs::write(dir.join(format!("{i}.xml")), b"<x/>").unwrap();
+        }
+        let mut f = folder(dir);
+        let now = settle_all(&mut f);
+        f.set_published(f.publishable().unwrap());
+        (f, now)
+    }
+
     #[test]
     fn removals_wait_until_they_stop_coming() {
         let dir = tempfile::tempdir().unwrap();
-        for i in 0..3 {
-            fs::write(dir.path().join(format!("{i}.xml")), b"<x/>").unwrap();
-        }
-        let mut f = folder(dir.path());
-        let mut now = settle_all(&mut f);
-        f.set_published(f.publishable().unwrap());
+        let (mut f, mut now) = published_xmls(dir.path(), 3);
         assert!(!f.removals_pending());
         // Removals keep coming every 100 ms: nothing is due until they stop.
         for i in 0..3 {
@@ -908,12 +909,7 @@ mod tests {
     #[test]
     fn a_few_removals_wait_a_shorter_quiet_time_than_many() {
         let dir = tempfile::tempdir().unwrap();
-        for i in 0..300 {
-            fs::write(dir.path().join(format!("{i}.xml")), b"<x/>").unwrap();
-        }
-        let mut f = folder(dir.path());
-        let mut now = settle_all(&mut f);
-        f.set_published(f.publishable().unwrap());
+        let (mut f, mut now) = published_xmls(dir.path(), 300);
         let remove = |f: &mut LiveFolder, i: usize, now: Instant| {
             fs::remove_file(dir.path().join(format!("{i}.xml"))).unwrap();
             f.hint(p(&format!("{i}.xml")), Hint::Changed);

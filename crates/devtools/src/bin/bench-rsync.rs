@@ -264,34 +264,8 @@ impl Bench<'_> {
             drop(daemon);
             self.discard(&dir)?;
 
-            let dir = self.work.join(format!("init-syncd-{rep}"));
-            let mgr = dir.join("mgr/server");
-            copy_tree(base, &mgr)?;
-            flush_disk()?;
-            let t0 = Instant::now();
-            let cluster = SyncdCluster::start(&self.args.syncd, &dir, 1, self.args.port)?;
-            cluster.wait_all(Duration::from_secs(300))?;
-            syncd_init.push(t0.elapsed());
-            same_tree(&mgr, &cluster.workers[0])?;
-            drop(cluster);
-            self.discard(&dir)?;
-
-            // A worker joining a manager that is already running (as a new or rebuilt worker
-            // does): the manager has hashed its tree; the agent starts on an empty folder.
-            let dir = self.work.join(format!("join-syncd-{rep}"));
-            let mgr = dir.join("mgr/server");
-            copy_tree(base, &mgr)?;
-            let mut cluster =
-                SyncdCluster::start_manager(&self.args.syncd, &dir, 1, self.args.port)?;
-            cluster.wait_published(Duration::from_secs(300))?;
-            flush_disk()?;
-            let t0 = Instant::now();
-            cluster.start_agents()?;
-            cluster.wait_all(Duration::from_secs(300))?;
-            syncd_join.push(t0.elapsed());
-            same_tree(&mgr, &cluster.workers[0])?;
-            drop(cluster);
-            self.discard(&dir)?;
+            syncd_init.push(self.syncd_initial(base, &format!("init-syncd-{rep}"), false)?);
+            syncd_join.push(self.syncd_initial(base, &format!("join-syncd-{rep}"), true)?);
         }
         let (r, rf, s, j) = (
             median(&mut rsync_init),
@@ -330,6 +304,38 @@ impl Bench<'_> {
             ratio(s, rf)
         );
         Ok(())
+    }
+
+    /// One syncd initial sync of `base` to an empty worker in `work/name`, timed: both daemons
+    /// started on the clock, or (`joining`) the agent alone, once the manager runs and has
+    /// published, as a new or rebuilt worker joins a cluster.
+    fn syncd_initial(&self, base: &Path, name: &str, joining: bool) -> Result<Duration> {
+        let dir = self.work.join(name);
+        let mgr = dir.join("mgr/server");
+        copy_tree(base, &mgr)?;
+        let (syncd, port) = (&self.args.syncd, self.args.port);
+        let running = if joining {
+            let cluster = SyncdCluster::start_manager(syncd, &dir, 1, port)?;
+            cluster.wait_published(Duration::from_secs(300))?;
+            Some(cluster)
+        } else {
+            None
+        };
+        flush_disk()?;
+        let t0 = Instant::now();
+        let cluster = match running {
+            Some(mut cluster) => {
+                cluster.start_agents()?;
+                cluster
+            }
+            None => SyncdCluster::start(syncd, &dir, 1, port)?,
+        };
+        cluster.wait_all(Duration::from_secs(300))?;
+        let took = t0.elapsed();
+        same_tree(&mgr, &cluster.workers[0])?;
+        drop(cluster);
+        self.discard(&dir)?;
+        Ok(took)
     }
 
     fn incremental(&self, base: &Path) -> Result<()> {
@@ -1006,15 +1012,20 @@ impl SyncdCluster {
         Ok(())
     }
 
+    /// Runs `syncctl` against the manager.
+    fn syncctl(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        Command::new(&self.syncctl)
+            .arg("--socket")
+            .arg(&self.mgr_socket)
+            .args(args)
+            .output()
+    }
+
     /// Waits until the manager has published its first generation.
     fn wait_published(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let out = Command::new(&self.syncctl)
-                .arg("--socket")
-                .arg(&self.mgr_socket)
-                .args(["status", "--json"])
-                .output()?;
+            let out = self.syncctl(&["status", "--json"])?;
             if out.status.success() {
                 let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
                 if status["generation"].as_u64().is_some_and(|g| g > 0) {
@@ -1036,12 +1047,12 @@ impl SyncdCluster {
     fn wait_all(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let out = Command::new(&self.syncctl)
-                .arg("--socket")
-                .arg(&self.mgr_socket)
-                .args(["wait", "--all", "--timeout"])
-                .arg(format!("{}s", timeout.as_secs()))
-                .output()?;
+            let out = self.syncctl(&[
+                "wait",
+                "--all",
+                "--timeout",
+                &format!("{}s", timeout.as_secs()),
+            ])?;
             match out.status.code() {
                 Some(0) => return Ok(()),
                 // Not listening yet.

@@ -352,6 +352,114 @@ async fn served_chunk_is_refused(len: u32, bytes: &'static [u8], why: &str) {
     assert_nothing_written(&dirs);
 }
 
+/// Chunks pushed inside an update are checked like fetched ones: one that does not decode to
+/// its hash is not written, and the chunk is fetched instead; one that does is not fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_chunk_that_does_not_match_its_hash_is_fetched_instead() {
+    let dirs = agent_dirs();
+    let fake = FakeManager::new(&dirs.identity());
+    let agent = agent_of(&fake, dirs).await;
+    let (conn, mut tx, mut rx) = fake.accept(Hello::OURS).await;
+    let manifest: Manifest = [
+        (p("a.xml"), file_node(b"hello")),
+        (p("b.xml"), file_node(b"world")),
+    ]
+    .into_iter()
+    .collect();
+    let serve = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let (mut ftx, mut frx) = conn.accept_bi().await.unwrap();
+            let req: FetchRequest = frx.expect(MAX_REQUEST_FRAME).await.unwrap();
+            let paths: Vec<&str> = req.files.iter().map(|f| f.path.as_str()).collect();
+            assert_eq!(paths, ["b.xml"], "only the chunk pushed wrong is fetched");
+            ftx.send(
+                &FetchReply::Chunk {
+                    len: 5,
+                    encoding: ChunkEncoding::Raw,
+                },
+                MAX_CONTROL_FRAME,
+            )
+            .await
+            .unwrap();
+            ftx.write_all(b"world").await.unwrap();
+            ftx.finish();
+        })
+    };
+    tx.send(&update_header(manifest.digest()), MAX_CONTROL_FRAME)
+        .await
+        .unwrap();
+    let changes: Vec<RawChange> = manifest
+        .iter()
+        .map(|(p, n)| RawChange::Put(p.as_str().to_owned(), n.clone()))
+        .collect();
+    tx.send(&RawManagerMsg::Changes(changes), MAX_CONTROL_FRAME)
+        .await
+        .unwrap();
+    for (chunk, sent) in [(&b"hello"[..], &b"hello"[..]), (b"world", b"WORLD")] {
+        let pushed = ManagerMsg::Pushed(PushedChunk {
+            hash: ChunkHash::of(chunk),
+            len: 5,
+            encoding: ChunkEncoding::Raw,
+            base: None,
+            data: sent.to_vec(),
+        });
+        tx.send(&pushed, MAX_CONTROL_FRAME).await.unwrap();
+    }
+    tx.send(
+        &ManagerMsg::UpdateEnd {
+            generation: Generation(1),
+        },
+        MAX_CONTROL_FRAME,
+    )
+    .await
+    .unwrap();
+    let verdict = tokio::time::timeout(Duration::from_secs(10), rx.expect(MAX_REQUEST_FRAME))
+        .await
+        .unwrap()
+        .unwrap();
+    serve.await.unwrap();
+    assert!(matches!(verdict, AgentMsg::Applied { .. }), "{verdict:?}");
+    let stats = agent.stats();
+    assert_eq!(
+        (stats.bytes_fetched, stats.bytes_pushed),
+        (10, 5),
+        "{stats:?}"
+    );
+    let dirs = agent.stop().await;
+    assert_eq!(fs::read(dirs.data.join("a.xml")).unwrap(), b"hello");
+    assert_eq!(fs::read(dirs.data.join("b.xml")).unwrap(), b"world");
+}
+
+/// A pushed chunk longer than any chunk (or carried in more bytes than it has) is a protocol
+/// violation: the connection is closed and nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_chunk_larger_than_a_chunk_closes_the_connection() {
+    let dirs = agent_dirs();
+    let fake = FakeManager::new(&dirs.identity());
+    let agent = agent_of(&fake, dirs).await;
+    let (conn, mut tx, _rx) = fake.accept(Hello::OURS).await;
+    let manifest: Manifest = [(p("a.xml"), file_node(b"hello"))].into_iter().collect();
+    tx.send(&update_header(manifest.digest()), MAX_CONTROL_FRAME)
+        .await
+        .unwrap();
+    let pushed = ManagerMsg::Pushed(PushedChunk {
+        hash: ChunkHash::of(b"hello"),
+        len: 5,
+        encoding: ChunkEncoding::Raw,
+        base: None,
+        data: b"hello, and more".to_vec(),
+    });
+    tx.send(&pushed, MAX_CONTROL_FRAME).await.unwrap();
+    let (_, reason) = closed_reason(&conn).await;
+    assert!(
+        reason.contains("pushed chunk of 5 bytes carried in 15 bytes"),
+        "{reason}"
+    );
+    let dirs = agent.stop().await;
+    assert_nothing_written(&dirs);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_length_prefix_closes_the_connection_before_any_allocation() {
     // Against the agent.

@@ -152,6 +152,8 @@ async fn an_edited_xml_crosses_as_a_delta_against_the_agents_version() {
         "{served} bytes crossed for an 88-byte edit of a {}-byte file",
         text.len()
     );
+    // It came inside the update, as a delta of the version the agent held: no fetch.
+    assert_eq!(agent.stats().bytes_pushed, text.len() as u64);
     agent.stop().await;
     manager.stop().await;
 }

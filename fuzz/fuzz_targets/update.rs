@@ -1,7 +1,8 @@
 //! A stream of manager messages as an agent receives it: paged changes are reassembled, chunk-list
 //! edits (with their inline chunks) resolved, applied to a manifest and validated. Nothing may
 //! panic, whatever validates must be a real tree, checking only the changes must agree with
-//! checking everything, and inline chunks must come back with their own hashes.
+//! checking everything, and inline chunks must come back with their own hashes. Pushed chunks
+//! go through the assembler's bounds and are decoded as the agent does (against a fixed base).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -52,6 +53,20 @@ fuzz_target!(|data: &[u8]| {
                         assert!(!bytes.is_empty() && bytes.len() <= MAX_INLINE_CHUNK as usize);
                     }
                     resolved.push(r.change);
+                }
+            }
+            Ok(ManagerMsg::Pushed(p)) => {
+                let (encoding, len, data, base) = (p.encoding, p.len, p.data.clone(), p.base);
+                if asm.push_pushed(p).is_err() {
+                    return;
+                }
+                // Accepted: never longer than a chunk may be pushed, and decoding allocates no
+                // more than that, whatever the bytes.
+                assert!(len <= MAX_PUSHED_CHUNK && data.len() <= len as usize);
+                let base_bytes = base.map(|_| b"<api name=\"base\"/>".as_slice());
+                let mut out = Vec::new();
+                if decode_chunk(encoding, &data, len as usize, base_bytes, &mut out).is_ok() {
+                    assert_eq!(out.len(), len as usize);
                 }
             }
             _ => {}

@@ -4,8 +4,9 @@
 /// ALPN protocol name offered and required on every QUIC connection.
 pub const ALPN: &[u8] = b"syncd";
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 3;
-/// The oldest protocol version this build still speaks.
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The oldest protocol version this build still speaks (3 has no [`crate::ManagerMsg::Pushed`]:
+/// a manager sends it only to agents that speak 4).
 pub const MIN_PROTOCOL_VERSION: u16 = 3;
 /// Length of an encoded [`Hello`].
 pub const HELLO_LEN: usize = 8;

@@ -24,12 +24,15 @@ pub use codec::{
 pub use hello::{ALPN, HELLO_LEN, Hello, HelloError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 pub use messages::{
     AgentMsg, Base, ChunkEncoding, DriftEntry, FetchFile, FetchReply, FetchRequest, FolderState,
-    Generation, MAX_CHUNK_LEN, ManagerMsg, Pause,
+    Generation, MAX_CHUNK_LEN, ManagerMsg, Pause, PushedChunk,
 };
 pub use patch::{
     ListOp, MAX_INLINE_BYTES, MAX_INLINE_CHUNK, PatchError, PatchedPut, Resolved, patch,
 };
-pub use update::{AssembleError, MAX_UPDATE_ITEMS, PAGE_BUDGET, UpdateAssembler, paginate};
+pub use update::{
+    AssembleError, MAX_PUSHED_BYTES, MAX_PUSHED_CHUNK, MAX_UPDATE_ITEMS, PAGE_BUDGET,
+    UpdateAssembler, paginate,
+};
 
 /// QUIC application close codes, so each side can tell the other why a connection ended.
 pub mod close {

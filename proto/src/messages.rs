@@ -165,6 +165,28 @@ pub enum ManagerMsg {
         /// When this was decided (milliseconds since the Unix epoch).
         set_at: u64,
     },
+    /// A small file's only chunk, inside the update (protocol 4 on): the agent need not fetch
+    /// it. It belongs to the current `Update` and is a hint: an agent that cannot use it (the
+    /// base is not among its files any more) fetches the chunk as usual.
+    Pushed(PushedChunk),
+}
+
+/// A chunk carried inside an update ([`ManagerMsg::Pushed`]), so that an edit of a small file
+/// costs no fetch round trip: mostly an edited XML, compressed against the version the agent
+/// holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushedChunk {
+    /// The chunk's hash (the agent checks the decoded bytes against it).
+    pub hash: ChunkHash,
+    /// The chunk's length.
+    pub len: u32,
+    /// How `data` is encoded.
+    pub encoding: ChunkEncoding,
+    /// For [`ChunkEncoding::ZstdWithBase`]: the chunk used as the dictionary (the agent's
+    /// current version of the file, found among its chunks by hash).
+    pub base: Option<ChunkHash>,
+    /// The encoded bytes.
+    pub data: Vec<u8>,
 }
 
 /// A request for chunk bytes, sent by an agent on a bidirectional stream of its own.

@@ -70,7 +70,24 @@ pub enum AssembleError {
     /// The update is larger than [`MAX_UPDATE_ITEMS`].
     #[error("update exceeds {MAX_UPDATE_ITEMS} changes and chunk references")]
     TooLarge,
+    /// A pushed chunk longer than [`MAX_PUSHED_CHUNK`], or carried in more bytes than it has.
+    #[error("pushed chunk of {len} bytes carried in {wire} bytes")]
+    BadPushed {
+        /// The chunk's length as sent.
+        len: u32,
+        /// Bytes carried.
+        wire: usize,
+    },
+    /// The chunks pushed inside one update exceed [`MAX_PUSHED_BYTES`].
+    #[error("chunks pushed inside one update exceed {MAX_PUSHED_BYTES} bytes")]
+    TooMuchPushed,
 }
+
+/// Most bytes of chunks (decoded) one folder's update carries ([`crate::ManagerMsg::Pushed`]);
+/// a manager pushes far less (small files' edits only).
+pub const MAX_PUSHED_BYTES: usize = 4 << 20;
+/// The longest chunk an update may carry: the largest chunk of the default parameters.
+pub const MAX_PUSHED_CHUNK: u32 = 256 << 10;
 
 /// Rebuilds one folder's changes from `Changes` and `MoreChunks` messages.
 #[derive(Debug, Default)]
@@ -80,6 +97,8 @@ pub struct UpdateAssembler {
     /// or at the end (so a long list is copied once, not once per page).
     more: Vec<ChunkRef>,
     patches: Vec<crate::patch::PatchedPut>,
+    pushed: Vec<crate::messages::PushedChunk>,
+    pushed_bytes: usize,
     items: usize,
 }
 
@@ -144,6 +163,31 @@ impl UpdateAssembler {
     /// The files put as chunk-list edits so far, taken out.
     pub fn take_patches(&mut self) -> Vec<crate::patch::PatchedPut> {
         std::mem::take(&mut self.patches)
+    }
+
+    /// Takes a chunk pushed inside the update. Its bytes are checked by whoever decodes it;
+    /// here only its size: at most [`MAX_PUSHED_CHUNK`], never more on the wire than the chunk
+    /// itself, and at most [`MAX_PUSHED_BYTES`] of chunks in one update.
+    pub fn push_pushed(&mut self, p: crate::messages::PushedChunk) -> Result<(), AssembleError> {
+        self.count(1)?;
+        if p.len > MAX_PUSHED_CHUNK || p.data.len() > p.len as usize {
+            return Err(AssembleError::BadPushed {
+                len: p.len,
+                wire: p.data.len(),
+            });
+        }
+        self.pushed_bytes = self.pushed_bytes.saturating_add(p.len as usize);
+        if self.pushed_bytes > MAX_PUSHED_BYTES {
+            return Err(AssembleError::TooMuchPushed);
+        }
+        self.pushed.push(p);
+        Ok(())
+    }
+
+    /// The chunks pushed so far, taken out.
+    pub fn take_pushed(&mut self) -> Vec<crate::messages::PushedChunk> {
+        self.pushed_bytes = 0;
+        std::mem::take(&mut self.pushed)
     }
 
     /// The changes received, in the order sent.

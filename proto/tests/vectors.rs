@@ -109,6 +109,16 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "manager_pushed",
+            frame(&ManagerMsg::Pushed(PushedChunk {
+                hash: ChunkHash::of(b"<api name=\"orders\"/>"),
+                len: 21,
+                encoding: ChunkEncoding::ZstdWithBase,
+                base: Some(ChunkHash::of(b"<api name=\"order\"/>")),
+                data: vec![0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x15, 0x01],
+            })),
+        ),
+        (
             "manager_welcome",
             frame(&ManagerMsg::Welcome {
                 manager_name: "mgr-1".into(),

@@ -22,6 +22,7 @@ use syncd_manifest::{
 };
 use syncd_proto::{
     ChunkEncoding, FetchFile, FetchReply, FetchRequest, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
+    PushedChunk,
 };
 use syncd_transport::{Conn, TransportError};
 use tokio::task::JoinSet;
@@ -147,6 +148,9 @@ pub(crate) struct Target {
     pub manifest: Manifest,
     /// Chunks that came inside the update (small new chunks of chunk-list edits), by hash.
     pub inline: Vec<(ChunkHash, Arc<[u8]>)>,
+    /// Small files' chunks pushed inside the update, still encoded (decoded and checked when
+    /// staging; one that cannot be is fetched).
+    pub pushed: Vec<PushedChunk>,
 }
 
 /// Counters of one applied generation.
@@ -154,6 +158,7 @@ pub(crate) struct Target {
 pub(crate) struct ApplyStats {
     pub files_written: u64,
     pub bytes_fetched: u64,
+    pub bytes_pushed: u64,
     pub bytes_reused: u64,
     pub removed: u64,
     pub left_non_empty: u64,
@@ -203,8 +208,10 @@ pub(crate) async fn apply(
     let mut jobs = Vec::new();
     let mut plans = Vec::new();
     let mut inline: HashMap<ChunkHash, Arc<[u8]>> = HashMap::new();
+    let mut pushed = Vec::new();
     for mut target in targets {
         inline.extend(std::mem::take(&mut target.inline));
+        pushed.append(&mut target.pushed);
         let folder = &folders[target.folder];
         let changes = diff(&folder.local.manifest, &target.manifest);
         for change in &changes {
@@ -265,7 +272,7 @@ pub(crate) async fn apply(
         fsync_each,
         received,
     };
-    let staged = stage_all(&cx, &mut jobs, stats, chunks, inline).await;
+    let staged = stage_all(&cx, &mut jobs, stats, chunks, inline, pushed).await;
     if let Err(e) = staged {
         // A lost connection keeps what was staged: the next attempt (after a reconnect, or a
         // restart) reuses every chunk already written and checked. Anything else starts over.
@@ -520,12 +527,20 @@ async fn stage_all(
     stats: &mut ApplyStats,
     chunks: &mut LocalChunks,
     inline: HashMap<ChunkHash, Arc<[u8]>>,
+    pushed: Vec<PushedChunk>,
 ) -> Result<(), ApplyError> {
     let mut index = local_sources(cx.folders, jobs, chunks);
     add_leftovers(cx.folders, jobs, &mut index);
     // What came inside the update costs no read at all.
     for (hash, bytes) in inline {
         index.insert(hash, Source::Memory(bytes));
+    }
+    if !pushed.is_empty() {
+        // They crossed the network like fetched chunks, and count as such.
+        let bytes = decode_pushed(cx.folders, jobs, pushed, &mut index).await?;
+        cx.received.fetch_add(bytes, Ordering::Relaxed);
+        stats.bytes_fetched += bytes;
+        stats.bytes_pushed += bytes;
     }
     let mut batches = Vec::new();
     let mut start = 0;
@@ -566,6 +581,75 @@ async fn stage_all(
         }
     }
     Ok(())
+}
+
+/// Decodes the chunks pushed inside the update into `index`, each checked against its hash, and
+/// returns their bytes (those of chunks not already found on this node). One
+/// whose base this node does not hold as the current version of a file being replaced (changed
+/// by hand, say), or that does not decode to its hash, is left out: it is fetched like any
+/// other.
+async fn decode_pushed(
+    folders: &[Folder],
+    jobs: &[StageJob],
+    pushed: Vec<PushedChunk>,
+    index: &mut HashMap<ChunkHash, Source>,
+) -> Result<u64, ApplyError> {
+    // The bases a push may name: the last chunk of each replaced file's current version.
+    let olds: HashMap<ChunkHash, u32> = jobs
+        .iter()
+        .filter_map(|j| {
+            let c = folders[j.folder]
+                .local
+                .manifest
+                .get(&j.path)?
+                .file()?
+                .chunks
+                .last()?;
+            Some((c.hash, c.len))
+        })
+        .collect();
+    let pushed: Vec<PushedChunk> = pushed
+        .into_iter()
+        .filter(|p| !index.contains_key(&p.hash))
+        .collect();
+    let bases: Vec<(ChunkHash, u32, Source)> = pushed
+        .iter()
+        .filter_map(|p| {
+            let b = p.base?;
+            Some((b, *olds.get(&b)?, index.get(&b)?.clone()))
+        })
+        .collect();
+    let roots: Vec<Arc<FolderRoot>> = folders.iter().map(|f| Arc::clone(&f.root)).collect();
+    let decoded = blocking(move || {
+        let bases = read_bases(&roots, bases);
+        let mut out = Vec::with_capacity(pushed.len());
+        let mut buf = Vec::new();
+        for p in pushed {
+            let base = match p.base {
+                Some(b) => match bases.get(&b) {
+                    Some(bytes) => Some(bytes.as_slice()),
+                    None => continue,
+                },
+                None => None,
+            };
+            let ok = syncd_proto::decode_chunk(p.encoding, &p.data, p.len as usize, base, &mut buf)
+                .is_ok()
+                && ChunkHash::of(&buf) == p.hash;
+            if ok {
+                out.push((p.hash, Arc::<[u8]>::from(buf.as_slice())));
+            } else {
+                tracing::debug!(chunk = %p.hash, "a pushed chunk did not decode to its hash; fetching it");
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    let mut total = 0;
+    for (hash, bytes) in decoded {
+        total += bytes.len() as u64;
+        index.insert(hash, Source::Memory(bytes));
+    }
+    Ok(total)
 }
 
 /// Starts creating the staged files of `jobs` on the blocking pool.

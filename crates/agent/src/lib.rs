@@ -96,6 +96,9 @@ pub struct AgentStatus {
     /// Chunk bytes received from the manager since start (as of the last apply; the live count
     /// is [`AgentHandle::bytes_received`]).
     pub bytes_fetched: u64,
+    /// Of `bytes_fetched`, those that came inside updates (small files' chunks the manager
+    /// pushed, so that no fetch was needed).
+    pub bytes_pushed: u64,
     /// Chunk bytes copied from files already on this node since start.
     pub bytes_reused: u64,
     /// Files written (renamed into place) since start.

@@ -315,6 +315,14 @@ async fn session(
                     protocol_violation(&conn, SessionError::Protocol(e.to_string()))
                 })?;
             }
+            ManagerMsg::Pushed(pushed) => {
+                let (_, asm) = updates.last_mut().ok_or_else(|| {
+                    protocol_violation(&conn, SessionError::Unexpected("Pushed before Update"))
+                })?;
+                asm.push_pushed(pushed).map_err(|e| {
+                    protocol_violation(&conn, SessionError::Protocol(e.to_string()))
+                })?;
+            }
             ManagerMsg::MoreChunks(chunks) => {
                 let (_, asm) = updates.last_mut().ok_or_else(|| {
                     protocol_violation(&conn, SessionError::Unexpected("MoreChunks before Update"))
@@ -549,6 +557,7 @@ async fn act_on_drift(
             folder: i,
             manifest: plan.target,
             inline: Vec::new(),
+            pushed: Vec::new(),
         };
         // The watch stays on: a revert is small, and is what the watch is for.
         let result = apply::apply(
@@ -893,6 +902,7 @@ async fn apply_generation(
     let received = agent.received.load(std::sync::atomic::Ordering::Relaxed);
     agent.status.send_modify(|s| {
         s.bytes_fetched = received;
+        s.bytes_pushed += stats.bytes_pushed;
         s.bytes_reused += stats.bytes_reused;
         s.files_written += stats.files_written;
     });
@@ -1014,6 +1024,7 @@ fn prepare(
         };
         // Files sent as chunk-list edits are rebuilt from the versions this node holds.
         let patches = asm.take_patches();
+        let pushed = asm.take_pushed();
         let mut changes = asm.finish();
         let mut inline = Vec::new();
         for p in patches {
@@ -1046,6 +1057,7 @@ fn prepare(
             folder: i,
             manifest,
             inline,
+            pushed,
         });
     }
     Ok(targets)

@@ -19,15 +19,16 @@ pub(crate) struct Step {
     pub from: ManifestDigest,
     pub to: ManifestDigest,
     pub changes: Arc<Vec<Change>>,
-    /// The previous content of large files this step puts: what their new chunk lists are sent
-    /// as edits of.
+    /// The previous content of large files this step puts (what their new chunk lists are sent
+    /// as edits of) and of small ones (what their new chunk is pushed as a delta of).
     pub olds: Arc<HashMap<RelPath, FileContent>>,
 }
 
 /// Files with at least this many chunks are worth sending as chunk-list edits.
 pub(crate) const PATCH_FROM_CHUNKS: usize = 16;
 
-/// The previous content of each large file `changes` puts over a file of `old`.
+/// The previous content of each large file `changes` puts over a file of `old`, and of each
+/// small one (a single chunk of at most `crate::serve::PUSH_FILE_MAX` bytes).
 pub(crate) fn olds_of(
     old: &syncd_manifest::Manifest,
     changes: &[Change],
@@ -36,8 +37,10 @@ pub(crate) fn olds_of(
         .iter()
         .filter_map(|c| match c {
             Change::Put(p, n)
-                if n.file()
-                    .is_some_and(|f| f.chunks.len() >= PATCH_FROM_CHUNKS) =>
+                if n.file().is_some_and(|f| {
+                    f.chunks.len() >= PATCH_FROM_CHUNKS
+                        || matches!(&f.chunks[..], [c] if c.len <= crate::serve::PUSH_FILE_MAX)
+                }) =>
             {
                 Some((p.clone(), old.get(p)?.file()?.clone()))
             }

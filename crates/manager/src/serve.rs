@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use syncd_manifest::{Change, ChunkHash, ManifestDigest};
+use syncd_manifest::{Change, ChunkHash, ManifestDigest, RelPath};
 use syncd_proto::{
-    AgentMsg, Base, FetchReply, FetchRequest, FolderState, Generation, HELLO_LEN, Hello,
-    MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg, close, paginate,
+    AgentMsg, Base, ChunkEncoding, FetchReply, FetchRequest, FolderState, Generation, HELLO_LEN,
+    Hello, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg, PushedChunk, close, paginate,
 };
 use syncd_transport::{Conn, Endpoint, Incoming, NodeId, RecvStream, SendStream, TransportError};
 use tokio::sync::{mpsc, watch};
@@ -174,7 +174,7 @@ async fn serve_agent(ctx: Arc<Ctx>, incoming: Incoming, mut shutdown: watch::Rec
 }
 
 async fn session(ctx: &Arc<Ctx>, conn: &Conn, name: &str, serial: u64) -> Result<(), SessionError> {
-    let (mut tx, mut rx, join) = tokio::time::timeout(JOIN_TIMEOUT, handshake(conn, name))
+    let (mut tx, mut rx, join, version) = tokio::time::timeout(JOIN_TIMEOUT, handshake(conn, name))
         .await
         .map_err(|_| {
             conn.close(close::PROTOCOL_ERROR, "no join within the time limit");
@@ -223,16 +223,29 @@ async fn session(ctx: &Arc<Ctx>, conn: &Conn, name: &str, serial: u64) -> Result
         conn.clone(),
         name.to_owned(),
     ));
-    let result = feed(ctx, conn, name, &mut tx, &mut rx, applied, folders).await;
+    let joined = Joined {
+        applied,
+        folders,
+        version,
+    };
+    let result = feed(ctx, conn, name, &mut tx, &mut rx, joined).await;
     fetches.abort();
     result
 }
 
-/// Hello exchange and join; returns the control stream and the `Join`.
+/// What an agent said on joining, and the protocol version both speak.
+struct Joined {
+    applied: Generation,
+    folders: Vec<FolderState>,
+    version: u16,
+}
+
+/// Hello exchange and join; returns the control stream, the `Join` and the protocol version
+/// both speak.
 async fn handshake(
     conn: &Conn,
     name: &str,
-) -> Result<(SendStream, RecvStream, AgentMsg), SessionError> {
+) -> Result<(SendStream, RecvStream, AgentMsg, u16), SessionError> {
     let (mut tx, mut rx) = conn.accept_bi().await?;
     let mut bytes = [0u8; HELLO_LEN];
     rx.read_exact(&mut bytes).await?;
@@ -240,13 +253,16 @@ async fn handshake(
     tx.write_all(&Hello::OURS.encode()).await?;
     let theirs =
         Hello::decode(&bytes).map_err(|e| refuse(conn, close::PROTOCOL_ERROR, e.to_string()))?;
-    if let Err(e) = Hello::OURS.negotiate(&theirs) {
-        return Err(refuse(
-            conn,
-            close::VERSION_MISMATCH,
-            format!("agent {name:?}: {e}"),
-        ));
-    }
+    let version = match Hello::OURS.negotiate(&theirs) {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(refuse(
+                conn,
+                close::VERSION_MISMATCH,
+                format!("agent {name:?}: {e}"),
+            ));
+        }
+    };
     let join = match rx.expect::<AgentMsg>(MAX_REQUEST_FRAME).await {
         Ok(j @ AgentMsg::Join { .. }) => j,
         Ok(_) => return Err(refuse(conn, close::PROTOCOL_ERROR, "expected Join".into())),
@@ -266,7 +282,7 @@ async fn handshake(
             ),
         ));
     }
-    Ok((tx, rx, join))
+    Ok((tx, rx, join, version))
 }
 
 fn refuse(conn: &Conn, code: u32, reason: String) -> SessionError {
@@ -282,9 +298,13 @@ async fn feed(
     name: &str,
     tx: &mut SendStream,
     rx: &mut RecvStream,
-    mut applied: Generation,
-    folders: Vec<FolderState>,
+    joined: Joined,
 ) -> Result<(), SessionError> {
+    let Joined {
+        mut applied,
+        folders,
+        version,
+    } = joined;
     let mut held: BTreeMap<String, ManifestDigest> =
         folders.into_iter().map(|f| (f.folder, f.digest)).collect();
     let mut snapshots = ctx.snapshots.clone();
@@ -352,7 +372,20 @@ async fn feed(
         {
             compare_content = false;
             tracing::debug!(agent = %name, generation = %snap.generation, "sending generation");
-            send_generation(tx, &snap, &held, patches_ok).await?;
+            // Edits and pushed chunks rely on the agent's version of files; a retry after a
+            // failure goes without them.
+            let edits = patches_ok.then_some(Edits {
+                pushes: (version >= PUSHES_SINCE).then_some(&*ctx.cache),
+            });
+            let pushed = send_generation(tx, &snap, &held, edits).await?;
+            if pushed > 0 {
+                ctx.status.send_modify(|s| {
+                    s.bytes_served += pushed;
+                    if let Some(v) = s.agents.get_mut(name) {
+                        v.bytes_sent += pushed;
+                    }
+                });
+            }
             pending = Some(snap.generation);
             ctx.update_agent(name, |v| v.syncing = true);
         }
@@ -518,12 +551,29 @@ fn syncd_proto_pause_in_force(p: &syncd_proto::Pause, now: SystemTime) -> bool {
 
 /// Sends one generation: for each folder the agent holds differently, the changes from what it
 /// holds (a delta when history reaches back to it, else the whole manifest).
+/// The first protocol version with [`ManagerMsg::Pushed`].
+const PUSHES_SINCE: u16 = 4;
+
+/// How a generation may use what the agent holds: chunk-list edits of large files, and (with
+/// `pushes`, the cache of chunks served lately) small files' chunks pushed inside the update.
+struct Edits<'a> {
+    pushes: Option<&'a ChunkCache>,
+}
+
+/// Sends the changes from what the agent holds (`held`) to `snap`; with `edits`, as edits of
+/// the agent's versions where that is shorter. Returns the bytes of chunks pushed inside it
+/// (served like fetched ones).
 async fn send_generation(
     tx: &mut SendStream,
     snap: &Snapshot,
     held: &BTreeMap<String, ManifestDigest>,
-    patches: bool,
-) -> Result<(), TransportError> {
+    edits: Option<Edits<'_>>,
+) -> Result<u64, TransportError> {
+    let mut pushed_bytes = 0u64;
+    let mut out = Outbox {
+        tx,
+        buf: Vec::new(),
+    };
     for (folder, fs) in &snap.folders {
         let Some(&have) = held.get(folder) else {
             continue;
@@ -532,7 +582,14 @@ async fn send_generation(
             continue;
         }
         let manifest = &fs.local.manifest;
-        let (base, delta) = match snap.history.delta(folder, have, fs.digest) {
+        let history = snap.history.delta(folder, have, fs.digest);
+        // Only an incremental update pushes chunks: a full one is a new or reset agent's
+        // whole tree, fetched in bulk.
+        let pushes = edits
+            .as_ref()
+            .and_then(|e| e.pushes)
+            .filter(|_| history.is_some());
+        let (base, delta) = match history {
             Some(delta) => (Base::Delta { from: have }, delta),
             None => (
                 Base::Full,
@@ -545,22 +602,19 @@ async fn send_generation(
                 },
             ),
         };
-        tx.send(
-            &ManagerMsg::Update {
-                generation: snap.generation,
-                folder: folder.clone(),
-                params: manifest.params,
-                base,
-                target: fs.digest,
-            },
-            MAX_CONTROL_FRAME,
-        )
+        out.send(&ManagerMsg::Update {
+            generation: snap.generation,
+            folder: folder.clone(),
+            params: manifest.params,
+            base,
+            target: fs.digest,
+        })
         .await?;
         // Large files the agent holds in an older version go as edits of its chunk list.
         let mut whole = Vec::with_capacity(delta.changes.len());
         let mut patched = Vec::new();
         for change in delta.changes {
-            let p = match (&change, patches) {
+            let p = match (&change, edits.is_some()) {
                 (Change::Put(path, node), true) => delta
                     .olds
                     .get(path)
@@ -576,21 +630,146 @@ async fn send_generation(
                 (_, change) => whole.push(change),
             }
         }
+        let pushed = match pushes {
+            Some(cache) => push_small_chunks(&fs.root, cache, &whole, &delta.olds).await,
+            None => Vec::new(),
+        };
         for page in paginate(whole) {
-            tx.send(&page, MAX_CONTROL_FRAME).await?;
+            out.send(&page).await?;
+        }
+        for p in pushed {
+            pushed_bytes += p.data.len() as u64;
+            out.send(&ManagerMsg::Pushed(p)).await?;
         }
         let patched = inline_small_chunks(&fs.root, patched).await;
         for p in patched {
-            tx.send(&ManagerMsg::Patched(p), MAX_CONTROL_FRAME).await?;
+            out.send(&ManagerMsg::Patched(p)).await?;
         }
     }
-    tx.send(
-        &ManagerMsg::UpdateEnd {
-            generation: snap.generation,
-        },
-        MAX_CONTROL_FRAME,
-    )
+    out.send(&ManagerMsg::UpdateEnd {
+        generation: snap.generation,
+    })
+    .await?;
+    out.flush().await?;
+    Ok(pushed_bytes)
+}
+
+/// Bytes of frames gathered before they are written.
+const OUTBOX_FLUSH: usize = 64 << 10;
+
+/// Frames of one generation, written to the control stream together: a small generation then
+/// leaves in one packet instead of one per message.
+struct Outbox<'a> {
+    tx: &'a mut SendStream,
+    buf: Vec<u8>,
+}
+
+impl Outbox<'_> {
+    async fn send(&mut self, msg: &ManagerMsg) -> Result<(), TransportError> {
+        self.buf
+            .extend_from_slice(&syncd_proto::encode_frame(msg, MAX_CONTROL_FRAME)?);
+        if self.buf.len() >= OUTBOX_FLUSH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), TransportError> {
+        if !self.buf.is_empty() {
+            self.tx.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Files of at most this many bytes, in one chunk, may have that chunk pushed.
+pub(crate) const PUSH_FILE_MAX: u32 = 64 << 10;
+/// A chunk is pushed only if it crosses in at most this many bytes (compressed, or as a delta
+/// of the agent's version): what it saves is a fetch's round trip, not bandwidth.
+const PUSH_WIRE_MAX: usize = 4 << 10;
+/// Most bytes pushed in one folder's update (beyond, chunks are fetched as usual).
+const PUSH_BUDGET: usize = 256 << 10;
+
+/// The chunks of small files put by `changes` (an XML edited, a few added) encoded for the
+/// wire, to go inside the update, when each is short on the wire: against the version the
+/// agent holds (`olds`) when `cache` still has its bytes, compressed or raw otherwise. Read
+/// from the published files on the blocking pool; a file that changed since it was hashed is
+/// left to the fetch (which answers `Gone`).
+async fn push_small_chunks(
+    root: &Arc<syncd_fsops::FolderRoot>,
+    cache: &ChunkCache,
+    changes: &[Change],
+    olds: &HashMap<RelPath, syncd_manifest::FileContent>,
+) -> Vec<PushedChunk> {
+    /// A small file's path, its chunk and length, and the agent's version of it if cached.
+    type Candidate = (RelPath, ChunkHash, u32, Option<(ChunkHash, Vec<u8>)>);
+    let candidates: Vec<Candidate> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Put(path, node) => {
+                let f = node.file()?;
+                let [chunk] = &f.chunks[..] else { return None };
+                (chunk.len <= PUSH_FILE_MAX).then_some(())?;
+                let base = olds
+                    .get(path)
+                    .and_then(|old| old.chunks.last())
+                    .and_then(|b| Some((b.hash, cache.get(&b.hash)?)));
+                Some((path.clone(), chunk.hash, chunk.len, base))
+            }
+            Change::Remove(_) => None,
+        })
+        .take(PUSH_BUDGET / 64)
+        .collect();
+    if candidates.is_empty() {
+        return Vec::new();
+    }
+    let root = Arc::clone(root);
+    let encoded = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut out = Vec::new();
+        let mut budget = PUSH_BUDGET;
+        for (path, hash, len, base) in candidates {
+            if budget < 64 {
+                break;
+            }
+            let Ok(file) = root.open_file(&path) else {
+                continue;
+            };
+            let mut buf = vec![0u8; len as usize];
+            if file.read_exact_at(&mut buf, 0).is_err() || ChunkHash::of(&buf) != hash {
+                continue;
+            }
+            let (data, encoding, plain) = syncd_proto::encode_chunk_keeping_plain(
+                buf,
+                base.as_ref().map(|(_, b)| b.as_slice()),
+            );
+            if data.len() > PUSH_WIRE_MAX || data.len() > budget {
+                continue;
+            }
+            budget -= data.len();
+            out.push((hash, len, encoding, base.map(|(h, _)| h), data, plain));
+        }
+        out
+    })
     .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    encoded
+        .into_iter()
+        .map(|(hash, len, encoding, base, data, plain)| {
+            // This version is the base of the file's next edit.
+            if let Some(plain) = plain {
+                cache.insert(hash, len, plain);
+            }
+            PushedChunk {
+                hash,
+                len,
+                encoding,
+                base: base.filter(|_| encoding == ChunkEncoding::ZstdWithBase),
+                data,
+            }
+        })
+        .collect()
 }
 
 /// Puts the small new chunks of each chunk-list edit inside it (read from the published file,

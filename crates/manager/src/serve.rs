@@ -690,6 +690,10 @@ pub(crate) const PUSH_FILE_MAX: u32 = 64 << 10;
 const PUSH_WIRE_MAX: usize = 4 << 10;
 /// Most bytes pushed in one folder's update (beyond, chunks are fetched as usual).
 const PUSH_BUDGET: usize = 256 << 10;
+/// An update putting more small files than this pushes none: the agent fetches them on several
+/// streams at once, which is faster than one task reading and compressing them all before the
+/// update leaves (10% of 1,700 XMLs edited: 84 ms pushed against 54-63 ms fetched).
+const PUSH_FILES_MAX: usize = 32;
 
 /// The chunks of small files put by `changes` (an XML edited, a few added) encoded for the
 /// wire, to go inside the update, when each is short on the wire: against the version the
@@ -719,9 +723,9 @@ async fn push_small_chunks(
             }
             Change::Remove(_) => None,
         })
-        .take(PUSH_BUDGET / 64)
+        .take(PUSH_FILES_MAX + 1)
         .collect();
-    if candidates.is_empty() {
+    if candidates.is_empty() || candidates.len() > PUSH_FILES_MAX {
         return Vec::new();
     }
     let root = Arc::clone(root);

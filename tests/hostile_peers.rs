@@ -218,6 +218,17 @@ async fn send_generation(
     rx: &mut RecvStream,
     manifest: &Manifest,
 ) -> AgentMsg {
+    send_generation_with(tx, rx, manifest, &[]).await
+}
+
+/// Sends `manifest` as generation 1, with `extra` messages before its end, and returns the
+/// agent's verdict.
+async fn send_generation_with(
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+    manifest: &Manifest,
+    extra: &[ManagerMsg],
+) -> AgentMsg {
     tx.send(&update_header(manifest.digest()), MAX_CONTROL_FRAME)
         .await
         .unwrap();
@@ -228,6 +239,9 @@ async fn send_generation(
     tx.send(&RawManagerMsg::Changes(changes), MAX_CONTROL_FRAME)
         .await
         .unwrap();
+    for msg in extra {
+        tx.send(msg, MAX_CONTROL_FRAME).await.unwrap();
+    }
     tx.send(
         &ManagerMsg::UpdateEnd {
             generation: Generation(1),
@@ -386,38 +400,19 @@ async fn a_pushed_chunk_that_does_not_match_its_hash_is_fetched_instead() {
             ftx.finish();
         })
     };
-    tx.send(&update_header(manifest.digest()), MAX_CONTROL_FRAME)
-        .await
-        .unwrap();
-    let changes: Vec<RawChange> = manifest
-        .iter()
-        .map(|(p, n)| RawChange::Put(p.as_str().to_owned(), n.clone()))
+    let pushed: Vec<ManagerMsg> = [(&b"hello"[..], &b"hello"[..]), (b"world", b"WORLD")]
+        .into_iter()
+        .map(|(chunk, sent)| {
+            ManagerMsg::Pushed(PushedChunk {
+                hash: ChunkHash::of(chunk),
+                len: 5,
+                encoding: ChunkEncoding::Raw,
+                base: None,
+                data: sent.to_vec(),
+            })
+        })
         .collect();
-    tx.send(&RawManagerMsg::Changes(changes), MAX_CONTROL_FRAME)
-        .await
-        .unwrap();
-    for (chunk, sent) in [(&b"hello"[..], &b"hello"[..]), (b"world", b"WORLD")] {
-        let pushed = ManagerMsg::Pushed(PushedChunk {
-            hash: ChunkHash::of(chunk),
-            len: 5,
-            encoding: ChunkEncoding::Raw,
-            base: None,
-            data: sent.to_vec(),
-        });
-        tx.send(&pushed, MAX_CONTROL_FRAME).await.unwrap();
-    }
-    tx.send(
-        &ManagerMsg::UpdateEnd {
-            generation: Generation(1),
-        },
-        MAX_CONTROL_FRAME,
-    )
-    .await
-    .unwrap();
-    let verdict = tokio::time::timeout(Duration::from_secs(10), rx.expect(MAX_REQUEST_FRAME))
-        .await
-        .unwrap()
-        .unwrap();
+    let verdict = send_generation_with(&mut tx, &mut rx, &manifest, &pushed).await;
     serve.await.unwrap();
     assert!(matches!(verdict, AgentMsg::Applied { .. }), "{verdict:?}");
     let stats = agent.stats();

@@ -329,6 +329,34 @@ async fn a_raw_chunk_shorter_than_the_chunk_is_never_written() {
     served_chunk_is_refused(3, b"hel", "raw chunk of 3 bytes where 5 were expected").await;
 }
 
+/// Answers the agent's one fetch request, which must be for `path` alone, with `bytes` as a raw
+/// chunk of `len` bytes.
+fn serve_one_fetch(
+    conn: &Conn,
+    path: &'static str,
+    len: u32,
+    bytes: &'static [u8],
+) -> tokio::task::JoinHandle<()> {
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let (mut ftx, mut frx) = conn.accept_bi().await.unwrap();
+        let req: FetchRequest = frx.expect(MAX_REQUEST_FRAME).await.unwrap();
+        let paths: Vec<&str> = req.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, [path]);
+        ftx.send(
+            &FetchReply::Chunk {
+                len,
+                encoding: ChunkEncoding::Raw,
+            },
+            MAX_CONTROL_FRAME,
+        )
+        .await
+        .unwrap();
+        ftx.write_all(bytes).await.unwrap();
+        ftx.finish();
+    })
+}
+
 /// The agent asks for `a.xml` ("hello"), is served `bytes` as a raw chunk of `len` bytes, and
 /// must refuse the generation for `why` without writing anything.
 async fn served_chunk_is_refused(len: u32, bytes: &'static [u8], why: &str) {
@@ -337,25 +365,7 @@ async fn served_chunk_is_refused(len: u32, bytes: &'static [u8], why: &str) {
     let agent = agent_of(&fake, dirs).await;
     let (conn, mut tx, mut rx) = fake.accept(Hello::OURS).await;
     let manifest: Manifest = [(p("a.xml"), file_node(b"hello"))].into_iter().collect();
-    let serve = {
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            let (mut ftx, mut frx) = conn.accept_bi().await.unwrap();
-            let req: FetchRequest = frx.expect(MAX_REQUEST_FRAME).await.unwrap();
-            assert_eq!(req.files[0].path.as_str(), "a.xml");
-            ftx.send(
-                &FetchReply::Chunk {
-                    len,
-                    encoding: ChunkEncoding::Raw,
-                },
-                MAX_CONTROL_FRAME,
-            )
-            .await
-            .unwrap();
-            ftx.write_all(bytes).await.unwrap();
-            ftx.finish();
-        })
-    };
+    let serve = serve_one_fetch(&conn, "a.xml", len, bytes);
     let verdict = send_generation(&mut tx, &mut rx, &manifest).await;
     serve.await.unwrap();
     let AgentMsg::Failed { reason, .. } = verdict else {
@@ -380,26 +390,8 @@ async fn a_pushed_chunk_that_does_not_match_its_hash_is_fetched_instead() {
     ]
     .into_iter()
     .collect();
-    let serve = {
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            let (mut ftx, mut frx) = conn.accept_bi().await.unwrap();
-            let req: FetchRequest = frx.expect(MAX_REQUEST_FRAME).await.unwrap();
-            let paths: Vec<&str> = req.files.iter().map(|f| f.path.as_str()).collect();
-            assert_eq!(paths, ["b.xml"], "only the chunk pushed wrong is fetched");
-            ftx.send(
-                &FetchReply::Chunk {
-                    len: 5,
-                    encoding: ChunkEncoding::Raw,
-                },
-                MAX_CONTROL_FRAME,
-            )
-            .await
-            .unwrap();
-            ftx.write_all(b"world").await.unwrap();
-            ftx.finish();
-        })
-    };
+    // Only the chunk pushed wrong is fetched.
+    let serve = serve_one_fetch(&conn, "b.xml", 5, b"world");
     let pushed: Vec<ManagerMsg> = [(&b"hello"[..], &b"hello"[..]), (b"world", b"WORLD")]
         .into_iter()
         .map(|(chunk, sent)| {

@@ -18,7 +18,7 @@ use syncd_fsops::{
     CopyReader, DirectFile, FolderRoot, LocalManifest, RunWriter, Staging, stat_key,
 };
 use syncd_manifest::{
-    Change, ChunkHash, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
+    Change, ChunkHash, ChunkRef, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
 };
 use syncd_proto::{
     ChunkEncoding, FetchFile, FetchReply, FetchRequest, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
@@ -420,13 +420,7 @@ fn local_sources(
     chunks: &mut LocalChunks,
 ) -> HashMap<ChunkHash, Source> {
     let needed = jobs.iter().flat_map(|j| {
-        let old_last = folders[j.folder]
-            .local
-            .manifest
-            .get(&j.path)
-            .and_then(Node::file)
-            .and_then(|f| f.chunks.last())
-            .map(|c| c.hash);
+        let old_last = current_last_chunk(folders, j).map(|c| c.hash);
         j.content.chunks.iter().map(|c| c.hash).chain(old_last)
     });
     chunks
@@ -443,6 +437,14 @@ fn local_sources(
             )
         })
         .collect()
+}
+
+/// The last chunk of the version of `job`'s file this node holds now, the base a delta of the
+/// new version is made against: a small file's only chunk; for a larger one its last, which in
+/// an archive is the central directory, rewritten by every rebuild but mostly the same.
+fn current_last_chunk(folders: &[Folder], job: &StageJob) -> Option<ChunkRef> {
+    let old = folders[job.folder].local.manifest.get(&job.path)?.file()?;
+    old.chunks.last().copied()
 }
 
 /// The name key of a staged file holding content `hash`.
@@ -597,16 +599,8 @@ async fn decode_pushed(
     // The bases a push may name: the last chunk of each replaced file's current version.
     let olds: HashMap<ChunkHash, u32> = jobs
         .iter()
-        .filter_map(|j| {
-            let c = folders[j.folder]
-                .local
-                .manifest
-                .get(&j.path)?
-                .file()?
-                .chunks
-                .last()?;
-            Some((c.hash, c.len))
-        })
+        .filter_map(|j| current_last_chunk(folders, j))
+        .map(|c| (c.hash, c.len))
         .collect();
     let pushed: Vec<PushedChunk> = pushed
         .into_iter()
@@ -795,10 +789,7 @@ async fn stage_batch(
         .iter()
         .filter_map(|(d, _)| {
             let job = &jobs[*d];
-            let old = folders[job.folder].local.manifest.get(&job.path)?.file()?;
-            // A small file's only chunk; for a larger one its last, which in an archive is the
-            // central directory, rewritten by every rebuild but mostly the same.
-            let c = old.chunks.last()?;
+            let c = current_last_chunk(folders, job)?;
             (c.len <= MAX_BASE).then_some(())?;
             Some((*d, (c.hash, c.len, index.get(&c.hash)?.clone())))
         })

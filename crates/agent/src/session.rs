@@ -300,35 +300,23 @@ async fn session(
                 updates.push((header, UpdateAssembler::new()))
             }
             ManagerMsg::Changes(page) => {
-                let (_, asm) = updates.last_mut().ok_or_else(|| {
-                    protocol_violation(&conn, SessionError::Unexpected("Changes before Update"))
-                })?;
-                asm.push_changes(page).map_err(|e| {
-                    protocol_violation(&conn, SessionError::Protocol(e.to_string()))
+                assemble(&conn, &mut updates, "Changes before Update", |asm| {
+                    asm.push_changes(page)
                 })?;
             }
             ManagerMsg::Patched(patched) => {
-                let (_, asm) = updates.last_mut().ok_or_else(|| {
-                    protocol_violation(&conn, SessionError::Unexpected("Patched before Update"))
-                })?;
-                asm.push_patched(patched).map_err(|e| {
-                    protocol_violation(&conn, SessionError::Protocol(e.to_string()))
+                assemble(&conn, &mut updates, "Patched before Update", |asm| {
+                    asm.push_patched(patched)
                 })?;
             }
             ManagerMsg::Pushed(pushed) => {
-                let (_, asm) = updates.last_mut().ok_or_else(|| {
-                    protocol_violation(&conn, SessionError::Unexpected("Pushed before Update"))
-                })?;
-                asm.push_pushed(pushed).map_err(|e| {
-                    protocol_violation(&conn, SessionError::Protocol(e.to_string()))
+                assemble(&conn, &mut updates, "Pushed before Update", |asm| {
+                    asm.push_pushed(pushed)
                 })?;
             }
             ManagerMsg::MoreChunks(chunks) => {
-                let (_, asm) = updates.last_mut().ok_or_else(|| {
-                    protocol_violation(&conn, SessionError::Unexpected("MoreChunks before Update"))
-                })?;
-                asm.push_chunks(chunks).map_err(|e| {
-                    protocol_violation(&conn, SessionError::Protocol(e.to_string()))
+                assemble(&conn, &mut updates, "MoreChunks before Update", |asm| {
+                    asm.push_chunks(chunks)
                 })?;
             }
             ManagerMsg::UpdateEnd { generation } => {
@@ -846,6 +834,20 @@ async fn resume(agent: &mut Agent, set_at: u64, why: &str) -> Result<ResumeRepor
 }
 
 /// Closes the connection telling the manager why, and returns the error for the log.
+/// Hands a part of a folder's update to the assembler of the update begun last; a part before
+/// any `Update` (`what`), or one the assembler refuses, closes the connection.
+fn assemble(
+    conn: &Conn,
+    updates: &mut [(syncd_proto::ManagerMsg, UpdateAssembler)],
+    what: &'static str,
+    f: impl FnOnce(&mut UpdateAssembler) -> Result<(), syncd_proto::AssembleError>,
+) -> Result<(), SessionError> {
+    let (_, asm) = updates
+        .last_mut()
+        .ok_or_else(|| protocol_violation(conn, SessionError::Unexpected(what)))?;
+    f(asm).map_err(|e| protocol_violation(conn, SessionError::Protocol(e.to_string())))
+}
+
 fn protocol_violation(conn: &Conn, e: SessionError) -> SessionError {
     conn.close(close::PROTOCOL_ERROR, &e.to_string());
     e

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use syncd_manifest::{Change, ChunkHash, ManifestDigest, RelPath};
+use syncd_manifest::{Change, ChunkHash, ChunkRef, ManifestDigest, RelPath};
 use syncd_proto::{
     AgentMsg, Base, ChunkEncoding, FetchReply, FetchRequest, FolderState, Generation, HELLO_LEN,
     Hello, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg, PushedChunk, close, paginate,
@@ -71,6 +71,16 @@ impl Ctx {
             cache: Arc::new(ChunkCache::new(crate::cache::CACHE_BYTES)),
             wire: Arc::new(WireCache::new(crate::wire::WIRE_BYTES)),
         })
+    }
+
+    /// Counts `bytes` of chunks sent to agent `name` (fetched, or pushed inside an update).
+    fn count_served(&self, name: &str, bytes: u64) {
+        self.status.send_modify(|s| {
+            s.bytes_served += bytes;
+            if let Some(v) = s.agents.get_mut(name) {
+                v.bytes_sent += bytes;
+            }
+        });
     }
 
     fn update_agent(&self, name: &str, f: impl FnOnce(&mut crate::AgentView)) {
@@ -375,16 +385,11 @@ async fn feed(
             // Edits and pushed chunks rely on the agent's version of files; a retry after a
             // failure goes without them.
             let edits = patches_ok.then_some(Edits {
-                pushes: (version >= PUSHES_SINCE).then_some(&*ctx.cache),
+                pushes: (version >= PUSHES_SINCE).then_some(&ctx.cache),
             });
             let pushed = send_generation(tx, &snap, &held, edits).await?;
             if pushed > 0 {
-                ctx.status.send_modify(|s| {
-                    s.bytes_served += pushed;
-                    if let Some(v) = s.agents.get_mut(name) {
-                        v.bytes_sent += pushed;
-                    }
-                });
+                ctx.count_served(name, pushed);
             }
             pending = Some(snap.generation);
             ctx.update_agent(name, |v| v.syncing = true);
@@ -549,19 +554,18 @@ fn syncd_proto_pause_in_force(p: &syncd_proto::Pause, now: SystemTime) -> bool {
         .is_none_or(|until| now < std::time::UNIX_EPOCH + Duration::from_secs(until))
 }
 
-/// Sends one generation: for each folder the agent holds differently, the changes from what it
-/// holds (a delta when history reaches back to it, else the whole manifest).
 /// The first protocol version with [`ManagerMsg::Pushed`].
 const PUSHES_SINCE: u16 = 4;
 
 /// How a generation may use what the agent holds: chunk-list edits of large files, and (with
 /// `pushes`, the cache of chunks served lately) small files' chunks pushed inside the update.
 struct Edits<'a> {
-    pushes: Option<&'a ChunkCache>,
+    pushes: Option<&'a Arc<ChunkCache>>,
 }
 
-/// Sends the changes from what the agent holds (`held`) to `snap`; with `edits`, as edits of
-/// the agent's versions where that is shorter. Returns the bytes of chunks pushed inside it
+/// Sends one generation: for each folder the agent holds differently, the changes from what it
+/// holds (a delta when history reaches back to it, else the whole manifest); with `edits`, as
+/// edits of the agent's versions where that is shorter. Returns the bytes of chunks pushed inside it
 /// (served like fetched ones).
 async fn send_generation(
     tx: &mut SendStream,
@@ -697,29 +701,26 @@ const PUSH_FILES_MAX: usize = 32;
 
 /// The chunks of small files put by `changes` (an XML edited, a few added) encoded for the
 /// wire, to go inside the update, when each is short on the wire: against the version the
-/// agent holds (`olds`) when `cache` still has its bytes, compressed or raw otherwise. Read
-/// from the published files on the blocking pool; a file that changed since it was hashed is
-/// left to the fetch (which answers `Gone`).
+/// agent holds (`olds`) when `cache` still has its bytes, compressed or raw otherwise. Read,
+/// checked and encoded by [`read_chunks`] on the blocking pool, as a fetch would; a file that
+/// changed since it was hashed is left to the fetch (which answers `Gone`).
 async fn push_small_chunks(
     root: &Arc<syncd_fsops::FolderRoot>,
-    cache: &ChunkCache,
+    cache: &Arc<ChunkCache>,
     changes: &[Change],
     olds: &HashMap<RelPath, syncd_manifest::FileContent>,
 ) -> Vec<PushedChunk> {
-    /// A small file's path, its chunk and length, and the agent's version of it if cached.
-    type Candidate = (RelPath, ChunkHash, u32, Option<(ChunkHash, Vec<u8>)>);
-    let candidates: Vec<Candidate> = changes
+    // (path, its only chunk, the last chunk of the agent's version)
+    let candidates: Vec<(RelPath, ChunkRef, Option<ChunkHash>)> = changes
         .iter()
         .filter_map(|c| match c {
             Change::Put(path, node) => {
-                let f = node.file()?;
-                let [chunk] = &f.chunks[..] else { return None };
+                let [chunk] = node.file()?.chunks[..] else {
+                    return None;
+                };
                 (chunk.len <= PUSH_FILE_MAX).then_some(())?;
-                let base = olds
-                    .get(path)
-                    .and_then(|old| old.chunks.last())
-                    .and_then(|b| Some((b.hash, cache.get(&b.hash)?)));
-                Some((path.clone(), chunk.hash, chunk.len, base))
+                let base = olds.get(path).and_then(|old| old.chunks.last());
+                Some((path.clone(), chunk, base.map(|b| b.hash)))
             }
             Change::Remove(_) => None,
         })
@@ -728,52 +729,44 @@ async fn push_small_chunks(
     if candidates.is_empty() || candidates.len() > PUSH_FILES_MAX {
         return Vec::new();
     }
-    let root = Arc::clone(root);
-    let encoded = tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt;
+    let (root, cache) = (Arc::clone(root), Arc::clone(cache));
+    tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         let mut budget = PUSH_BUDGET;
-        for (path, hash, len, base) in candidates {
+        for (path, chunk, base) in candidates {
             if budget < 64 {
                 break;
             }
+            let base = base.and_then(|h| Some((h, cache.get(&h)?)));
             let Ok(file) = root.open_file(&path) else {
                 continue;
             };
-            let mut buf = vec![0u8; len as usize];
-            if file.read_exact_at(&mut buf, 0).is_err() || ChunkHash::of(&buf) != hash {
+            let wanted = [(0, chunk.len, chunk.hash)];
+            let based = base.as_ref().map(|(h, b)| (0, *h, b.as_slice()));
+            let Ok(encoded) = read_chunks(&file, &wanted, based, &cache, None) else {
                 continue;
-            }
-            let (data, encoding, plain) = syncd_proto::encode_chunk_keeping_plain(
-                buf,
-                base.as_ref().map(|(_, b)| b.as_slice()),
-            );
+            };
+            let [(data, encoding)] = &encoded[..] else {
+                continue;
+            };
             if data.len() > PUSH_WIRE_MAX || data.len() > budget {
                 continue;
             }
             budget -= data.len();
-            out.push((hash, len, encoding, base.map(|(h, _)| h), data, plain));
+            out.push(PushedChunk {
+                hash: chunk.hash,
+                len: chunk.len,
+                encoding: *encoding,
+                base: base
+                    .map(|(h, _)| h)
+                    .filter(|_| *encoding == ChunkEncoding::ZstdWithBase),
+                data: data.to_vec(),
+            });
         }
         out
     })
     .await
-    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-    encoded
-        .into_iter()
-        .map(|(hash, len, encoding, base, data, plain)| {
-            // This version is the base of the file's next edit.
-            if let Some(plain) = plain {
-                cache.insert(hash, len, plain);
-            }
-            PushedChunk {
-                hash,
-                len,
-                encoding,
-                base: base.filter(|_| encoding == ChunkEncoding::ZstdWithBase),
-                data,
-            }
-        })
-        .collect()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Puts the small new chunks of each chunk-list edit inside it (read from the published file,
@@ -959,12 +952,7 @@ async fn serve_fetch(
     drop(read);
     let _ = reader.await;
     drop(wire);
-    ctx.status.send_modify(|s| {
-        s.bytes_served += served;
-        if let Some(v) = s.agents.get_mut(agent) {
-            v.bytes_sent += served;
-        }
-    });
+    ctx.count_served(agent, served);
     if outcome.is_err() || gone_sent {
         return outcome;
     }

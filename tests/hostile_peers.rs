@@ -148,10 +148,18 @@ enum RawManagerMsg {
 }
 
 fn file_node(data: &[u8]) -> Node {
-    let chunks = vec![ChunkRef {
-        hash: ChunkHash::of(data),
-        len: data.len() as u32,
-    }];
+    file_node_in_chunks(data, data.len().max(1))
+}
+
+/// A file of `data` cut into chunks of `chunk` bytes (the last one shorter).
+fn file_node_in_chunks(data: &[u8], chunk: usize) -> Node {
+    let chunks: Vec<ChunkRef> = data
+        .chunks(chunk)
+        .map(|c| ChunkRef {
+            hash: ChunkHash::of(c),
+            len: c.len() as u32,
+        })
+        .collect();
     Node {
         kind: NodeKind::File(FileContent {
             size: data.len() as u64,
@@ -327,6 +335,58 @@ async fn a_chunk_that_does_not_match_its_hash_is_never_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raw_chunk_shorter_than_the_chunk_is_never_written() {
     served_chunk_is_refused(3, b"hel", "raw chunk of 3 bytes where 5 were expected").await;
+}
+
+/// A large file's chunks are read from the network straight into the buffer of its direct
+/// writes and checked there: one that does not match its hash is never written either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_chunk_of_a_large_file_is_never_written() {
+    const CHUNK: usize = 200_000;
+    // Past the size from which the agent writes directly (1 MiB).
+    let data: Vec<u8> = (0..6 * CHUNK).map(|i| (i * 7 % 251) as u8).collect();
+    let dirs = agent_dirs();
+    let fake = FakeManager::new(&dirs.identity());
+    let agent = agent_of(&fake, dirs).await;
+    let (conn, mut tx, mut rx) = fake.accept(Hello::OURS).await;
+    let manifest: Manifest = [(p("app.war"), file_node_in_chunks(&data, CHUNK))]
+        .into_iter()
+        .collect();
+    let serve = {
+        let conn = conn.clone();
+        let data = data.clone();
+        tokio::spawn(async move {
+            let (mut ftx, mut frx) = conn.accept_bi().await.unwrap();
+            let req: FetchRequest = frx.expect(MAX_REQUEST_FRAME).await.unwrap();
+            assert_eq!(req.files.len(), 1);
+            assert_eq!(req.files[0].chunks, [0, 1, 2, 3, 4, 5]);
+            // The first chunk as it is, the second with one byte changed.
+            for (i, chunk) in data.chunks(CHUNK).take(2).enumerate() {
+                let mut bytes = chunk.to_vec();
+                if i == 1 {
+                    bytes[CHUNK / 2] ^= 1;
+                }
+                let reply = FetchReply::Chunk {
+                    len: CHUNK as u32,
+                    encoding: ChunkEncoding::Raw,
+                };
+                // The agent stops reading after the bad chunk: later writes may fail.
+                if ftx.send(&reply, MAX_CONTROL_FRAME).await.is_err()
+                    || ftx.write_all(&bytes).await.is_err()
+                {
+                    return;
+                }
+            }
+            ftx.finish();
+        })
+    };
+    let verdict = send_generation(&mut tx, &mut rx, &manifest).await;
+    serve.await.unwrap();
+    let AgentMsg::Failed { reason, .. } = verdict else {
+        panic!("accepted: {verdict:?}")
+    };
+    assert!(reason.contains("does not match its hash"), "{reason}");
+    let dirs = agent.stop().await;
+    assert_nothing_written(&dirs);
 }
 
 /// Answers the agent's one fetch request, which must be for `path` alone, with `bytes` as a raw

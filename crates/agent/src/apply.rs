@@ -58,6 +58,8 @@ const FSYNC_EACH_LIMIT: usize = 32;
 /// (`O_DIRECT`, see `syncd_fsops::RunWriter`): their bytes go straight to the disk, where the
 /// durability step would otherwise have to write them back.
 const DIRECT_MIN: u64 = 1 << 20;
+/// Bytes written through the page cache after which a flush starts while staging goes on.
+const EARLY_SYNC_BYTES: u64 = 8 << 20;
 /// Bytes a fetch task gathers before writing them directly.
 const RUN_BUFFER: usize = 1 << 20;
 /// Local copies run in up to this many parts at once (four: the cold copy of a 63 MB WAR, read
@@ -290,16 +292,7 @@ pub(crate) async fn apply(
             .keys()
             .map(|&i| Arc::clone(&folders[i].root))
             .collect();
-        blocking(move || {
-            for root in roots {
-                root.sync_filesystem().map_err(|source| ApplyError::Stage {
-                    path: root.path().display().to_string(),
-                    source,
-                })?;
-            }
-            Ok(())
-        })
-        .await?;
+        blocking(move || sync_roots(&roots)).await?;
     }
 
     // Before the first rename: what is about to change, so that a crash part-way through is
@@ -562,6 +555,7 @@ async fn stage_all(
     let mut next = batches
         .first()
         .map(|r| spawn_create(cx.stagings, &jobs[r.clone()]));
+    let mut early = EarlySync::default();
     for (i, range) in batches.iter().enumerate() {
         let created = next
             .take()
@@ -581,6 +575,71 @@ async fn stage_all(
                 .expect("a staged batch names every file");
             index_staged(&mut index, job.folder, name, &job.content);
         }
+        if !cx.fsync_each && i + 1 < batches.len() {
+            let buffered = batch
+                .iter()
+                .map(|j| j.content.size)
+                .filter(|&size| size < DIRECT_MIN)
+                .sum();
+            early.staged(cx, buffered).await?;
+        }
+    }
+    early.finish().await
+}
+
+/// Flushes of the filesystem while later batches are still being staged, so that the one
+/// before the renames finds little left to write: the device writes what earlier batches put
+/// in the page cache while the network and the processors work on the next ones.
+#[derive(Default)]
+struct EarlySync {
+    /// Bytes written through the page cache since the last flush began.
+    pending: u64,
+    running: Option<tokio::task::JoinHandle<Result<(), ApplyError>>>,
+}
+
+impl EarlySync {
+    /// Starts a flush once [`EARLY_SYNC_BYTES`] wait in the page cache and none is running.
+    /// A flush that failed fails the apply: the error would not be reported again by the
+    /// flush before the renames (`syncfs` reports a writeback error once per descriptor).
+    async fn staged(&mut self, cx: &StageCtx<'_>, bytes: u64) -> Result<(), ApplyError> {
+        self.pending += bytes;
+        if self.pending < EARLY_SYNC_BYTES {
+            return Ok(());
+        }
+        if let Some(running) = &self.running {
+            if !running.is_finished() {
+                return Ok(());
+            }
+            self.finish().await?;
+        }
+        self.pending = 0;
+        let roots: Vec<Arc<FolderRoot>> = cx
+            .stagings
+            .keys()
+            .map(|&i| Arc::clone(&cx.folders[i].root))
+            .collect();
+        self.running = Some(tokio::task::spawn_blocking(move || sync_roots(&roots)));
+        Ok(())
+    }
+
+    /// Waits for the flush running, if any, and returns its outcome.
+    async fn finish(&mut self) -> Result<(), ApplyError> {
+        match self.running.take() {
+            Some(running) => running
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `syncfs` of each root's filesystem.
+fn sync_roots(roots: &[Arc<FolderRoot>]) -> Result<(), ApplyError> {
+    for root in roots {
+        root.sync_filesystem().map_err(|source| ApplyError::Stage {
+            path: root.path().display().to_string(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -1133,6 +1192,33 @@ async fn fetch(
                         "{path}: chunk of {got} bytes where {len} were expected (folder {})",
                         req.folder_name
                     )));
+                }
+                // The usual chunk of a large file: raw, wanted at one position, the next of
+                // the run this task writes. Read straight into the run's buffer, checked there.
+                if encoding == ChunkEncoding::Raw
+                    && got == *len
+                    && run.fits(*len as usize)
+                    && let Some([(d, offset)]) = wanted.get(hash).map(Vec::as_slice)
+                    && let Some(file) = &dests[*d].direct
+                {
+                    let dest = &dests[*d];
+                    let err = |source| ApplyError::Stage {
+                        path: dest.path.to_string(),
+                        source,
+                    };
+                    if !run.continues(file, *offset) {
+                        run.begin(file.clone(), *offset).map_err(err)?;
+                    }
+                    let room = run.reserve(*len as usize).map_err(err)?;
+                    rx.read_exact(room).await?;
+                    if ChunkHash::of(room) != *hash {
+                        return Err(ApplyError::BadChunk { path: path.clone() });
+                    }
+                    run.commit(*len as usize).map_err(err)?;
+                    dest.written.fetch_add(*len as u64, Ordering::Relaxed);
+                    received += *len as u64;
+                    progress.fetch_add(*len as u64, Ordering::Relaxed);
+                    continue;
                 }
                 wire.resize(got as usize, 0);
                 rx.read_exact(&mut wire).await?;

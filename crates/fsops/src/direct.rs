@@ -176,6 +176,38 @@ impl RunWriter {
         Ok(())
     }
 
+    /// Whether [`RunWriter::reserve`] takes `n` bytes.
+    pub fn fits(&self, n: usize) -> bool {
+        n <= self.capacity - ALIGN
+    }
+
+    /// Room in the buffer for the run's next `n` bytes, for the caller to fill in place (a read
+    /// straight from the network: one copy fewer than [`RunWriter::push`]); they belong to the
+    /// run once [`RunWriter::commit`] says so. Writes whole blocks first where the room left is
+    /// shorter. `n` is at most the buffer's capacity less one block.
+    pub fn reserve(&mut self, n: usize) -> io::Result<&mut [u8]> {
+        assert!(self.file.is_some(), "reserve before begin");
+        assert!(self.fits(n), "reserve of {n} bytes");
+        if self.capacity - self.to < n {
+            self.write_blocks()?;
+        }
+        let to = self.to;
+        Ok(&mut self.bytes_mut()[to..to + n])
+    }
+
+    /// Adds to the run the first `n` bytes of the room [`RunWriter::reserve`] gave.
+    pub fn commit(&mut self, n: usize) -> io::Result<()> {
+        assert!(
+            self.to + n <= self.capacity,
+            "commit past the room reserved"
+        );
+        self.to += n;
+        if self.to == self.capacity {
+            self.write_blocks()?;
+        }
+        Ok(())
+    }
+
     /// Writes what the run being written still holds (it is then complete on its file) and
     /// returns how many of its bytes were written directly (the rest went through the page
     /// cache). Between runs: nothing to do, 0.
@@ -440,7 +472,8 @@ mod tests {
         Some(DirectFile::new(direct, Arc::new(cached)))
     }
 
-    /// Writes `data` as runs cut at `cuts`, each run pushed in pieces of `piece` bytes, with
+    /// Writes `data` as runs cut at `cuts`, each run pushed (or reserved and committed, every
+    /// other piece) in pieces of `piece` bytes, with
     /// runs interleaved as concurrent fetches interleave them; returns the bytes written
     /// directly.
     fn write_runs(file: &DirectFile, data: &[u8], cuts: &[usize], piece: usize, cap: usize) -> u64 {
@@ -456,17 +489,26 @@ mod tests {
                 (writer, w[0], w[1])
             })
             .collect();
+        let mut round = 0;
         loop {
             let mut progressed = false;
             for (w, at, end) in writers.iter_mut() {
                 if *at < *end {
                     let n = piece.min(*end - *at);
                     assert!(w.continues(file, *at as u64));
-                    w.push(&data[*at..*at + n]).expect("push");
+                    let bytes = &data[*at..*at + n];
+                    // Every other piece is read in place, as a fetched chunk is.
+                    if round % 2 == 1 && n <= cap - ALIGN {
+                        w.reserve(n).expect("reserve").copy_from_slice(bytes);
+                        w.commit(n).expect("commit");
+                    } else {
+                        w.push(bytes).expect("push");
+                    }
                     *at += n;
                     progressed = true;
                 }
             }
+            round += 1;
             if !progressed {
                 break;
             }

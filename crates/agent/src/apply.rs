@@ -46,7 +46,10 @@ const REQUEST_MIN_CHUNKS: usize = 16;
 /// spread over four streams cost more than they gained (a new 5 MB CAR to ten workers: 88-94 ms
 /// against 76 ms in one request per worker).
 const SPREAD_MIN_FILES: usize = 2 * REQUESTS_IN_FLIGHT;
-/// Fetch requests in flight at once.
+/// Batches staged at once: the next one's requests go out while the last replies of the one
+/// before are still arriving and being written.
+const BATCHES_IN_FLIGHT: usize = 2;
+/// Fetch requests in flight at once, per batch.
 const REQUESTS_IN_FLIGHT: usize = 4;
 /// Chunks up to this long are offered as bases for deltas of their files' new versions.
 const MAX_BASE: u32 = 256 * 1024;
@@ -555,6 +558,15 @@ async fn stage_all(
     let mut next = batches
         .first()
         .map(|r| spawn_create(cx.stagings, &jobs[r.clone()]));
+    let env = Arc::new(BatchEnv {
+        conn: cx.conn.clone(),
+        roots: cx.folders.iter().map(|f| Arc::clone(&f.root)).collect(),
+        names: cx.folders.iter().map(|f| f.name.clone()).collect(),
+        stagings: cx.stagings.clone(),
+        fsync_each: cx.fsync_each,
+        received: Arc::clone(cx.received),
+    });
+    let mut running = Running::default();
     let mut early = EarlySync::default();
     for (i, range) in batches.iter().enumerate() {
         let created = next
@@ -565,26 +577,85 @@ async fn stage_all(
         next = batches
             .get(i + 1)
             .map(|r| spawn_create(cx.stagings, &jobs[r.clone()]));
-        let batch = &mut jobs[range.clone()];
-        stage_batch(cx, batch, created, &index, stats).await?;
-        // Files staged in this batch are sources for the next ones.
-        for job in batch.iter() {
-            let name = job
-                .staged
-                .as_deref()
-                .expect("a staged batch names every file");
-            index_staged(&mut index, job.folder, name, &job.content);
+        // A batch starts beside the one being fetched unless it needs a chunk that one is
+        // fetching: it copies that chunk from the other's staged file once it is done.
+        while running.batches.len() >= BATCHES_IN_FLIGHT || running.feeds(&jobs[range.clone()]) {
+            finish_batch(cx, &mut running, jobs, &mut index, stats, &mut early).await?;
         }
-        if !cx.fsync_each && i + 1 < batches.len() {
-            let buffered = batch
-                .iter()
-                .map(|j| j.content.size)
-                .filter(|&size| size < DIRECT_MIN)
-                .sum();
-            early.staged(cx, buffered).await?;
-        }
+        let prepared = prepare_batch(cx, &mut jobs[range.clone()], created, &index);
+        let fetching = prepared.wanted.keys().copied().collect();
+        let env = Arc::clone(&env);
+        running
+            .tasks
+            .spawn(async move { (i, run_batch(env, prepared).await) });
+        running.batches.insert(i, (range.clone(), fetching));
+    }
+    while !running.batches.is_empty() {
+        finish_batch(cx, &mut running, jobs, &mut index, stats, &mut early).await?;
     }
     early.finish().await
+}
+
+/// The batches being staged, each by a task of its own (aborted if the apply fails: the set
+/// is dropped).
+#[derive(Default)]
+struct Running {
+    tasks: JoinSet<(usize, Result<BatchDone, ApplyError>)>,
+    /// Each running batch's jobs and the chunks it fetches, by batch number.
+    batches: HashMap<usize, (std::ops::Range<usize>, std::collections::HashSet<ChunkHash>)>,
+}
+
+impl Running {
+    /// Whether a batch running fetches a chunk one of `jobs` needs.
+    fn feeds(&self, jobs: &[StageJob]) -> bool {
+        self.batches.values().any(|(_, fetching)| {
+            jobs.iter()
+                .any(|j| j.content.chunks.iter().any(|c| fetching.contains(&c.hash)))
+        })
+    }
+}
+
+/// Waits for the first of the running batches to be staged and counts it: its files become
+/// sources for later batches, and what it wrote through the page cache counts towards an early
+/// flush.
+async fn finish_batch(
+    cx: &StageCtx<'_>,
+    running: &mut Running,
+    jobs: &[StageJob],
+    index: &mut HashMap<ChunkHash, Source>,
+    stats: &mut ApplyStats,
+    early: &mut EarlySync,
+) -> Result<(), ApplyError> {
+    let (i, done) = running
+        .tasks
+        .join_next()
+        .await
+        .expect("called with batches running")
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    let BatchDone { reused, fetched } = done?;
+    let (range, _) = running
+        .batches
+        .remove(&i)
+        .expect("each task's batch is listed");
+    stats.bytes_reused += reused;
+    stats.bytes_fetched += fetched;
+    let batch = &jobs[range];
+    for job in batch {
+        let name = job
+            .staged
+            .as_deref()
+            .expect("a staged batch names every file");
+        index_staged(index, job.folder, name, &job.content);
+    }
+    if !cx.fsync_each {
+        let buffered = batch
+            .iter()
+            .map(|j| j.content.size)
+            .filter(|&size| size < DIRECT_MIN)
+            .sum();
+        early.staged(cx, buffered).await?;
+    }
+    Ok(())
 }
 
 /// Flushes of the filesystem while later batches are still being staged, so that the one
@@ -760,31 +831,60 @@ fn create_staged(
         .collect()
 }
 
-async fn stage_batch(
+/// What the batches of one apply share, owned: each batch is staged by a task of its own.
+struct BatchEnv {
+    conn: Conn,
+    /// Every folder's root and name, by folder index.
+    roots: Vec<Arc<FolderRoot>>,
+    names: Vec<String>,
+    stagings: HashMap<usize, Arc<Staging>>,
+    fsync_each: bool,
+    received: Arc<AtomicU64>,
+}
+
+/// A file of a batch, as the task staging it needs it.
+struct BatchFile {
+    path: RelPath,
+    folder: usize,
+    content: FileContent,
+    mode: u32,
+    mtime: syncd_manifest::Mtime,
+    /// The last chunk of this node's current version, where it holds it: offered as the base
+    /// of a delta if the file's chunks are fetched.
+    base: Option<(ChunkHash, u32, Source)>,
+}
+
+/// A batch sorted into local copies and fetches, ready to be staged.
+struct PreparedBatch {
+    files: Vec<BatchFile>,
+    dests: Vec<Dest>,
+    local_copies: Vec<LocalCopy>,
+    /// Each missing chunk, asked for once, and every position it is written to.
+    wanted: HashMap<ChunkHash, Vec<(usize, u64)>>,
+    /// Each file's missing chunks (by index), in file order.
+    fetch_lists: Vec<(usize, Vec<u32>)>,
+}
+
+/// Bytes a staged batch copied from this node and fetched.
+struct BatchDone {
+    reused: u64,
+    fetched: u64,
+}
+
+/// Names each job's staged file and sorts every chunk position into a local copy (from
+/// `index`) or a fetch.
+fn prepare_batch(
     cx: &StageCtx<'_>,
     jobs: &mut [StageJob],
     created: Vec<(Dest, String)>,
     index: &HashMap<ChunkHash, Source>,
-    stats: &mut ApplyStats,
-) -> Result<(), ApplyError> {
-    let StageCtx {
-        conn,
-        folders,
-        stagings,
-        fsync_each,
-        received,
-    } = *cx;
-    let t_start = std::time::Instant::now();
+) -> PreparedBatch {
     let mut dests = Vec::with_capacity(jobs.len());
     for (job, (dest, name)) in jobs.iter_mut().zip(created) {
         job.staged = Some(name);
         dests.push(dest);
     }
-    let dests = Arc::new(dests);
-
-    // Sort every chunk position into a local copy or a fetch; each distinct missing chunk is
-    // asked for once, and written to every position that needs it.
-    let mut local_copies: Vec<(usize, u64, u32, ChunkHash, Source)> = Vec::new();
+    let mut local_copies: Vec<LocalCopy> = Vec::new();
     let mut wanted: HashMap<ChunkHash, Vec<(usize, u64)>> = HashMap::new();
     let mut fetch_lists: Vec<(usize, Vec<u32>)> = Vec::new();
     for (d, job) in jobs.iter().enumerate() {
@@ -806,6 +906,40 @@ async fn stage_batch(
             fetch_lists.push((d, indices));
         }
     }
+    let files = jobs
+        .iter()
+        .map(|job| BatchFile {
+            path: job.path.clone(),
+            folder: job.folder,
+            content: job.content.clone(),
+            mode: job.mode,
+            mtime: job.mtime,
+            base: current_last_chunk(cx.folders, job)
+                .filter(|c| c.len <= MAX_BASE)
+                .and_then(|c| Some((c.hash, c.len, index.get(&c.hash)?.clone()))),
+        })
+        .collect();
+    PreparedBatch {
+        files,
+        dests,
+        local_copies,
+        wanted,
+        fetch_lists,
+    }
+}
+
+/// Stages a prepared batch: local copies first, then fetches of what is missing, then each
+/// file's mode and time (and fsync, for few files).
+async fn run_batch(env: Arc<BatchEnv>, batch: PreparedBatch) -> Result<BatchDone, ApplyError> {
+    let PreparedBatch {
+        files,
+        dests,
+        local_copies,
+        mut wanted,
+        mut fetch_lists,
+    } = batch;
+    let t_start = std::time::Instant::now();
+    let dests = Arc::new(dests);
 
     // Local copies first (on the blocking pool, in parts copied at once: reading, checking and
     // writing a large archive's unchanged bytes is most of an edit's cost); a local chunk that
@@ -813,9 +947,8 @@ async fn stage_batch(
     let mut copying = JoinSet::new();
     for part in split_copies(local_copies, COPY_PARTS, COPY_PART_MIN) {
         let dests = Arc::clone(&dests);
-        let roots: Vec<Arc<FolderRoot>> = folders.iter().map(|f| Arc::clone(&f.root)).collect();
-        let stagings: HashMap<usize, Arc<Staging>> = stagings.clone();
-        copying.spawn_blocking(move || copy_local(&roots, &stagings, &dests, part));
+        let env = Arc::clone(&env);
+        copying.spawn_blocking(move || copy_local(&env.roots, &env.stagings, &dests, part));
     }
     let (mut reused, mut stale) = (0, Vec::new());
     while let Some(done) = copying.join_next().await {
@@ -825,12 +958,10 @@ async fn stage_batch(
         reused += r;
         stale.extend(s);
     }
-    stats.bytes_reused += reused;
     for (d, offset, hash) in stale {
-        let job = &jobs[d];
         let positions = wanted.entry(hash).or_default();
         if positions.is_empty() {
-            let (i, _) = chunk_at(&job.content, offset);
+            let (i, _) = chunk_at(&files[d].content, offset);
             match fetch_lists.iter_mut().find(|(dd, _)| *dd == d) {
                 Some((_, list)) => {
                     list.push(i);
@@ -846,17 +977,12 @@ async fn stage_batch(
     // new version: the manager may send the new one as a delta against it.
     let base_of: HashMap<usize, (ChunkHash, u32, Source)> = fetch_lists
         .iter()
-        .filter_map(|(d, _)| {
-            let job = &jobs[*d];
-            let c = current_last_chunk(folders, job)?;
-            (c.len <= MAX_BASE).then_some(())?;
-            Some((*d, (c.hash, c.len, index.get(&c.hash)?.clone())))
-        })
+        .filter_map(|(d, _)| Some((*d, files[*d].base.clone()?)))
         .collect();
     let base_bytes = if base_of.is_empty() {
         HashMap::new()
     } else {
-        let roots: Vec<Arc<FolderRoot>> = folders.iter().map(|f| Arc::clone(&f.root)).collect();
+        let roots = env.roots.clone();
         let wanted_bases: Vec<(ChunkHash, u32, Source)> = base_of.values().cloned().collect();
         blocking(move || Ok(read_bases(&roots, wanted_bases))).await?
     };
@@ -868,9 +994,9 @@ async fn stage_batch(
     let base_bytes = Arc::new(base_bytes);
     let t_copied = t_start.elapsed();
     // Fetch what is missing, several requests at once.
-    let requests = build_requests(folders, jobs, fetch_lists, &bases);
+    let requests = build_requests(&env.names, &files, fetch_lists, &bases);
     tracing::debug!(
-        files = jobs.len(),
+        files = files.len(),
         requests = requests.len(),
         chunks = wanted.len(),
         "fetching missing chunks"
@@ -882,13 +1008,13 @@ async fn stage_batch(
     loop {
         while in_flight.len() < REQUESTS_IN_FLIGHT {
             let Some(req) = requests.next() else { break };
-            let conn = conn.clone();
+            let env = Arc::clone(&env);
             let dests = Arc::clone(&dests);
             let wanted = Arc::clone(&wanted);
-            let received = Arc::clone(received);
             let bases = Arc::clone(&base_bytes);
-            in_flight
-                .spawn(async move { fetch(&conn, req, &dests, &wanted, &bases, &received).await });
+            in_flight.spawn(async move {
+                fetch(&env.conn, req, &dests, &wanted, &bases, &env.received).await
+            });
         }
         let Some(done) = in_flight.join_next().await else {
             break;
@@ -901,32 +1027,39 @@ async fn stage_batch(
             }
         }
     }
-    stats.bytes_fetched += fetched;
     let t_fetched = t_start.elapsed();
 
     // Every byte of every file must have been written and checked.
-    for (job, dest) in jobs.iter().zip(dests.iter()) {
+    for (file, dest) in files.iter().zip(dests.iter()) {
         let written = dest.written.load(Ordering::Relaxed);
-        if written != job.content.size {
+        if written != file.content.size {
             return Err(ApplyError::Protocol(format!(
                 "{}: assembled {written} of {} bytes",
-                job.path, job.content.size
+                file.path, file.content.size
             )));
         }
     }
     let dests = Arc::try_unwrap(dests)
         .map_err(|_| ApplyError::Protocol("a fetch task outlived its batch".into()))?;
-    let finish: Vec<(Arc<File>, u32, syncd_manifest::Mtime, RelPath)> = jobs
-        .iter()
-        .zip(dests)
-        .map(|(job, dest)| (dest.file, job.mode, job.mtime, job.path.clone()))
+    let count = files.len();
+    let fsync_each = env.fsync_each;
+    let finish: Vec<(Arc<File>, BatchFile)> = dests
+        .into_iter()
+        .zip(files)
+        .map(|(dest, file)| (dest.file, file))
         .collect();
     blocking(move || {
-        for (file, mode, mtime, path) in finish {
-            finish_staged(&file, mode, mtime)
-                .and_then(|()| if fsync_each { file.sync_all() } else { Ok(()) })
+        for (staged, file) in finish {
+            finish_staged(&staged, file.mode, file.mtime)
+                .and_then(|()| {
+                    if fsync_each {
+                        staged.sync_all()
+                    } else {
+                        Ok(())
+                    }
+                })
                 .map_err(|source| ApplyError::Stage {
-                    path: path.to_string(),
+                    path: file.path.to_string(),
                     source,
                 })?;
         }
@@ -934,13 +1067,13 @@ async fn stage_batch(
     })
     .await?;
     tracing::debug!(
-        files = jobs.len(),
+        files = count,
         copied_ms = t_copied.as_millis() as u64,
         fetched_ms = (t_fetched - t_copied).as_millis() as u64,
         finished_ms = (t_start.elapsed() - t_fetched).as_millis() as u64,
         "staged a batch"
     );
-    Ok(())
+    Ok(BatchDone { reused, fetched })
 }
 
 /// Writes `bytes` at `offset` of `dest` and counts them: a large file's through `run` (the
@@ -1108,8 +1241,8 @@ fn chunks_per_request(total: usize, files: usize) -> usize {
 
 /// Groups the missing chunks of a batch's files into fetch requests, file by file in order.
 fn build_requests(
-    folders: &[Folder],
-    jobs: &[StageJob],
+    names: &[String],
+    jobs: &[BatchFile],
     lists: Vec<(usize, Vec<u32>)>,
     bases: &HashMap<usize, ChunkHash>,
 ) -> Vec<Request> {
@@ -1122,7 +1255,7 @@ fn build_requests(
     let mut folder_ids: Vec<usize> = by_folder.keys().copied().collect();
     folder_ids.sort_unstable();
     for f in folder_ids {
-        let name = folders[f].name.clone();
+        let name = names[f].clone();
         let mut current = Request {
             folder_name: name.clone(),
             request: FetchRequest {

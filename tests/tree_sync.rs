@@ -61,6 +61,42 @@ async fn initial_sync_from_empty_reaches_every_agent_exactly() {
     manager.stop().await;
 }
 
+/// The agent stages two batches of files at once: a file whose content another batch is
+/// fetching waits for that batch and copies it, so every distinct chunk crosses once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_repeated_across_batches_crosses_once() {
+    const LEN: usize = 4096;
+    let mdirs = NodeDirs::new();
+    let dir = mdirs.data.join("synapse-configs");
+    fs::create_dir_all(&dir).unwrap();
+    let mut rng = Rng::new(7);
+    // 384 files in path order, three batches of 128: the second repeats the first one's
+    // contents, the third is new.
+    let mut first: Vec<Vec<u8>> = Vec::new();
+    for i in 0..384 {
+        let data = if (128..256).contains(&i) {
+            first[i - 128].clone()
+        } else {
+            let mut data = vec![0u8; LEN];
+            rng.fill(&mut data);
+            data
+        };
+        fs::write(dir.join(format!("f{i:03}.xml")), &data).unwrap();
+        if i < 128 {
+            first.push(data);
+        }
+    }
+    let a1 = NodeDirs::new();
+    let manager = TestManager::start(mdirs, &[("worker-1", a1.identity().id())]).await;
+    let mut w1 = TestAgent::start("worker-1", a1, &manager).await;
+    w1.wait_applied(manager.generation()).await;
+    assert_same_tree(&manager.dirs.data, &w1.dirs.data);
+    let stats = w1.stats();
+    assert_eq!(stats.bytes_fetched, 256 * LEN as u64, "{stats:?}");
+    w1.stop().await;
+    manager.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_holding_an_older_copy_receives_only_the_difference() {
     let mdirs = NodeDirs::new();

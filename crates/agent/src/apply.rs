@@ -928,106 +928,52 @@ fn prepare_batch(
     }
 }
 
-/// Stages a prepared batch: local copies first, then fetches of what is missing, then each
+/// Stages a prepared batch: local copies and fetches of what is missing at once, then each
 /// file's mode and time (and fsync, for few files).
 async fn run_batch(env: Arc<BatchEnv>, batch: PreparedBatch) -> Result<BatchDone, ApplyError> {
     let PreparedBatch {
         files,
         dests,
         local_copies,
-        mut wanted,
-        mut fetch_lists,
+        wanted,
+        fetch_lists,
     } = batch;
     let t_start = std::time::Instant::now();
     let dests = Arc::new(dests);
-
-    // Local copies first (on the blocking pool, in parts copied at once: reading, checking and
-    // writing a large archive's unchanged bytes is most of an edit's cost); a local chunk that
-    // no longer matches its hash (the file changed since it was scanned) is fetched instead.
-    let mut copying = JoinSet::new();
-    for part in split_copies(local_copies, COPY_PARTS, COPY_PART_MIN) {
-        let dests = Arc::clone(&dests);
-        let env = Arc::clone(&env);
-        copying.spawn_blocking(move || copy_local(&env.roots, &env.stagings, &dests, part));
-    }
-    let (mut reused, mut stale) = (0, Vec::new());
-    while let Some(done) = copying.join_next().await {
-        let (r, s) = done
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-            .map_err(|(path, source)| ApplyError::Stage { path, source })?;
-        reused += r;
-        stale.extend(s);
-    }
-    for (d, offset, hash) in stale {
-        let positions = wanted.entry(hash).or_default();
-        if positions.is_empty() {
-            let (i, _) = chunk_at(&files[d].content, offset);
-            match fetch_lists.iter_mut().find(|(dd, _)| *dd == d) {
-                Some((_, list)) => {
-                    list.push(i);
-                    list.sort_unstable();
-                }
-                None => fetch_lists.push((d, vec![i])),
-            }
-        }
-        positions.push((d, offset));
-    }
-
-    // A small file this node already holds in another version is offered as the base of its
-    // new version: the manager may send the new one as a delta against it.
-    let base_of: HashMap<usize, (ChunkHash, u32, Source)> = fetch_lists
-        .iter()
-        .filter_map(|(d, _)| Some((*d, files[*d].base.clone()?)))
-        .collect();
-    let base_bytes = if base_of.is_empty() {
-        HashMap::new()
-    } else {
-        let roots = env.roots.clone();
-        let wanted_bases: Vec<(ChunkHash, u32, Source)> = base_of.values().cloned().collect();
-        blocking(move || Ok(read_bases(&roots, wanted_bases))).await?
+    // The copies of a large archive's unchanged bytes take tens of milliseconds; the few new
+    // chunks are fetched meanwhile, not after.
+    let copying = async {
+        let done = copy_all(&env, &dests, local_copies).await?;
+        Ok::<_, ApplyError>((done, t_start.elapsed()))
     };
-    let bases: HashMap<usize, ChunkHash> = base_of
-        .into_iter()
-        .filter(|(_, (h, _, _))| base_bytes.contains_key(h))
-        .map(|(d, (h, _, _))| (d, h))
-        .collect();
-    let base_bytes = Arc::new(base_bytes);
-    let t_copied = t_start.elapsed();
-    // Fetch what is missing, several requests at once.
-    let requests = build_requests(&env.names, &files, fetch_lists, &bases);
-    tracing::debug!(
-        files = files.len(),
-        requests = requests.len(),
-        chunks = wanted.len(),
-        "fetching missing chunks"
-    );
-    let wanted = Arc::new(wanted);
-    let mut in_flight = JoinSet::new();
-    let mut requests = requests.into_iter();
-    let mut fetched = 0u64;
-    loop {
-        while in_flight.len() < REQUESTS_IN_FLIGHT {
-            let Some(req) = requests.next() else { break };
-            let env = Arc::clone(&env);
-            let dests = Arc::clone(&dests);
-            let wanted = Arc::clone(&wanted);
-            let bases = Arc::clone(&base_bytes);
-            in_flight.spawn(async move {
-                fetch(&env.conn, req, &dests, &wanted, &bases, &env.received).await
-            });
-        }
-        let Some(done) = in_flight.join_next().await else {
-            break;
-        };
-        match done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())) {
-            Ok(n) => fetched += n,
-            Err(e) => {
-                in_flight.abort_all();
-                return Err(e);
+    let fetching = async {
+        let done = fetch_missing(&env, &files, &dests, wanted, fetch_lists).await?;
+        Ok::<_, ApplyError>((done, t_start.elapsed()))
+    };
+    let (((reused, stale), t_copied), (mut fetched, mut t_fetched)) =
+        tokio::try_join!(copying, fetching)?;
+    if !stale.is_empty() {
+        // Local chunks that no longer matched their hash (the file changed since it was
+        // scanned) are fetched now, each once.
+        let mut wanted: HashMap<ChunkHash, Vec<(usize, u64)>> = HashMap::new();
+        let mut lists: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (d, offset, hash) in stale {
+            let positions = wanted.entry(hash).or_default();
+            if positions.is_empty() {
+                let (i, _) = chunk_at(&files[d].content, offset);
+                match lists.iter_mut().find(|(dd, _)| *dd == d) {
+                    Some((_, list)) => {
+                        list.push(i);
+                        list.sort_unstable();
+                    }
+                    None => lists.push((d, vec![i])),
+                }
             }
+            positions.push((d, offset));
         }
+        fetched += fetch_missing(&env, &files, &dests, wanted, lists).await?;
+        t_fetched = t_start.elapsed();
     }
-    let t_fetched = t_start.elapsed();
 
     // Every byte of every file must have been written and checked.
     for (file, dest) in files.iter().zip(dests.iter()) {
@@ -1069,11 +1015,98 @@ async fn run_batch(env: Arc<BatchEnv>, batch: PreparedBatch) -> Result<BatchDone
     tracing::debug!(
         files = count,
         copied_ms = t_copied.as_millis() as u64,
-        fetched_ms = (t_fetched - t_copied).as_millis() as u64,
-        finished_ms = (t_start.elapsed() - t_fetched).as_millis() as u64,
+        fetched_ms = t_fetched.as_millis() as u64,
+        finished_ms = (t_start.elapsed() - t_fetched.max(t_copied)).as_millis() as u64,
         "staged a batch"
     );
     Ok(BatchDone { reused, fetched })
+}
+
+/// Copies chunks found on this node into the batch's staged files, in parts at once on the
+/// blocking pool; returns the bytes copied and the positions whose source no longer matched.
+async fn copy_all(
+    env: &Arc<BatchEnv>,
+    dests: &Arc<Vec<Dest>>,
+    local_copies: Vec<LocalCopy>,
+) -> Result<(u64, Vec<(usize, u64, ChunkHash)>), ApplyError> {
+    let mut copying = JoinSet::new();
+    for part in split_copies(local_copies, COPY_PARTS, COPY_PART_MIN) {
+        let dests = Arc::clone(dests);
+        let env = Arc::clone(env);
+        copying.spawn_blocking(move || copy_local(&env.roots, &env.stagings, &dests, part));
+    }
+    let (mut reused, mut stale) = (0, Vec::new());
+    while let Some(done) = copying.join_next().await {
+        let (r, s) = done
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+            .map_err(|(path, source)| ApplyError::Stage { path, source })?;
+        reused += r;
+        stale.extend(s);
+    }
+    Ok((reused, stale))
+}
+
+/// Fetches the chunks of `lists` (each file's missing chunks, by index) on up to
+/// [`REQUESTS_IN_FLIGHT`] streams, writing each to every position `wanted` names; returns the
+/// chunk bytes received.
+async fn fetch_missing(
+    env: &Arc<BatchEnv>,
+    files: &[BatchFile],
+    dests: &Arc<Vec<Dest>>,
+    wanted: HashMap<ChunkHash, Vec<(usize, u64)>>,
+    lists: Vec<(usize, Vec<u32>)>,
+) -> Result<u64, ApplyError> {
+    if lists.is_empty() {
+        return Ok(0);
+    }
+    // A small file this node already holds in another version is offered as the base of its
+    // new version: the manager may send the new one as a delta against it.
+    let base_of: HashMap<usize, (ChunkHash, u32, Source)> = lists
+        .iter()
+        .filter_map(|(d, _)| Some((*d, files[*d].base.clone()?)))
+        .collect();
+    let base_bytes = if base_of.is_empty() {
+        HashMap::new()
+    } else {
+        let roots = env.roots.clone();
+        let wanted_bases: Vec<(ChunkHash, u32, Source)> = base_of.values().cloned().collect();
+        blocking(move || Ok(read_bases(&roots, wanted_bases))).await?
+    };
+    let bases: HashMap<usize, ChunkHash> = base_of
+        .into_iter()
+        .filter(|(_, (h, _, _))| base_bytes.contains_key(h))
+        .map(|(d, (h, _, _))| (d, h))
+        .collect();
+    let base_bytes = Arc::new(base_bytes);
+    let requests = build_requests(&env.names, files, lists, &bases);
+    tracing::debug!(
+        files = files.len(),
+        requests = requests.len(),
+        chunks = wanted.len(),
+        "fetching missing chunks"
+    );
+    let wanted = Arc::new(wanted);
+    let mut in_flight = JoinSet::new();
+    let mut requests = requests.into_iter();
+    let mut fetched = 0u64;
+    loop {
+        while in_flight.len() < REQUESTS_IN_FLIGHT {
+            let Some(req) = requests.next() else { break };
+            let env = Arc::clone(env);
+            let dests = Arc::clone(dests);
+            let wanted = Arc::clone(&wanted);
+            let bases = Arc::clone(&base_bytes);
+            in_flight.spawn(async move {
+                fetch(&env.conn, req, &dests, &wanted, &bases, &env.received).await
+            });
+        }
+        let Some(done) = in_flight.join_next().await else {
+            break;
+        };
+        // An error drops the set, which aborts the other requests.
+        fetched += done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    }
+    Ok(fetched)
 }
 
 /// Writes `bytes` at `offset` of `dest` and counts them: a large file's through `run` (the

@@ -163,6 +163,22 @@ fn preflight(args: &Args) -> Result<()> {
             args.syncd.display()
         );
     }
+    // A daemon left from an earlier run (or a hand rig) on the same ports would answer in place
+    // of the ones this run starts: the run would fail minutes later, or measure the wrong one.
+    if let Err(e) = std::net::UdpSocket::bind(("127.0.0.1", args.port)) {
+        bail!(
+            "UDP port {} is in use ({e}): stop what holds it (`ss -ulpn | grep {}`) or pass --port",
+            args.port,
+            args.port
+        );
+    }
+    if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", args.rsync_port)) {
+        bail!(
+            "TCP port {} is in use ({e}): stop what holds it (`ss -tlpn | grep {}`) or pass --rsync-port",
+            args.rsync_port,
+            args.rsync_port
+        );
+    }
     Ok(())
 }
 

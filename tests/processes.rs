@@ -251,3 +251,52 @@ fn real_daemons_sync_live_changes_with_relative_folder_paths() {
     stop(manager);
     support::assert_same_tree(&root.join("m/data"), &root.join("a/data"));
 }
+
+/// A daemon started from a shell with the usual soft limit on open files raises it to the hard
+/// limit: an apply holds a few hundred staged files and their sources open at once.
+#[test]
+fn a_daemon_raises_its_soft_limit_on_open_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let manager_id = init(&root.join("m/state"));
+    let agent_id = init(&root.join("a/state"));
+    let (_, a) = write_configs(root, free_udp_port(), &manager_id, &agent_id);
+    let child = Command::new("sh")
+        .current_dir(root)
+        .args([
+            "-c",
+            &format!(
+                "ulimit -S -n 256 && exec {SYNCD} agent --config {}",
+                a.display()
+            ),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let limits = |pid: u32| -> (String, String) {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_owned();
+        let mut fields = line.split_whitespace().skip(3);
+        (
+            fields.next().unwrap().to_owned(),
+            fields.next().unwrap().to_owned(),
+        )
+    };
+    // Read once the daemon is up: its admin socket is made after the limit is raised.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !root.join("a/admin.sock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (soft, hard) = limits(child.id());
+    stop(child);
+    assert_eq!(soft, hard, "soft limit left at {soft} (hard {hard})");
+}

@@ -235,6 +235,7 @@ fn run_role(path: &Path, role: &str) -> ExitCode {
         // The manager holds every folder's manifest for its lifetime (see the function).
         syncd_fsops::tune_allocator();
     }
+    raise_open_files_limit();
     // Every log line of the daemon carries the node's name (in its span).
     let span = tracing::info_span!("syncd", node = %config.node.name);
     let thread_span = span.clone();
@@ -251,6 +252,31 @@ fn run_role(path: &Path, role: &str) -> ExitCode {
     };
     let _entered = span.entered();
     runtime.block_on(run(config, identity))
+}
+
+/// Raises the soft limit on open files to the hard one. An agent's apply keeps up to three
+/// batches of 128 staged files open (two descriptors each for large files) and the sources of
+/// their local copies, a manager a file per fetch being served: a shell's soft limit of 1,024 is
+/// within reach; the systemd units set 65,536 themselves. Failing to raise it is not an error.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raise = match (limit.current, limit.maximum) {
+        (Some(current), Some(max)) => current < max,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if raise {
+        // An unlimited hard limit: a generous, finite soft one (the kernel's nr_open bounds it).
+        let to = limit.maximum.unwrap_or(1 << 20);
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(to),
+                maximum: limit.maximum,
+            },
+        );
+    }
 }
 
 async fn run(config: Config, identity: Identity) -> ExitCode {

@@ -567,7 +567,12 @@ async fn stage_all(
         received: Arc::clone(cx.received),
     });
     let mut running = Running::default();
-    let mut early = EarlySync::default();
+    let mut early = EarlySync::new(
+        cx.stagings
+            .keys()
+            .map(|&i| Arc::clone(&cx.folders[i].root))
+            .collect(),
+    );
     for (i, range) in batches.iter().enumerate() {
         let created = next
             .take()
@@ -580,7 +585,7 @@ async fn stage_all(
         // A batch starts beside the one being fetched unless it needs a chunk that one is
         // fetching: it copies that chunk from the other's staged file once it is done.
         while running.batches.len() >= BATCHES_IN_FLIGHT || running.feeds(&jobs[range.clone()]) {
-            finish_batch(cx, &mut running, jobs, &mut index, stats, &mut early).await?;
+            finish_batch(cx, &mut running, jobs, &mut index, stats, &mut early, false).await?;
         }
         let prepared = prepare_batch(cx, &mut jobs[range.clone()], created, &index);
         let fetching = prepared.wanted.keys().copied().collect();
@@ -591,7 +596,7 @@ async fn stage_all(
         running.batches.insert(i, (range.clone(), fetching));
     }
     while !running.batches.is_empty() {
-        finish_batch(cx, &mut running, jobs, &mut index, stats, &mut early).await?;
+        finish_batch(cx, &mut running, jobs, &mut index, stats, &mut early, true).await?;
     }
     early.finish().await
 }
@@ -617,7 +622,7 @@ impl Running {
 
 /// Waits for the first of the running batches to be staged and counts it: its files become
 /// sources for later batches, and what it wrote through the page cache counts towards an early
-/// flush.
+/// flush (none after the last batch: the flush before the renames follows at once).
 async fn finish_batch(
     cx: &StageCtx<'_>,
     running: &mut Running,
@@ -625,6 +630,7 @@ async fn finish_batch(
     index: &mut HashMap<ChunkHash, Source>,
     stats: &mut ApplyStats,
     early: &mut EarlySync,
+    all_started: bool,
 ) -> Result<(), ApplyError> {
     let (i, done) = running
         .tasks
@@ -647,13 +653,14 @@ async fn finish_batch(
             .expect("a staged batch names every file");
         index_staged(index, job.folder, name, &job.content);
     }
-    if !cx.fsync_each {
+    let last = all_started && running.batches.is_empty();
+    if !cx.fsync_each && !last {
         let buffered = batch
             .iter()
             .map(|j| j.content.size)
             .filter(|&size| size < DIRECT_MIN)
             .sum();
-        early.staged(cx, buffered).await?;
+        early.staged(buffered).await?;
     }
     Ok(())
 }
@@ -661,18 +668,27 @@ async fn finish_batch(
 /// Flushes of the filesystem while later batches are still being staged, so that the one
 /// before the renames finds little left to write: the device writes what earlier batches put
 /// in the page cache while the network and the processors work on the next ones.
-#[derive(Default)]
 struct EarlySync {
+    /// The roots of the folders being staged.
+    roots: Arc<[Arc<FolderRoot>]>,
     /// Bytes written through the page cache since the last flush began.
     pending: u64,
     running: Option<tokio::task::JoinHandle<Result<(), ApplyError>>>,
 }
 
 impl EarlySync {
+    fn new(roots: Vec<Arc<FolderRoot>>) -> EarlySync {
+        EarlySync {
+            roots: roots.into(),
+            pending: 0,
+            running: None,
+        }
+    }
+
     /// Starts a flush once [`EARLY_SYNC_BYTES`] wait in the page cache and none is running.
     /// A flush that failed fails the apply: the error would not be reported again by the
     /// flush before the renames (`syncfs` reports a writeback error once per descriptor).
-    async fn staged(&mut self, cx: &StageCtx<'_>, bytes: u64) -> Result<(), ApplyError> {
+    async fn staged(&mut self, bytes: u64) -> Result<(), ApplyError> {
         self.pending += bytes;
         if self.pending < EARLY_SYNC_BYTES {
             return Ok(());
@@ -684,11 +700,7 @@ impl EarlySync {
             self.finish().await?;
         }
         self.pending = 0;
-        let roots: Vec<Arc<FolderRoot>> = cx
-            .stagings
-            .keys()
-            .map(|&i| Arc::clone(&cx.folders[i].root))
-            .collect();
+        let roots = Arc::clone(&self.roots);
         self.running = Some(tokio::task::spawn_blocking(move || sync_roots(&roots)));
         Ok(())
     }

@@ -833,7 +833,6 @@ async fn resume(agent: &mut Agent, set_at: u64, why: &str) -> Result<ResumeRepor
     Ok(report)
 }
 
-/// Closes the connection telling the manager why, and returns the error for the log.
 /// Hands a part of a folder's update to the assembler of the update begun last; a part before
 /// any `Update` (`what`), or one the assembler refuses, closes the connection.
 fn assemble(
@@ -848,6 +847,7 @@ fn assemble(
     f(asm).map_err(|e| protocol_violation(conn, SessionError::Protocol(e.to_string())))
 }
 
+/// Closes the connection telling the manager why, and returns the error for the log.
 fn protocol_violation(conn: &Conn, e: SessionError) -> SessionError {
     conn.close(close::PROTOCOL_ERROR, &e.to_string());
     e

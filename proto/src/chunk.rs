@@ -49,16 +49,40 @@ thread_local! {
     /// zstd contexts cost a large allocation each: one per thread, reused for every chunk.
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    /// Room for the worst case of the largest chunk compressed on this thread so far.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Compresses `data` at `level` with this thread's context and returns the frame, exactly as
+/// long as it is.
+///
+/// zstd's own `compress` returns a vector with room for the worst case, about the input's
+/// length, however small the frame: a 60 KB XML chunk's 9 KB frame, kept as a delta base in
+/// the manager's cache, held 60 KB, and every call allocated that much. After a worker joined
+/// the 1.5 GB tree, the manager held 111 MB at rest instead of 35 MB (peak 230 MB instead of
+/// 155 MB). The frame is written into a scratch buffer kept per thread and copied out.
 fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    compressed_with(data, level, <[u8]>::to_vec)
+}
+
+/// The length of `data`'s frame at `level`, kept nowhere.
+fn compressed_len(data: &[u8], level: i32) -> std::io::Result<usize> {
+    compressed_with(data, level, <[u8]>::len)
+}
+
+fn compressed_with<T>(data: &[u8], level: i32, f: impl FnOnce(&[u8]) -> T) -> std::io::Result<T> {
     COMPRESSOR.with_borrow_mut(|c| {
         let c = match c {
             Some(c) => c,
             None => c.insert(zstd::bulk::Compressor::new(level)?),
         };
         c.set_compression_level(level)?;
-        c.compress(data)
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.reserve(zstd::zstd_safe::compress_bound(data.len()));
+            c.compress_to_buffer(data, buf)?;
+            Ok(f(buf))
+        })
     })
 }
 
@@ -98,8 +122,8 @@ pub fn encode_chunk_keeping_plain(
     // it twice (most Synapse XMLs are a single chunk of a few KB).
     if chunk.len() > PROBE {
         let probe = &chunk[..PROBE];
-        match compress(probe, 1) {
-            Ok(c) if pays(probe.len(), c.len()) => {}
+        match compressed_len(probe, 1) {
+            Ok(c) if pays(probe.len(), c) => {}
             _ => return (chunk, ChunkEncoding::Raw, None),
         }
     }
@@ -110,6 +134,10 @@ pub fn encode_chunk_keeping_plain(
         .and_then(|b| {
             zstd::bulk::Compressor::with_dictionary(LEVEL, b)
                 .and_then(|mut c| c.compress(&chunk))
+                .map(|mut d| {
+                    d.shrink_to_fit();
+                    d
+                })
                 .ok()
         })
         .filter(|d| pays(chunk.len(), d.len()));
@@ -244,6 +272,27 @@ mod tests {
         );
         let other = xml(5_000);
         assert!(decode_chunk(enc, &wire, new.len(), Some(&other), &mut out).is_err() || out != new);
+    }
+
+    #[test]
+    fn a_frame_holds_no_more_memory_than_its_length() {
+        // The manager keeps frames as delta bases: room for zstd's worst case would cost each
+        // about the chunk's whole length.
+        let old = xml(60_000);
+        let mut new = old.clone();
+        new.splice(30_000..30_088, std::iter::repeat_n(b'#', 88));
+        let (wire, enc, plain) = encode_chunk_keeping_plain(new.clone(), None);
+        let plain = plain.expect("text compresses");
+        assert_eq!(enc, ChunkEncoding::Zstd);
+        assert_eq!(
+            (wire.capacity(), plain.capacity()),
+            (wire.len(), plain.len())
+        );
+        let (wire, enc, plain) = encode_chunk_keeping_plain(new, Some(&old));
+        assert_eq!(enc, ChunkEncoding::ZstdWithBase);
+        assert_eq!(wire.capacity(), wire.len());
+        let plain = plain.expect("text compresses");
+        assert_eq!(plain.capacity(), plain.len());
     }
 
     #[test]

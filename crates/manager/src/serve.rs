@@ -25,8 +25,12 @@ use crate::{ManagerConfig, ManagerStatus};
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait before resending a generation an agent failed to apply.
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// Bytes read from disk per blocking call when serving chunks.
-const READ_BATCH: usize = 4 << 20;
+/// Bytes read from disk per blocking call when serving chunks. Each fetch stream holds up to
+/// `READS_AHEAD` of these queued, one being read and one being sent, and an agent keeps eight
+/// streams open at once (two batches of four requests): at 4 MiB the manager's memory rose by
+/// some 130 MB while a worker joined the 1.5 GB tree (peak 155 MB; 75 MB at 1 MiB, as fast),
+/// and by 79 MiB for a single 1 GiB file (35 MiB now).
+const READ_BATCH: usize = 1 << 20;
 
 /// What every connection task shares.
 #[derive(Debug)]

@@ -24,6 +24,9 @@ use crate::{Agent, AgentError, Command};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// An apply that moved at least this many bytes leaves receive and staging buffers free in the
+/// heap: they are handed back after it (see `syncd_fsops::trim_heap`).
+const TRIM_AFTER_BYTES: u64 = 16 << 20;
 
 /// How a session ended, other than by an error.
 enum End {
@@ -937,6 +940,9 @@ async fn apply_generation(
                 s.last_applied = Some(SystemTime::now());
                 s.apply_seconds.observe(took);
             });
+            if stats.bytes_fetched + stats.bytes_reused >= TRIM_AFTER_BYTES {
+                tokio::task::spawn_blocking(syncd_fsops::trim_heap);
+            }
             tracing::info!(
                 %generation,
                 files_written = stats.files_written,

@@ -231,10 +231,8 @@ fn run_role(path: &Path, role: &str) -> ExitCode {
         Ok(i) => i,
         Err(e) => return identity_error(e),
     };
-    if matches!(config.role, Role::Manager { .. }) {
-        // The manager holds every folder's manifest for its lifetime (see the function).
-        syncd_fsops::tune_allocator();
-    }
+    // Both roles hold manifests for their lifetime beside short-lived buffers (see the function).
+    syncd_fsops::tune_allocator();
     raise_open_files_limit();
     // Every log line of the daemon carries the node's name (in its span).
     let span = tracing::info_span!("syncd", node = %config.node.name);

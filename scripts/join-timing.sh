@@ -8,8 +8,9 @@
 #
 # Each run: a fresh copy of the tree for the manager, a manager started and waited for until it
 # has published, `sync` and a few seconds of quiet, then the agent started on an empty folder;
-# prints the time until `syncctl wait --all` returns, the CPU both daemons used meanwhile and
-# the machine's busy and idle CPU time over the same window. Earlier runs' directories are set
+# prints the time until `syncctl wait --all` returns, the CPU both daemons used meanwhile (and
+# their page faults: minor faults since start), the machine's busy and idle CPU time over the
+# same window, and each daemon's peak and (REST seconds later, 0 by default) resident memory. Earlier runs' directories are set
 # aside as /tmp/jt.trash.* and deleted at the end: on this machine's ext4 (no journal), file
 # creation runs up to 20x slower for minutes after a large deletion (see BENCHMARKS.md), so
 # nothing is deleted between timed runs (KEEP=1 keeps them for a next invocation too). BIN and
@@ -22,7 +23,20 @@ BIN=${BIN:-$HERE/target/release/syncd}
 CTL=${CTL:-$HERE/target/release/syncctl}
 PORT=${PORT:-17760}
 R=/tmp/jt
-cpu() { for p in $(pgrep -f "config $R/" || true); do awk '{printf "%s=%.2fs ", $2, ($14+$15)/100}' /proc/$p/stat; done; }
+cpu() {
+  for role in manager agent; do
+    for p in $(pgrep -f "$role --config $R/" || true); do
+      awk -v r=$role '{printf "%s=%.2fs faults=%d ", r, ($14+$15)/100, $10}' /proc/$p/stat
+    done
+  done
+}
+mem() {
+  for role in manager agent; do
+    for p in $(pgrep -f "$role --config $R/" || true); do
+      awk -v r=$role '/^'"$1"':/ {printf "%s=%d MB ", r, $2/1024}' /proc/$p/status
+    done
+  done
+}
 stop() { pkill -f "config $R/" || true; sleep 0.3; }
 trap stop EXIT
 for run in $(seq "$RUNS"); do
@@ -46,7 +60,11 @@ for run in $(seq "$RUNS"); do
   t1=$(date +%s%N)
   s1=$(head -1 /proc/stat)
   machine=$(echo "$s0 $s1" | awk '{b=$2+$3+$4; bi=$5+$6; a=$13+$14+$15; ai=$16+$17; printf "machine busy %.2fs idle %.2fs", (a-b)/100, (ai-bi)/100}')
-  echo "join $run: $(( (t1 - t0) / 1000000 )) ms; cpu before: $before after: $(cpu); $machine"
+  after=$(cpu)
+  peak=$(mem VmHWM)
+  sleep "${REST:-0}"
+  echo "join $run: $(( (t1 - t0) / 1000000 )) ms; cpu before: $before after: $after; $machine"
+  echo "  memory: peak $peak; resident ${REST:-0} s later $(mem VmRSS)"
 done
 stop
 [ -n "${KEEP:-}" ] || rm -rf $R.trash.*

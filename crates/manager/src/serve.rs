@@ -28,8 +28,8 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Bytes read from disk per blocking call when serving chunks. Each fetch stream holds up to
 /// `READS_AHEAD` of these queued, one being read and one being sent, and an agent keeps eight
 /// streams open at once (two batches of four requests): at 4 MiB the manager's memory rose by
-/// some 130 MB while a worker joined the 1.5 GB tree (peak 155 MB; 75 MB at 1 MiB, as fast),
-/// and by 79 MiB for a single 1 GiB file (35 MiB now).
+/// some 130 MB while a worker joined the 1.5 GB tree (peak 155 MB; 75 MB at 1 MiB, the join no
+/// slower within this machine's noise), and by 79 MiB for a single 1 GiB file (35 MiB now).
 const READ_BATCH: usize = 1 << 20;
 
 /// What every connection task shares.

@@ -132,18 +132,7 @@ fn metrics_are_served_in_prometheus_format_and_logs_as_json() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            break out;
-        }
-        assert!(Instant::now() < deadline, "metrics endpoint never answered");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let body = scrape(port);
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
@@ -168,6 +157,86 @@ fn metrics_are_served_in_prometheus_format_and_logs_as_json() {
         text.contains("\"generation\":\"1\"") || text.contains("\"generation\":1"),
         "{text}"
     );
+}
+
+/// One scrape of a metrics endpoint: the HTTP response, headers and body.
+fn scrape(port: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            return out;
+        }
+        assert!(Instant::now() < deadline, "metrics endpoint never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of the sample `name` (with its labels, if any) in a Prometheus text body.
+fn sample(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in\n{body}"))
+}
+
+#[test]
+fn an_agent_serves_what_it_applied_as_metrics() {
+    use support::cluster::{Cluster, MANAGER};
+    let mut c = Cluster::new(&["worker-1"]);
+    let data = c.data(MANAGER);
+    let mut rng = syncd_devtools::Rng::new(3);
+    // Not an archive (a random .car would be held as broken until it parses).
+    syncd_devtools::write_random(&data.join("lib.bin"), 3_000_000, &mut rng).unwrap();
+    std::fs::write(data.join("api.xml"), b"<api name=\"a\"/>\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = c.root.path().join("worker-1.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    std::fs::write(&cfg, text).unwrap();
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    // A second generation: the histogram counts both applies.
+    std::fs::write(data.join("api.xml"), b"<api name=\"b\"/>\n").unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    let body = scrape(port);
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    let applied = sample(&body, "syncd_applied_generation");
+    assert_eq!(applied, c.status(MANAGER).generation as f64, "{body}");
+    assert_eq!(sample(&body, "syncd_connected"), 1.0, "{body}");
+    assert_eq!(sample(&body, "syncd_paused"), 0.0, "{body}");
+    assert!(
+        sample(&body, "syncd_bytes_received_total") >= 3_000_000.0,
+        "{body}"
+    );
+    assert!(sample(&body, "syncd_files_written_total") >= 3.0, "{body}");
+    assert!(
+        body.contains("# TYPE syncd_apply_seconds histogram"),
+        "{body}"
+    );
+    let count = sample(&body, "syncd_apply_seconds_count");
+    assert!(count >= 2.0, "{body}");
+    assert_eq!(
+        sample(&body, "syncd_apply_seconds_bucket{le=\"+Inf\"}"),
+        count,
+        "{body}"
+    );
+    assert!(sample(&body, "syncd_apply_seconds_sum") > 0.0, "{body}");
+    // Buckets are cumulative.
+    let buckets: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with("syncd_apply_seconds_bucket"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(buckets.len() > 2, "{body}");
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{body}");
 }
 
 #[test]

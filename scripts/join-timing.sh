@@ -9,9 +9,10 @@
 # Each run: a fresh copy of the tree for the manager, a manager started and waited for until it
 # has published, `sync` and a few seconds of quiet, then the agent started on an empty folder;
 # prints the time until `syncctl wait --all` returns, the CPU both daemons used meanwhile (and
-# their page faults: minor faults since start), the machine's busy and idle CPU time over the
-# same window, and each daemon's peak and (REST seconds later, 0 by default) resident memory. Earlier runs' directories are set
-# aside as /tmp/jt.trash.* and deleted at the end: on this machine's ext4 (no journal), file
+# their minor page faults since start), the machine's busy and idle CPU time over the same
+# window, and each daemon's peak and (REST seconds later, 0 by default) resident memory.
+# Earlier runs' directories (both trees: keep an eye on `df -h /`) are set aside as
+# /tmp/jt.trash.* and deleted at the end: on this machine's ext4 (no journal), file
 # creation runs up to 20x slower for minutes after a large deletion (see BENCHMARKS.md), so
 # nothing is deleted between timed runs (KEEP=1 keeps them for a next invocation too). BIN and
 # CTL pick the binaries; PORT the UDP port.

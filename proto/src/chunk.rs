@@ -77,12 +77,22 @@ fn compressed_with<T>(data: &[u8], level: i32, f: impl FnOnce(&[u8]) -> T) -> st
             None => c.insert(zstd::bulk::Compressor::new(level)?),
         };
         c.set_compression_level(level)?;
-        SCRATCH.with_borrow_mut(|buf| {
-            buf.clear();
-            buf.reserve(zstd::zstd_safe::compress_bound(data.len()));
-            c.compress_to_buffer(data, buf)?;
-            Ok(f(buf))
-        })
+        framed(c, data, f)
+    })
+}
+
+/// Compresses `data` with `c` into this thread's scratch buffer and returns what `f` makes of
+/// the frame (see [`compress`]).
+fn framed<T>(
+    c: &mut zstd::bulk::Compressor<'_>,
+    data: &[u8],
+    f: impl FnOnce(&[u8]) -> T,
+) -> std::io::Result<T> {
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        c.compress_to_buffer(data, buf)?;
+        Ok(f(buf))
     })
 }
 
@@ -133,11 +143,7 @@ pub fn encode_chunk_keeping_plain(
     let with_base = base
         .and_then(|b| {
             zstd::bulk::Compressor::with_dictionary(LEVEL, b)
-                .and_then(|mut c| c.compress(&chunk))
-                .map(|mut d| {
-                    d.shrink_to_fit();
-                    d
-                })
+                .and_then(|mut c| framed(&mut c, &chunk, <[u8]>::to_vec))
                 .ok()
         })
         .filter(|d| pays(chunk.len(), d.len()));

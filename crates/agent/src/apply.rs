@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use syncd_fsops::{
-    CopyReader, DirectFile, FolderRoot, LocalManifest, RunWriter, Staging, stat_key,
+    CopyReader, DirectFile, FolderRoot, LocalManifest, Retired, RunWriter, Staging, stat_key,
 };
 use syncd_manifest::{
     Change, ChunkHash, ChunkRef, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
@@ -325,6 +325,7 @@ pub(crate) async fn apply(
 
     let mut results = Vec::new();
     let mut touched: Vec<(usize, Vec<Option<RelPath>>)> = Vec::new();
+    let mut retired = Retired::default();
     for (target, changes) in plans {
         // Every directory whose entries change: the parents of changed paths.
         let mut dirs: Vec<Option<RelPath>> = changes.iter().map(|c| c.path().parent()).collect();
@@ -356,6 +357,7 @@ pub(crate) async fn apply(
         stats.files_written += commit_stats.files_written;
         stats.removed += commit_stats.removed;
         stats.left_non_empty += commit_stats.left_non_empty;
+        retired.append(commit_stats.retired);
         results.push((target.folder, local));
     }
     for (_, staging) in stagings {
@@ -386,8 +388,13 @@ pub(crate) async fn apply(
         durable_ms = (t_journaled - t_staged).as_millis() as u64,
         renamed_ms = (t_committed - t_journaled).as_millis() as u64,
         synced_ms = t_committed.elapsed().as_millis() as u64,
+        retired = retired.len(),
         "committed"
     );
+    // The replaced files' blocks are freed off the apply's path: nothing waits for it.
+    if !retired.is_empty() {
+        tokio::task::spawn_blocking(move || drop(retired));
+    }
     Ok(results)
 }
 
@@ -1452,6 +1459,8 @@ struct CommitStats {
     files_written: u64,
     removed: u64,
     left_non_empty: u64,
+    /// Large files replaced or removed, freed when this is dropped (after the commit).
+    retired: Retired,
 }
 
 /// Renames staged files into place and makes the rest of the folder match `target`.
@@ -1478,7 +1487,8 @@ fn commit_folder(
         {
             let inside: Vec<RelPath> = local.subtree(path).map(|(p, _)| p.clone()).collect();
             for p in inside.iter().rev() {
-                root.remove_entry(p).map_err(err(p))?;
+                root.remove_entry_retiring(p, &mut stats.retired)
+                    .map_err(err(p))?;
             }
         }
     }
@@ -1516,7 +1526,9 @@ fn commit_folder(
             }
         }
     }
-    drop(committer);
+    if let Some(committer) = committer {
+        stats.retired.append(committer.finish());
+    }
     // 4. Symbolic links, each replaced atomically.
     for change in changes {
         if let Change::Put(path, node) = change
@@ -1528,7 +1540,7 @@ fn commit_folder(
     // 5. Deletions last, deepest first. A directory still holding unmanaged files is left.
     for change in changes.iter().rev() {
         if let Change::Remove(path) = change {
-            match root.remove_entry(path) {
+            match root.remove_entry_retiring(path, &mut stats.retired) {
                 Ok(()) => stats.removed += 1,
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTEMPTY.raw_os_error()) => {
                     tracing::warn!(path = %root.abs(path).display(), "directory removed on the manager still holds files syncd does not manage here; left in place");

@@ -134,11 +134,18 @@ impl FolderRoot {
     /// A directory that still holds something (a file syncd does not manage: excluded, or made
     /// by hand since the last scan) is left in place with an error, never emptied by force.
     pub fn remove_entry(&self, rel: &RelPath) -> io::Result<()> {
+        self.remove_entry_retiring(rel, &mut Retired::default())
+    }
+
+    /// [`FolderRoot::remove_entry`] that keeps a large file's inode in `retired`, so that its
+    /// blocks are freed when `retired` is dropped rather than inside the `unlink`.
+    pub fn remove_entry_retiring(&self, rel: &RelPath, retired: &mut Retired) -> io::Result<()> {
         let parent = match self.parent_dir(rel) {
             Ok(fd) => fd,
             Err(e) if is_absent(&e) => return Ok(()),
             Err(e) => return Err(e),
         };
+        retired.hold(&parent, rel.file_name());
         match rustix::fs::unlinkat(&parent, rel.file_name(), AtFlags::empty()) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
             Err(rustix::io::Errno::ISDIR) => {
@@ -307,6 +314,59 @@ pub struct Committer<'a> {
     staging: &'a Staging,
     /// The directory of the last file committed, open.
     dir: Option<(Option<RelPath>, OwnedFd)>,
+    /// Large files replaced so far.
+    retired: Retired,
+}
+
+/// Files replaced or removed by a commit, still open, so that their blocks are freed when this
+/// is dropped instead of inside the `rename` or `unlink` that took their name.
+///
+/// The last reference to a large file costs the call that drops it the freeing of every block:
+/// some 20 ms for a 63 MB WAR on ext4 here, 130 ms at worst; a commit that renames several large
+/// files in a row would pay each before the next one shows. Only regular files of
+/// [`Retired::FROM`] bytes or more are held (an `O_PATH` descriptor each), so a commit of
+/// thousands of small files holds no more descriptors than it has large ones.
+#[derive(Debug, Default)]
+pub struct Retired(Vec<OwnedFd>);
+
+impl Retired {
+    /// Smaller files are freed in their own `rename` or `unlink`: it costs them next to nothing.
+    pub const FROM: u64 = 1 << 20;
+
+    /// Holds the file `name` in `dir`, if it is a regular file of [`Retired::FROM`] bytes or
+    /// more. Best effort: whatever cannot be opened is left to be freed where it goes.
+    fn hold(&mut self, dir: &OwnedFd, name: &str) {
+        let Ok(fd) = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return;
+        };
+        let large = rustix::fs::fstat(&fd).is_ok_and(|st| {
+            FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+                && st.st_size as u64 >= Self::FROM
+        });
+        if large {
+            self.0.push(fd);
+        }
+    }
+
+    /// How many files are held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Adds what `other` holds.
+    pub fn append(&mut self, other: Retired) {
+        self.0.extend(other.0);
+    }
 }
 
 impl Committer<'_> {
@@ -321,6 +381,7 @@ impl Committer<'_> {
                 &mut slot.insert((parent, fd)).1
             }
         };
+        self.retired.hold(dir, rel.file_name());
         let root = &self.staging.root;
         root.replace_at(&self.staging.fd, name, dir, rel.file_name())?;
         let st = rustix::fs::statat(&*dir, rel.file_name(), AtFlags::SYMLINK_NOFOLLOW)?;
@@ -333,6 +394,12 @@ impl Committer<'_> {
             },
             ino: st.st_ino,
         })
+    }
+
+    /// The large files this committer replaced (see [`Retired`]): their space is freed when the
+    /// result is dropped.
+    pub fn finish(self) -> Retired {
+        self.retired
     }
 }
 
@@ -377,6 +444,7 @@ impl Staging {
         Committer {
             staging: self,
             dir: None,
+            retired: Retired::default(),
         }
     }
 
@@ -629,6 +697,46 @@ mod tests {
             assert_eq!(key, crate::stat_key(&meta), "{rel}");
             assert_eq!(meta.len(), i as u64 + 1, "{rel}");
         }
+    }
+
+    #[test]
+    fn large_files_replaced_or_removed_are_freed_only_when_retired_is_dropped() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let folder = Arc::new(FolderRoot::open(dir.path()).unwrap());
+        let large = vec![7u8; Retired::FROM as usize];
+        for (name, bytes) in [
+            ("big", &large[..]),
+            ("small", b"<api/>"),
+            ("gone", &large[..]),
+        ] {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let inode = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().ino();
+        let (big, gone) = (inode("big"), inode("gone"));
+        let staging = folder.staging().unwrap();
+        let mut committer = staging.committer();
+        for rel in ["big", "small", "new"] {
+            let mut f = staging.create().unwrap();
+            f.file.write_all(b"new").unwrap();
+            committer.commit(f.name(), &p(rel)).unwrap();
+        }
+        let mut retired = committer.finish();
+        folder
+            .remove_entry_retiring(&p("gone"), &mut retired)
+            .unwrap();
+        assert!(!dir.path().join("gone").exists());
+        assert_eq!(std::fs::read(dir.path().join("big")).unwrap(), b"new");
+        // Only the two large ones are held: unlinked, their inodes still there.
+        let held: Vec<(u64, u64)> = retired
+            .0
+            .iter()
+            .map(|fd| {
+                let st = rustix::fs::fstat(fd).unwrap();
+                (st.st_ino, st.st_nlink)
+            })
+            .collect();
+        assert_eq!(held, [(big, 0), (gone, 0)]);
     }
 
     #[test]

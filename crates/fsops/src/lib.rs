@@ -20,7 +20,7 @@ pub use archive::{
 pub use direct::{ALIGN, CopyReader, DirectFile, RunWriter};
 pub use durable::write_atomic;
 pub use excludes::{ExcludeError, Excludes, STAGING_DIR, WSO2_DEFAULT_EXCLUDES};
-pub use folder::{Committer, FolderRoot, StagedFile, Staging, mtime_of, to_system_time};
+pub use folder::{Committer, FolderRoot, Retired, StagedFile, Staging, mtime_of, to_system_time};
 pub use memory::{trim_heap, tune_allocator};
 pub use scan::{
     HashResult, LocalDelta, LocalManifest, ScanError, ScanStats, ScanWarning, Seen, StatKey,

@@ -35,6 +35,10 @@ struct Args {
     /// The incremental changes measured, in this order (all of them by default).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = MUTATIONS)]
     changes: Vec<Mutation>,
+    /// Times each change is made in a row, each time a new version of the same kind (the median
+    /// time and bytes are reported: one deploy's time varies by a third here, lsyncd's too).
+    #[arg(long, default_value_t = 3)]
+    change_reps: usize,
     /// Worker counts for the fan-out part (empty to skip it).
     #[arg(long, default_value = "1,5,10", value_parser = parse_counts)]
     fanout: Counts,
@@ -354,21 +358,48 @@ impl Bench<'_> {
         Ok(took)
     }
 
+    /// Every change made, in order: each of `--changes`, `--change-reps` times in a row.
+    fn plan(&self) -> Vec<(Mutation, usize)> {
+        let reps = self.args.change_reps.max(1);
+        self.args
+            .changes
+            .iter()
+            .flat_map(|&m| (0..reps).map(move |rep| (m, rep)))
+            .collect()
+    }
+
+    /// The median outcome of each change's repetitions (times and bytes each on their own).
+    fn medians(&self, outcomes: Vec<Outcome>) -> Vec<Outcome> {
+        outcomes
+            .chunks(self.args.change_reps.max(1))
+            .map(|reps| {
+                let mut times: Vec<Duration> = reps.iter().map(|o| o.time).collect();
+                let mut bytes: Vec<u64> = reps.iter().map(|o| o.bytes).collect();
+                bytes.sort_unstable();
+                Outcome {
+                    time: median(&mut times),
+                    bytes: bytes[bytes.len() / 2],
+                }
+            })
+            .collect()
+    }
+
     fn incremental(&self, base: &Path) -> Result<()> {
         // Incremental changes, one worker per tool, the same sequence of changes for each.
-        let syncd_rows = self.incremental_syncd(base)?;
-        let rsync_rows = self.incremental_rsync(base)?;
+        let syncd_rows = self.medians(self.incremental_syncd(base)?);
+        let rsync_rows = self.medians(self.incremental_rsync(base)?);
         let lsyncd_rows = if self.args.no_lsyncd {
             vec![None; self.args.changes.len()]
         } else {
-            self.incremental_lsyncd(base)?
+            self.medians(self.incremental_lsyncd(base)?)
                 .into_iter()
                 .map(Some)
                 .collect()
         };
         println!();
         println!(
-            "## Incremental changes, one worker (time to converge; bytes on the wire, both directions)"
+            "## Incremental changes, one worker (time to converge; bytes on the wire, both directions; median of {})",
+            self.args.change_reps.max(1)
         );
         println!();
         println!(
@@ -431,11 +462,11 @@ impl Bench<'_> {
         let scratch = dir.join("scratch");
         std::fs::create_dir_all(&scratch)?;
         let mut out = Vec::new();
-        for &m in &self.args.changes {
+        for (m, rep) in self.plan() {
             std::thread::sleep(Duration::from_millis(300));
             flush_disk()?;
             self.counters.reset()?;
-            let changed = mutate(&mgr, &scratch, m)?;
+            let changed = mutate(&mgr, &scratch, m, rep)?;
             let t0 = Instant::now();
             let time = wait_paths(
                 &mgr,
@@ -465,9 +496,9 @@ impl Bench<'_> {
         let scratch = dir.join("scratch");
         std::fs::create_dir_all(&scratch)?;
         let mut out = Vec::new();
-        for &m in &self.args.changes {
+        for (m, rep) in self.plan() {
             flush_disk()?;
-            mutate(&mgr, &scratch, m)?;
+            mutate(&mgr, &scratch, m, rep)?;
             self.counters.reset()?;
             let time = daemon.push(&mgr, 0, &[])?;
             let bytes = self.counters.tcp()?;
@@ -495,11 +526,11 @@ impl Bench<'_> {
         let scratch = dir.join("scratch");
         std::fs::create_dir_all(&scratch)?;
         let mut out = Vec::new();
-        for &m in &self.args.changes {
+        for (m, rep) in self.plan() {
             std::thread::sleep(Duration::from_millis(300));
             flush_disk()?;
             self.counters.reset()?;
-            let changed = mutate(&mgr, &scratch, m)?;
+            let changed = mutate(&mgr, &scratch, m, rep)?;
             let t0 = Instant::now();
             let time = wait_paths(
                 &mgr,
@@ -617,8 +648,16 @@ fn build_tree(root: &Path, scale: Scale) -> Result<()> {
 }
 
 /// Applies `m` to the tree at `root` the way a deployment does (written beside, renamed in) and
-/// returns the paths it changed.
-fn mutate(root: &Path, scratch: &Path, m: Mutation) -> Result<Vec<String>> {
+/// returns the paths it changed. Repetition `rep` of a change makes a new version of the same
+/// kind (the first is the same whatever the number of repetitions).
+fn mutate(root: &Path, scratch: &Path, m: Mutation, rep: usize) -> Result<Vec<String>> {
+    let nth = |text: &str| {
+        if rep == 0 {
+            text.to_owned()
+        } else {
+            format!("{text} {rep}")
+        }
+    };
     let deploy = |rel: &str, bytes: &[u8]| -> Result<()> {
         let tmp = scratch.join("deploy.tmp");
         std::fs::write(&tmp, bytes)?;
@@ -644,13 +683,17 @@ fn mutate(root: &Path, scratch: &Path, m: Mutation) -> Result<Vec<String>> {
     Ok(match m {
         Mutation::XmlEdit => {
             let rel = xmls()?[1].clone();
-            edit_xml(&rel, "edited")?;
+            edit_xml(&rel, &nth("edited"))?;
             vec![rel]
         }
         Mutation::WarEntry | Mutation::WarRebuilt => {
+            // A rebuild gets new timestamps each time (the build number sets them).
             let (build, edit) = match m {
-                Mutation::WarEntry => (1, "<!-- one class changed -->"),
-                _ => (2, "<!-- one class changed, then rebuilt -->"),
+                Mutation::WarEntry => (1, nth("<!-- one class changed") + " -->"),
+                _ => (
+                    2 + rep as u32,
+                    nth("<!-- one class changed, then rebuilt") + " -->",
+                ),
             };
             let tmp = scratch.join("war.tmp");
             write_archive_edited(
@@ -659,14 +702,14 @@ fn mutate(root: &Path, scratch: &Path, m: Mutation) -> Result<Vec<String>> {
                 BIG_WAR_LEN,
                 &mut Rng::new(7001),
                 build,
-                Some(edit),
+                Some(&edit),
             )?;
             std::fs::rename(&tmp, root.join(BIG_WAR))?;
             vec![BIG_WAR.to_owned()]
         }
         Mutation::NewCar => {
             let rel = format!("carbonapps/new-app-{}_1.0.0.car", walk(root)?.len());
-            deploy_car(root, scratch, &rel, 91)?
+            deploy_car(root, scratch, &rel, 91 + 1000 * rep as u64)?
         }
         Mutation::Delete => {
             // The first CAR left (a repeated deletion takes the next one).
@@ -682,7 +725,7 @@ fn mutate(root: &Path, scratch: &Path, m: Mutation) -> Result<Vec<String>> {
         Mutation::FrontInsert => {
             let old = std::fs::read(root.join(FRONT_WAR))?;
             let mut front = vec![0u8; 1000];
-            Rng::new(5).fill(&mut front);
+            Rng::new(5 + rep as u64).fill(&mut front);
             front.extend_from_slice(&old);
             deploy(FRONT_WAR, &front)?;
             vec![FRONT_WAR.to_owned()]
@@ -691,7 +734,7 @@ fn mutate(root: &Path, scratch: &Path, m: Mutation) -> Result<Vec<String>> {
             let all = xmls()?;
             let picked: Vec<String> = all.iter().step_by(10).cloned().collect();
             for rel in &picked {
-                edit_xml(rel, "touched")?;
+                edit_xml(rel, &nth("touched"))?;
             }
             picked
         }

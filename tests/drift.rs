@@ -254,3 +254,35 @@ fn changes_made_while_the_agent_was_down_are_backed_up_then_undone() {
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
     let _ = snapshot(&c.data("worker-1"));
 }
+
+/// A file edited by hand and left in place (`report`) is not a source of unchanged chunks for
+/// the manager's next version of it: its bytes are checked, and those that changed are fetched.
+/// (An untouched file's chunks are copied unhashed: its stat key is the one it was written with.)
+#[test]
+fn a_hand_edited_file_lends_none_of_its_changed_bytes_to_the_next_version() {
+    let c = cluster(36, true);
+    let (mgr, worker) = (c.data(MANAGER), c.data("worker-1"));
+    let deploy = |bytes: &[u8]| {
+        let tmp = c.dir(MANAGER, "big.tmp");
+        fs::write(&tmp, bytes).unwrap();
+        fs::rename(&tmp, mgr.join("big.bin")).unwrap();
+        c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    };
+    // Large enough for direct writes and many chunks.
+    let mut v1 = vec![0u8; 3 << 20];
+    syncd_devtools::Rng::new(36).fill(&mut v1);
+    deploy(&v1);
+    assert_eq!(fs::read(worker.join("big.bin")).unwrap(), v1);
+    // Bytes in the middle changed by hand on the worker, the length kept.
+    let mut edited = v1.clone();
+    edited[1 << 20..(1 << 20) + 4096].fill(0xAB);
+    fs::write(worker.join("big.bin"), &edited).unwrap();
+    c.wait_row("worker-1", Duration::from_secs(10), |r| {
+        r.drift.iter().any(|d| d.path.ends_with("big.bin"))
+    });
+    // The next version shares every chunk but the last with the first.
+    let mut v2 = v1.clone();
+    v2.extend_from_slice(b"a new last chunk");
+    deploy(&v2);
+    assert_eq!(fs::read(worker.join("big.bin")).unwrap(), v2);
+}

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use syncd_fsops::{
-    CopyReader, DirectFile, FolderRoot, LocalManifest, Retired, RunWriter, Staging, stat_key,
+    CopyReader, DirectFile, FolderRoot, LocalManifest, Retired, RunWriter, Staging, StatKey,
+    stat_key,
 };
 use syncd_manifest::{
     Change, ChunkHash, ChunkRef, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
@@ -185,6 +186,10 @@ enum Source {
         folder: usize,
         path: RelPath,
         offset: u64,
+        /// The file's stat key when this node last wrote or hashed it: while the file still
+        /// has it, its chunks are what the manifest says (the restart scan and the drift check
+        /// trust the same key) and are copied without hashing them again.
+        key: Option<StatKey>,
     },
     Staged {
         folder: usize,
@@ -430,12 +435,14 @@ fn local_sources(
         .find(folders, needed)
         .into_iter()
         .map(|(h, f)| {
+            let key = folders[f.folder].local.stats.get(&f.path).copied();
             (
                 h,
                 Source::Live {
                     folder: f.folder,
                     path: f.path,
                     offset: f.offset,
+                    key,
                 },
             )
         })
@@ -1167,6 +1174,7 @@ fn read_bases(
             folder,
             path,
             offset,
+            ..
         } = src
         else {
             continue;
@@ -1227,7 +1235,9 @@ fn copy_local(
     dests: &[Dest],
     copies: Vec<LocalCopy>,
 ) -> CopyOutcome {
-    let mut open: HashMap<String, Option<File>> = HashMap::new();
+    // Each source file, open, and whether its chunks are trusted without a hash (see
+    // `Source::Live::key`); `None` when it could not be opened.
+    let mut open: HashMap<String, Option<(File, bool)>> = HashMap::new();
     let mut buf = Vec::new();
     // Sources this node wrote itself are not in the page cache (they were written directly):
     // read those directly too.
@@ -1249,6 +1259,7 @@ fn copy_local(
                 folder,
                 path,
                 offset,
+                ..
             } => (format!("L{folder}/{path}"), *offset),
             Source::Staged {
                 folder,
@@ -1257,21 +1268,59 @@ fn copy_local(
             } => (format!("S{folder}/{name}"), *offset),
         };
         let file = open.entry(key).or_insert_with(|| match &src {
-            Source::Live { folder, path, .. } => roots[*folder].open_file(path).ok(),
-            Source::Staged { folder, name, .. } => {
-                stagings.get(folder).and_then(|s| s.open_staged(name).ok())
+            Source::Live {
+                folder, path, key, ..
+            } => {
+                let file = roots[*folder].open_file(path).ok()?;
+                let trusted = key.is_some_and(|k| {
+                    file.metadata()
+                        .is_ok_and(|m| syncd_fsops::stat_key(&m) == k)
+                });
+                Some((file, trusted))
             }
+            // Left by an interrupted apply: whatever it holds is checked.
+            Source::Staged { folder, name, .. } => stagings
+                .get(folder)
+                .and_then(|s| s.open_staged(name).ok())
+                .map(|f| (f, false)),
             Source::Memory(_) => None,
         });
-        buf.resize(len as usize, 0);
-        let ok = file.as_ref().is_some_and(|f| {
-            reader.read_exact_at(f, &mut buf, src_offset).is_ok() && ChunkHash::of(&buf) == hash
-        });
+        let Some((f, trusted)) = file.as_ref() else {
+            stale.push((d, offset, hash));
+            continue;
+        };
+        let n = len as usize;
+        let ok = match &dest.direct {
+            // Read straight into the direct-write buffer: one copy of every byte fewer.
+            Some(direct) if run.fits(n) => {
+                let err = |e| (dest.path.to_string(), e);
+                if !run.continues(direct, offset) {
+                    run.begin(direct.clone(), offset).map_err(err)?;
+                }
+                let room = run.reserve(n).map_err(err)?;
+                let ok = reader.read_exact_at(f, room, src_offset).is_ok()
+                    && (*trusted || ChunkHash::of(room) == hash);
+                if ok {
+                    run.commit(n).map_err(err)?;
+                    dest.written.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                ok
+            }
+            _ => {
+                buf.resize(n, 0);
+                let ok = reader.read_exact_at(f, &mut buf, src_offset).is_ok()
+                    && (*trusted || ChunkHash::of(&buf) == hash);
+                if ok {
+                    write_chunk(&mut run, dest, offset, &buf)
+                        .map_err(|e| (dest.path.to_string(), e))?;
+                }
+                ok
+            }
+        };
         if !ok {
             stale.push((d, offset, hash));
             continue;
         }
-        write_chunk(&mut run, dest, offset, &buf).map_err(|e| (dest.path.to_string(), e))?;
         reused += len as u64;
     }
     run.end()
@@ -1618,6 +1667,79 @@ mod tests {
             .iter()
             .map(|p| p.iter().map(|c| c.1).collect())
             .collect()
+    }
+
+    #[test]
+    fn a_local_source_is_trusted_only_while_it_keeps_the_stat_key_it_was_applied_with() {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let root = Arc::new(FolderRoot::open(dir.path()).unwrap());
+        let abs = dir.path().join("app.war");
+        std::fs::write(&abs, b"0123456789").unwrap();
+        // Through the page cache, and (where the filesystem takes O_DIRECT) read straight into
+        // the direct-write buffer.
+        let out = dir.path().join("out");
+        let cached = Arc::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&out)
+                .unwrap(),
+        );
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&out)
+            .ok()
+            .map(|f| DirectFile::new(f, Arc::clone(&cached)));
+        for direct in [None, direct] {
+            let dest = Dest {
+                file: Arc::clone(&cached),
+                direct,
+                path: RelPath::new("new.war").unwrap(),
+                written: AtomicU64::new(0),
+            };
+            std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let applied = stat_key(&std::fs::symlink_metadata(&abs).unwrap());
+            // Four bytes from offset 2 to offset 0 of `out`, said to hash to `hash`; returns
+            // the bytes copied and the chunks left to fetch, and empties `out` after.
+            let copy = |key: Option<StatKey>, hash: ChunkHash| {
+                let src = Source::Live {
+                    folder: 0,
+                    path: RelPath::new("app.war").unwrap(),
+                    offset: 2,
+                    key,
+                };
+                let copies = vec![(0, 0, 4, hash, src)];
+                let (reused, stale) = copy_local(
+                    std::slice::from_ref(&root),
+                    &HashMap::new(),
+                    std::slice::from_ref(&dest),
+                    copies,
+                )
+                .unwrap();
+                let copied = std::fs::read(&out).unwrap();
+                assert_eq!(copied, &b"2345"[..reused as usize]);
+                cached.set_len(0).unwrap();
+                (reused, stale.len())
+            };
+            let right = ChunkHash::of(b"2345");
+            // A hash the bytes do not have shows whether they were checked.
+            let wrong = ChunkHash::of(b"else");
+            // Unchanged since it was applied: copied as the manifest describes it, unhashed.
+            assert_eq!(copy(Some(applied), wrong), (4, 0));
+            // No key recorded: checked, and a mismatch is left to be fetched.
+            assert_eq!(copy(None, wrong), (0, 1));
+            assert_eq!(copy(None, right), (4, 0));
+            // Anything done to the file since (here a chmod: a new ctime, a clock tick later)
+            // makes it checked again.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert_eq!(copy(Some(applied), wrong), (0, 1));
+            assert_eq!(copy(Some(applied), right), (4, 0));
+        }
     }
 
     #[test]

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use syncd_fsops::{
-    FolderRoot, FolderSpec, LocalManifest, Seen, StatKey, check_archive, is_archive, observe, walk,
+    FolderRoot, FolderSpec, LocalManifest, Reuse, Seen, StatKey, Tiling, check_archive, is_archive,
+    observe, walk,
 };
 use syncd_manifest::{ChunkParams, Chunker, Manifest, Node, RelPath};
 
@@ -115,6 +116,9 @@ pub(crate) struct LiveFolder {
     recent_removals: std::collections::VecDeque<(Instant, usize)>,
     /// Removals seen and not yet published.
     pending_removals: Option<PendingRemovals>,
+    /// How each large archive hashed since the start was cut into chunks (kept to hash its
+    /// next version's unchanged entries by BLAKE3 alone: `syncd_fsops::hash_file_reusing`).
+    tilings: HashMap<RelPath, Tiling>,
 }
 
 /// Removals waiting for more removals to stop (see [`REMOVAL_QUIET`]).
@@ -172,6 +176,7 @@ impl LiveFolder {
             confirmed: None,
             recent_removals: Default::default(),
             pending_removals: None,
+            tilings: HashMap::new(),
         }
     }
 
@@ -650,7 +655,16 @@ impl LiveFolder {
                             continue;
                         }
                     }
-                    to_hash.push((path.clone(), self.spec.path.join(path.as_str())));
+                    // The version hashed last, if its tiling is known: the tiling names the
+                    // content it belongs to, so a stale one is not used.
+                    let reuse = self.tilings.get(&path).and_then(|tiling| {
+                        let content = self.working.manifest.get(&path)?.file()?.clone();
+                        Some(Reuse {
+                            content,
+                            tiling: tiling.clone(),
+                        })
+                    });
+                    to_hash.push((path.clone(), self.spec.path.join(path.as_str()), reuse));
                 }
                 Ok(Some(Seen::File { key, .. })) => {
                     // Still changing: wait for it to be quiet.
@@ -671,7 +685,7 @@ impl LiveFolder {
             return;
         }
         let (files, started) = (to_hash.len(), Instant::now());
-        let hashed = syncd_fsops::hash_files(chunker, to_hash, threads);
+        let hashed = syncd_fsops::hash_files_reusing(chunker, to_hash, threads);
         tracing::debug!(
             folder = %self.spec.name,
             files,
@@ -679,7 +693,11 @@ impl LiveFolder {
             "hashed settled files"
         );
         let mut entered = 0;
-        for (path, result) in hashed {
+        for (path, result, tiling) in hashed {
+            match tiling {
+                Some(t) => self.tilings.insert(path.clone(), t),
+                None => self.tilings.remove(&path),
+            };
             match result {
                 Ok((node, key)) => {
                     let working = self.working_mut();

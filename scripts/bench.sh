@@ -3,7 +3,7 @@
 # from Debian's packages), builds the release binaries, and runs one of them; every figure in
 # BENCHMARKS.md came from one of these. Needs root (nftables counters, a daemon on 127.0.0.1).
 #
-#   scripts/bench.sh                       # bench-rsync --scale medium (about 8 minutes)
+#   scripts/bench.sh                       # bench-rsync --scale medium (about 17 minutes)
 #   scripts/bench.sh rsync --scale large   # any bench-rsync options after "rsync"
 #   scripts/bench.sh chunking | quic | memory | latency   [options of that bench]
 #

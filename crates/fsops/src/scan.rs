@@ -774,10 +774,15 @@ fn chunk_part(
 ) -> io::Result<Stretched<Vec<ChunkRef>>> {
     use std::os::unix::fs::FileExt;
     let mut buf = Vec::new();
-    let mut hash_at = |at: u64, len: u32| -> io::Result<ChunkHash> {
+    // The hash of `len` bytes at `at`; none if the file ends before (it is being truncated:
+    // the stat check after the hashing starts over).
+    let mut hash_at = |at: u64, len: u32| -> io::Result<Option<ChunkHash>> {
         buf.resize(len as usize, 0);
-        file.read_exact_at(&mut buf, at)?;
-        Ok(ChunkHash::of(&buf))
+        match file.read_exact_at(&mut buf, at) {
+            Ok(()) => Ok(Some(ChunkHash::of(&buf))),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(e),
+        }
     };
     let stretches = bounds.len() - 1;
     let mut found: Vec<Option<&[ChunkRef]>> = Vec::with_capacity(stretches);
@@ -785,13 +790,15 @@ fn chunk_part(
         let (at, len) = (w[0], w[1] - w[0]);
         let mut hit = None;
         'lens: for &first_len in known.first_lens.get(&len).into_iter().flatten() {
-            let first = hash_at(at, first_len)?;
+            let Some(first) = hash_at(at, first_len)? else {
+                break;
+            };
             for &(start, n) in known.at.get(&(len, first)).into_iter().flatten() {
                 let candidate = &old[start..start + n as usize];
                 let mut pos = at + u64::from(first_len);
                 let mut same = true;
                 for c in &candidate[1..] {
-                    if hash_at(pos, c.len)? != c.hash {
+                    if hash_at(pos, c.len)? != Some(c.hash) {
                         same = false;
                         break;
                     }

@@ -20,8 +20,9 @@ set -euo pipefail
 BASE=${1:?usage: join-timing.sh BASE_TREE [RUNS]}
 RUNS=${2:-3}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${BIN:-$HERE/target/release/syncd}
-CTL=${CTL:-$HERE/target/release/syncctl}
+# Absolute: the daemons are started from their own directories.
+BIN=$(realpath "${BIN:-$HERE/target/release/syncd}")
+CTL=$(realpath "${CTL:-$HERE/target/release/syncctl}")
 PORT=${PORT:-17760}
 R=/tmp/jt
 cpu() {
@@ -50,7 +51,15 @@ for run in $(seq "$RUNS"); do
   printf '[node]\nname = "w0"\nstate_dir = "state"\nadmin_socket = "admin.sock"\n[agent]\nmanager = "127.0.0.1:%s"\nmanager_id = "%s"\n[[folders]]\nname = "deployment"\npath = "server"\n' "$PORT" "$mid" > $R/w0/syncd.toml
   printf '[node]\nname = "mgr"\nstate_dir = "state"\nadmin_socket = "admin.sock"\n[manager]\nlisten = "127.0.0.1:%s"\n[[manager.agents]]\nname = "w0"\nid = "%s"\n[[folders]]\nname = "deployment"\npath = "server"\n' "$PORT" "$id" > $R/mgr/syncd.toml
   (cd $R/mgr && SYNCD_LOG=${LOG:-info} exec "$BIN" manager --config $R/mgr/syncd.toml >/dev/null 2>$R/mgr.log &)
-  until "$CTL" --socket $R/mgr/admin.sock status --json 2>/dev/null | grep -q '"generation": *[1-9]'; do sleep 0.01; done
+  started=$SECONDS
+  until "$CTL" --socket $R/mgr/admin.sock status --json 2>/dev/null | grep -q '"generation": *[1-9]'; do
+    if [ $((SECONDS - started)) -gt 300 ] ||
+      { [ $((SECONDS - started)) -ge 2 ] && ! pgrep -f "manager --config $R/" >/dev/null; }; then
+      echo "join-timing: the manager did not publish (see $R/mgr.log)" >&2
+      exit 1
+    fi
+    sleep 0.01
+  done
   sync
   sleep "${SETTLE:-3}"
   before=$(cpu)

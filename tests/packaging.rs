@@ -57,11 +57,7 @@ fn manager_config(dir: &Path, extra: &str) -> PathBuf {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_udp_port();
     let cfg = dir.join("syncd.toml");
     std::fs::write(
         &cfg,
@@ -116,7 +112,7 @@ fn the_daemon_reports_ready_to_systemd_once_serving() {
 #[test]
 fn metrics_are_served_in_prometheus_format_and_logs_as_json() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_tcp_port();
+    let port = support::free_tcp_port();
     let cfg = manager_config(
         dir.path(),
         &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""),
@@ -155,15 +151,6 @@ fn metrics_are_served_in_prometheus_format_and_logs_as_json() {
     );
 }
 
-/// A TCP port on loopback nobody listens on (for a metrics endpoint).
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One scrape of a metrics endpoint: the HTTP response, headers and body.
 fn scrape(port: u16) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -196,7 +183,7 @@ fn an_agent_serves_what_it_applied_as_metrics() {
     // Not an archive (a random .car would be held as broken until it parses).
     syncd_devtools::write_random(&data.join("lib.bin"), 3_000_000, &mut rng).unwrap();
     std::fs::write(data.join("api.xml"), b"<api name=\"a\"/>\n").unwrap();
-    let port = free_tcp_port();
+    let port = support::free_tcp_port();
     let cfg = c.root.path().join("worker-1.toml");
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text.push_str(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));

@@ -100,14 +100,6 @@ fn write_configs(root: &Path, port: u16, manager_id: &str, agent_id: &str) -> (P
     (m, a)
 }
 
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn(role: &str, cfg: &Path, log: &Path) -> Child {
     Command::new(SYNCD)
         .args([role, "--config", cfg.to_str().unwrap()])
@@ -141,7 +133,7 @@ fn a_second_manager_on_the_same_port_exits_5() {
     std::fs::create_dir_all(root.join("m/data")).unwrap();
     let mid = init(&root.join("m/state"));
     let aid = init(&root.join("a/state"));
-    let port = free_udp_port();
+    let port = support::free_udp_port();
     let (m, _) = write_configs(root, port, &mid, &aid);
     let first = spawn("manager", &m, &root.join("m1.log"));
     std::thread::sleep(Duration::from_millis(500));
@@ -181,7 +173,7 @@ fn a_1_gib_file_crosses_with_both_daemons_under_100_mib_of_memory() {
     syncd_devtools::write_random(&big, 1 << 30, &mut rng).unwrap();
     let mid = init(&root.join("m/state"));
     let aid = init(&root.join("a/state"));
-    let (m, a) = write_configs(root, free_udp_port(), &mid, &aid);
+    let (m, a) = write_configs(root, support::free_udp_port(), &mid, &aid);
     let manager = spawn("manager", &m, &root.join("manager.log"));
     let agent = spawn("agent", &a, &root.join("agent.log"));
 
@@ -219,7 +211,7 @@ fn real_daemons_sync_live_changes_with_relative_folder_paths() {
     let mid = init(&root.join("m/state"));
     let aid = init(&root.join("a/state"));
     // Configs use relative paths; the daemons run from another working directory.
-    let (m, a) = write_configs(root, free_udp_port(), &mid, &aid);
+    let (m, a) = write_configs(root, support::free_udp_port(), &mid, &aid);
     let spawn_in = |role: &str, cfg: &Path, log: &str| {
         Command::new(SYNCD)
             .args([role, "--config", cfg.to_str().unwrap()])
@@ -260,7 +252,7 @@ fn a_daemon_raises_its_soft_limit_on_open_files() {
     let root = dir.path();
     let manager_id = init(&root.join("m/state"));
     let agent_id = init(&root.join("a/state"));
-    let (_, a) = write_configs(root, free_udp_port(), &manager_id, &agent_id);
+    let (_, a) = write_configs(root, support::free_udp_port(), &manager_id, &agent_id);
     let child = Command::new("sh")
         .current_dir(root)
         .args([

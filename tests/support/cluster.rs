@@ -35,11 +35,7 @@ impl Cluster {
     /// config); starts nothing.
     pub fn new(agents: &[&str]) -> Cluster {
         let root = tempfile::tempdir().unwrap();
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::free_udp_port();
         let mut ids = BTreeMap::new();
         for node in std::iter::once(MANAGER).chain(agents.iter().copied()) {
             std::fs::create_dir_all(root.path().join(node).join("data")).unwrap();

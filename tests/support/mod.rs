@@ -22,6 +22,24 @@ use tokio::task::JoinHandle;
 
 pub const FOLDER: &str = "deployment";
 
+/// A UDP port on loopback nobody uses (for a manager's QUIC endpoint).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TCP port on loopback nobody listens on (for a metrics endpoint).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Logs to stderr when `SYNCD_TEST_LOG` is set (e.g. `SYNCD_TEST_LOG=debug`), for debugging a test.
 pub fn init_logging() {
     if let Ok(filter) = std::env::var("SYNCD_TEST_LOG") {

@@ -1140,15 +1140,41 @@ async fn fetch_missing(
 fn write_chunk(run: &mut RunWriter, dest: &Dest, offset: u64, bytes: &[u8]) -> io::Result<()> {
     match &dest.direct {
         Some(file) => {
-            if !run.continues(file, offset) {
-                run.begin(file.clone(), offset)?;
-            }
+            run_at(run, file, offset)?;
             run.push(bytes)?;
         }
         None => dest.file.write_all_at(bytes, offset)?,
     }
     dest.written
         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Makes `run` write at `offset` of `file` next: the run being written if it ends there, else a
+/// new one.
+fn run_at(run: &mut RunWriter, file: &DirectFile, offset: u64) -> io::Result<()> {
+    if !run.continues(file, offset) {
+        run.begin(file.clone(), offset)?;
+    }
+    Ok(())
+}
+
+/// Room in `run`'s buffer for a chunk of `n` bytes at `offset` of `file`, to be filled in place
+/// (one copy fewer than [`write_chunk`]) and then handed to [`commit_room`].
+fn room_at<'r>(
+    run: &'r mut RunWriter,
+    file: &DirectFile,
+    offset: u64,
+    n: usize,
+) -> io::Result<&'r mut [u8]> {
+    run_at(run, file, offset)?;
+    run.reserve(n)
+}
+
+/// Adds the `n` bytes filled in [`room_at`] to the run, and to what `dest` has written.
+fn commit_room(run: &mut RunWriter, dest: &Dest, n: usize) -> io::Result<()> {
+    run.commit(n)?;
+    dest.written.fetch_add(n as u64, Ordering::Relaxed);
     Ok(())
 }
 
@@ -1294,15 +1320,11 @@ fn copy_local(
             // Read straight into the direct-write buffer: one copy of every byte fewer.
             Some(direct) if run.fits(n) => {
                 let err = |e| (dest.path.to_string(), e);
-                if !run.continues(direct, offset) {
-                    run.begin(direct.clone(), offset).map_err(err)?;
-                }
-                let room = run.reserve(n).map_err(err)?;
+                let room = room_at(&mut run, direct, offset, n).map_err(err)?;
                 let ok = reader.read_exact_at(f, room, src_offset).is_ok()
                     && (*trusted || ChunkHash::of(room) == hash);
                 if ok {
-                    run.commit(n).map_err(err)?;
-                    dest.written.fetch_add(n as u64, Ordering::Relaxed);
+                    commit_room(&mut run, dest, n).map_err(err)?;
                 }
                 ok
             }
@@ -1440,16 +1462,12 @@ async fn fetch(
                         path: dest.path.to_string(),
                         source,
                     };
-                    if !run.continues(file, *offset) {
-                        run.begin(file.clone(), *offset).map_err(err)?;
-                    }
-                    let room = run.reserve(*len as usize).map_err(err)?;
+                    let room = room_at(&mut run, file, *offset, *len as usize).map_err(err)?;
                     rx.read_exact(room).await?;
                     if ChunkHash::of(room) != *hash {
                         return Err(ApplyError::BadChunk { path: path.clone() });
                     }
-                    run.commit(*len as usize).map_err(err)?;
-                    dest.written.fetch_add(*len as u64, Ordering::Relaxed);
+                    commit_room(&mut run, dest, *len as usize).map_err(err)?;
                     received += *len as u64;
                     progress.fetch_add(*len as u64, Ordering::Relaxed);
                     continue;

@@ -375,10 +375,9 @@ impl Bench<'_> {
             .map(|reps| {
                 let mut times: Vec<Duration> = reps.iter().map(|o| o.time).collect();
                 let mut bytes: Vec<u64> = reps.iter().map(|o| o.bytes).collect();
-                bytes.sort_unstable();
                 Outcome {
                     time: median(&mut times),
-                    bytes: bytes[bytes.len() / 2],
+                    bytes: median(&mut bytes),
                 }
             })
             .collect()
@@ -1262,8 +1261,8 @@ fn mktemp() -> Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
+fn median<T: Ord + Copy>(v: &mut [T]) -> T {
+    v.sort_unstable();
     v[v.len() / 2]
 }
 

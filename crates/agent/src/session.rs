@@ -856,6 +856,9 @@ fn protocol_violation(conn: &Conn, e: SessionError) -> SessionError {
     e
 }
 
+/// How long a refusal of the manager's hello waits for ours to be acknowledged before closing.
+const HELLO_FLUSH: Duration = Duration::from_secs(1);
+
 async fn handshake(
     conn: &Conn,
     tx: &mut SendStream,
@@ -869,6 +872,9 @@ async fn handshake(
         Ok(v) => Ok(v),
         Err(e) => {
             tracing::error!(error = %e, "cannot talk to this manager; upgrade one side");
+            // Our hello may still be unsent: flushed first, or the close could be held behind
+            // it (see `SendStream::finish_and_flush`).
+            tx.finish_and_flush(HELLO_FLUSH).await;
             conn.close(close::VERSION_MISMATCH, &e.to_string());
             Err(TransportError::from(e).into())
         }

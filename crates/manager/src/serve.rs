@@ -265,16 +265,17 @@ async fn handshake(
     rx.read_exact(&mut bytes).await?;
     // Our hello goes out whatever theirs says, so the agent can report both versions too.
     tx.write_all(&Hello::OURS.encode()).await?;
-    let theirs =
-        Hello::decode(&bytes).map_err(|e| refuse(conn, close::PROTOCOL_ERROR, e.to_string()))?;
+    let theirs = match Hello::decode(&bytes) {
+        Ok(h) => h,
+        Err(e) => {
+            return Err(refuse_hello(conn, &mut tx, close::PROTOCOL_ERROR, e.to_string()).await);
+        }
+    };
     let version = match Hello::OURS.negotiate(&theirs) {
         Ok(v) => v,
         Err(e) => {
-            return Err(refuse(
-                conn,
-                close::VERSION_MISMATCH,
-                format!("agent {name:?}: {e}"),
-            ));
+            let reason = format!("agent {name:?}: {e}");
+            return Err(refuse_hello(conn, &mut tx, close::VERSION_MISMATCH, reason).await);
         }
     };
     let join = match rx.expect::<AgentMsg>(MAX_REQUEST_FRAME).await {
@@ -297,6 +298,17 @@ async fn handshake(
         ));
     }
     Ok((tx, rx, join, version))
+}
+
+/// How long a refusal of an agent's hello waits for ours to be acknowledged before closing.
+const REFUSAL_FLUSH: Duration = Duration::from_secs(1);
+
+/// Refuses an agent whose hello we cannot accept. Our hello was written a moment ago: it is
+/// flushed first (the stream ends after it), so that the close carrying the reason is not held
+/// behind it (see [`SendStream::finish_and_flush`]), then the connection is closed.
+async fn refuse_hello(conn: &Conn, tx: &mut SendStream, code: u32, reason: String) -> SessionError {
+    tx.finish_and_flush(REFUSAL_FLUSH).await;
+    refuse(conn, code, reason)
 }
 
 fn refuse(conn: &Conn, code: u32, reason: String) -> SessionError {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -257,6 +258,17 @@ impl SendStream {
     /// Ends the stream cleanly.
     pub fn finish(&mut self) {
         let _ = self.0.finish();
+    }
+
+    /// Ends the stream and waits, at most `limit`, until the peer has acknowledged all of it.
+    ///
+    /// Call this before [`Conn::close`] when the stream was just written to: quinn 0.11 holds
+    /// a closing connection's CONNECTION_CLOSE behind congestion control while stream data is
+    /// still unsent (quinn-rs/quinn#2785, fixed after 0.11.19), so a close right after a write
+    /// into a full window may never leave, and the peer then learns only "reset by peer".
+    pub async fn finish_and_flush(&mut self, limit: Duration) {
+        let _ = self.0.finish();
+        let _ = tokio::time::timeout(limit, self.0.stopped()).await;
     }
 
     /// Abandons the stream.

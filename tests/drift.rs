@@ -153,6 +153,42 @@ fn under_report_hand_changes_are_flagged_and_left() {
         b"<api name=\"hand-edited\"/>"
     );
     c.wait_row("worker-1", Duration::from_secs(10), |r| r.drift.len() == 5);
+
+    // A later change is compared on its own (only the paths the watch reported): the five
+    // stay listed beside it.
+    let edited = "synapse-configs/default/api/service-0010.xml";
+    fs::write(c.data("worker-1").join(edited), b"<api name=\"later\"/>").unwrap();
+    c.wait_row("worker-1", Duration::from_secs(10), |r| r.drift.len() == 6);
+    let row = c.row("worker-1");
+    assert!(
+        row.drift
+            .iter()
+            .any(|d| d.path.ends_with("service-0010.xml")),
+        "{row:?}"
+    );
+    // Put back by hand exactly as published (bytes, mode, mtime): no longer listed, and the
+    // others still are.
+    let published = c.data(MANAGER).join(edited);
+    let local = c.data("worker-1").join(edited);
+    fs::write(&local, fs::read(&published).unwrap()).unwrap();
+    let meta = fs::metadata(&published).unwrap();
+    fs::set_permissions(&local, meta.permissions()).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&local)
+        .unwrap()
+        .set_times(fs::FileTimes::new().set_modified(meta.modified().unwrap()))
+        .unwrap();
+    c.wait_row("worker-1", Duration::from_secs(10), |r| {
+        r.drift.len() == 5 && !r.drift.iter().any(|d| d.path.ends_with("service-0010.xml"))
+    });
+    let row = c.row("worker-1");
+    assert!(
+        row.drift
+            .iter()
+            .any(|d| d.path.ends_with("service-0001.xml")),
+        "{row:?}"
+    );
 }
 
 #[test]

@@ -4,14 +4,14 @@
 //! the manager's restored; under `report` it is left and flagged. A path that keeps drifting
 //! back (the runtime rewriting it) stops being reverted and is flagged for the operator.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use notify::{RecursiveMode, Watcher};
-use syncd_fsops::{DriftPolicy, LocalManifest, STAGING_DIR};
-use syncd_manifest::{Change, Manifest, RelPath};
+use syncd_fsops::{DriftPolicy, LocalManifest, STAGING_DIR, Seen};
+use syncd_manifest::{Change, Chunker, Manifest, Node, RelPath};
 use syncd_proto::DriftEntry;
 use tokio::sync::Notify;
 
@@ -26,12 +26,78 @@ pub(crate) const DEBOUNCE: Duration = Duration::from_millis(300);
 /// How often the folders are compared even without events.
 pub(crate) const VERIFY_EVERY: Duration = Duration::from_secs(60);
 
+/// Paths reported by a folder's watch beyond which the whole folder is compared instead.
+const MAX_REPORTED: usize = 10_000;
+
+/// What to compare in one folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Nothing was reported.
+    #[default]
+    Nothing,
+    /// These paths, each with everything beneath it, and their directories' own entries (an
+    /// entry added or removed moves its directory's mtime).
+    Paths(BTreeSet<RelPath>),
+    /// The whole folder.
+    All,
+}
+
+impl Scope {
+    /// Adds `other` to what is to be compared.
+    fn merge(&mut self, other: Scope) {
+        match (&mut *self, other) {
+            (Scope::All, _) | (_, Scope::Nothing) => {}
+            (_, Scope::All) => *self = Scope::All,
+            (Scope::Nothing, paths) => *self = paths,
+            (Scope::Paths(mine), Scope::Paths(theirs)) => {
+                mine.extend(theirs);
+                if mine.len() > MAX_REPORTED {
+                    *self = Scope::All;
+                }
+            }
+        }
+    }
+
+    /// For logs: "everything", "3 paths" or "nothing".
+    pub(crate) fn summary(&self) -> String {
+        match self {
+            Scope::Nothing => "nothing".into(),
+            Scope::Paths(p) => format!("{} paths", p.len()),
+            Scope::All => "everything".into(),
+        }
+    }
+
+    /// Notes one event's path (absolute, as the watch reports it) beneath `root`.
+    fn report(&mut self, root: &Path, path: &Path) {
+        let rel = match path.strip_prefix(root) {
+            // The folder's own directory: its entries, so everything.
+            Ok(rel) if rel.as_os_str().is_empty() => None,
+            Ok(rel) => rel.to_str().and_then(|r| RelPath::new(r).ok()),
+            Err(_) => None,
+        };
+        match rel {
+            Some(rel) => self.merge(Scope::Paths(BTreeSet::from([rel]))),
+            // A path we cannot name (not UTF-8, not beneath the folder): compare everything.
+            None => *self = Scope::All,
+        }
+    }
+}
+
 /// Watches the folders; `changed` is notified on any change (our own writes included: the
-/// comparison tells them apart).
+/// comparison tells them apart), and each folder's watch notes which paths changed, so that a
+/// comparison looks at those only (a full walk of every folder happens on start, after a pause
+/// of the watch, when the kernel's queue overflowed, and every [`VERIFY_EVERY`]).
 pub(crate) struct Watch {
-    /// Each folder's watch, with its path (`None` while the folder cannot be watched).
-    watchers: Vec<(Option<notify::RecommendedWatcher>, PathBuf)>,
+    /// Each folder's watch (`None` while the folder cannot be watched), with its path and the
+    /// paths reported since the last comparison.
+    watchers: Vec<FolderWatch>,
     pub changed: Arc<Notify>,
+}
+
+struct FolderWatch {
+    watcher: Option<notify::RecommendedWatcher>,
+    path: PathBuf,
+    reported: Arc<Mutex<Scope>>,
 }
 
 impl std::fmt::Debug for Watch {
@@ -45,25 +111,45 @@ pub(crate) fn watch(paths: &[PathBuf]) -> Watch {
     let changed = Arc::new(Notify::new());
     let watchers = paths
         .iter()
-        .map(|path| (start(path, &changed), path.clone()))
+        .map(|path| {
+            let reported = Arc::new(Mutex::new(Scope::Nothing));
+            FolderWatch {
+                watcher: start(path, &changed, &reported),
+                path: path.clone(),
+                reported,
+            }
+        })
         .collect();
     Watch { watchers, changed }
 }
 
-fn start(path: &Path, changed: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+fn start(
+    path: &Path,
+    changed: &Arc<Notify>,
+    reported: &Arc<Mutex<Scope>>,
+) -> Option<notify::RecommendedWatcher> {
     let notify = Arc::clone(changed);
+    let reported = Arc::clone(reported);
+    let root = path.to_owned();
     let handler = move |res: notify::Result<notify::Event>| {
-        let relevant = match res {
+        let mut scope = reported.lock().expect("no panic while holding the lock");
+        let before = scope.clone();
+        match res {
+            Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => {}
+            // The kernel's queue overflowed: events were lost.
+            Ok(ev) if ev.need_rescan() => *scope = Scope::All,
             Ok(ev) => {
-                !matches!(ev.kind, notify::EventKind::Access(_))
-                    && ev
-                        .paths
-                        .iter()
-                        .any(|p| !p.components().any(|c| c.as_os_str() == STAGING_DIR))
+                for p in ev
+                    .paths
+                    .iter()
+                    .filter(|p| !p.components().any(|c| c.as_os_str() == STAGING_DIR))
+                {
+                    scope.report(&root, p);
+                }
             }
-            Err(_) => true,
-        };
-        if relevant {
+            Err(_) => *scope = Scope::All,
+        }
+        if *scope != before {
             notify.notify_one();
         }
     };
@@ -82,15 +168,41 @@ fn start(path: &Path, changed: &Arc<Notify>) -> Option<notify::RecommendedWatche
 impl Watch {
     /// Stops watching until the guard is dropped: while the agent writes thousands of files
     /// itself, every one of them would wake the watch for nothing (a tenth of the agent's CPU in
-    /// an initial sync). The folders are compared once the watch is back, so a local change made
-    /// meanwhile is still found.
+    /// an initial sync). The folders are compared in full once the watch is back, so a local
+    /// change made meanwhile is still found.
     pub(crate) fn pause(&mut self) -> PausedWatch<'_> {
-        for (w, path) in &mut self.watchers {
-            if let Some(w) = w {
-                let _ = w.unwatch(path);
+        for w in &mut self.watchers {
+            if let Some(watcher) = &mut w.watcher {
+                let _ = watcher.unwatch(&w.path);
             }
         }
         PausedWatch(self)
+    }
+
+    /// What each folder's watch reported since the last call (what to compare now).
+    pub(crate) fn take(&self) -> Vec<Scope> {
+        self.watchers
+            .iter()
+            .map(|w| {
+                std::mem::take(&mut *w.reported.lock().expect("no panic while holding the lock"))
+            })
+            .collect()
+    }
+
+    /// Puts back what a comparison that has to be redone was to look at.
+    pub(crate) fn put_back(&self, scopes: Vec<Scope>) {
+        for (w, scope) in self.watchers.iter().zip(scopes) {
+            w.reported
+                .lock()
+                .expect("no panic while holding the lock")
+                .merge(scope);
+        }
+    }
+
+    /// Asks for a comparison of every folder in full.
+    pub(crate) fn report_all(&self) {
+        self.put_back(vec![Scope::All; self.watchers.len()]);
+        self.changed.notify_one();
     }
 }
 
@@ -99,16 +211,15 @@ pub(crate) struct PausedWatch<'a>(&'a mut Watch);
 
 impl Drop for PausedWatch<'_> {
     fn drop(&mut self) {
-        let Watch { watchers, changed } = &mut *self.0;
-        for (slot, path) in watchers {
-            if let Some(w) = slot
-                && let Err(e) = w.watch(path, RecursiveMode::Recursive)
+        for w in &mut self.0.watchers {
+            if let Some(watcher) = &mut w.watcher
+                && let Err(e) = watcher.watch(&w.path, RecursiveMode::Recursive)
             {
-                tracing::warn!(path = %path.display(), error = %e, every = ?VERIFY_EVERY, "cannot watch the folder for local changes again; verifying it periodically only");
-                *slot = None;
+                tracing::warn!(path = %w.path.display(), error = %e, every = ?VERIFY_EVERY, "cannot watch the folder for local changes again; verifying it periodically only");
+                w.watcher = None;
             }
         }
-        changed.notify_one();
+        self.0.report_all();
     }
 }
 
@@ -122,6 +233,9 @@ pub(crate) struct Tracker {
     pub entries: Vec<DriftEntry>,
     /// Local changes reverted since start.
     pub reverted_total: u64,
+    /// The next comparison looks at every folder in full (what is left in place is decided
+    /// afresh).
+    pub recheck_all: bool,
 }
 
 impl Tracker {
@@ -130,6 +244,7 @@ impl Tracker {
     pub(crate) fn forgive_all(&mut self) {
         self.flapping.clear();
         self.reverts.clear();
+        self.recheck_all = true;
     }
 
     fn flapping(&self, folder: &str, path: &RelPath) -> bool {
@@ -162,29 +277,216 @@ impl Tracker {
 pub(crate) struct Found {
     /// Index of the folder.
     pub folder: usize,
-    /// What the folder holds now.
+    /// What the folder holds now (for a comparison of some paths: what was applied, with those
+    /// paths as they are now).
     pub actual: LocalManifest,
     /// Changes from what syncd applied, in path order.
     pub changes: Vec<Change>,
+    /// The paths compared.
+    pub covered: Covered,
 }
 
-/// Compares every folder with what syncd applied (blocking: scans, hashing only files whose
-/// metadata changed).
-pub(crate) fn compare(folders: &[Folder]) -> Vec<Found> {
+/// The paths a comparison looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Covered {
+    /// The whole folder.
+    All,
+    /// These paths with everything beneath them (`deep`), and these directories' own entries.
+    Paths {
+        deep: Vec<RelPath>,
+        shallow: BTreeSet<RelPath>,
+    },
+}
+
+impl Covered {
+    /// Whether a change at `path` would have been seen by the comparison.
+    pub(crate) fn covers(&self, path: &str) -> bool {
+        match self {
+            Covered::All => true,
+            Covered::Paths { deep, shallow } => match RelPath::new(path) {
+                Ok(p) => shallow.contains(&p) || deep.iter().any(|d| p.starts_with(d)),
+                Err(_) => true,
+            },
+        }
+    }
+}
+
+/// Compares each folder's `scopes` entry with what syncd applied (blocking: scans, hashing
+/// only files whose metadata differs). Folders with nothing reported are left out.
+pub(crate) fn compare(folders: &[Folder], scopes: &[Scope]) -> Vec<Found> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut out = Vec::new();
-    match crate::pause::local_changes(folders) {
-        Ok(per_folder) => {
-            for (i, (actual, changes)) in per_folder.into_iter().enumerate() {
-                out.push(Found {
+    for (i, (folder, scope)) in folders.iter().zip(scopes).enumerate() {
+        let found = match scope {
+            Scope::Nothing => continue,
+            Scope::All => crate::pause::local_changes(std::slice::from_ref(folder)).map(|mut v| {
+                let (actual, changes) = v.pop().expect("one folder in, one out");
+                Found {
                     folder: i,
                     actual,
                     changes,
-                });
+                    covered: Covered::All,
+                }
+            }),
+            Scope::Paths(paths) => compare_paths(folder, i, paths, threads),
+        };
+        match found {
+            Ok(f) => out.push(f),
+            Err(e) => {
+                tracing::warn!(folder = %folder.name, error = %e, "cannot compare the folder with what was applied")
             }
         }
-        Err(e) => tracing::warn!(error = %e, "cannot compare the folders with what was applied"),
     }
     out
+}
+
+/// Compares the reported `paths` of one folder (each with what is beneath it, and its
+/// directory's own entry) with what was applied, without walking the rest of the folder.
+fn compare_paths(
+    folder: &Folder,
+    index: usize,
+    paths: &BTreeSet<RelPath>,
+    threads: usize,
+) -> Result<Found, String> {
+    let root = folder.root.path();
+    let expected = &folder.local;
+    // Each reported path's directory gained or lost an entry: its own entry (mtime) is compared
+    // alone if it is still the directory that was applied; if not (new, gone, replaced), it is
+    // compared with its contents, and so on upwards.
+    let mut deep: BTreeSet<RelPath> = paths
+        .iter()
+        .filter(|p| !folder.excludes.is_excluded(p, false))
+        .cloned()
+        .collect();
+    let mut shallow: BTreeMap<RelPath, Option<Node>> = BTreeMap::new();
+    for p in paths {
+        let mut up = p.parent();
+        while let Some(dir) = up {
+            if shallow.contains_key(&dir) || deep.contains(&dir) {
+                break;
+            }
+            let applied_dir = expected.manifest.get(&dir).is_some_and(Node::is_dir);
+            match syncd_fsops::observe(root, &dir) {
+                Ok(Some(s @ Seen::Dir { .. })) if applied_dir => {
+                    shallow.insert(dir, s.node());
+                    break;
+                }
+                _ => {
+                    up = dir.parent();
+                    deep.insert(dir);
+                }
+            }
+        }
+    }
+    // Paths beneath another deep path are covered by it.
+    let deep: Vec<RelPath> = deep
+        .iter()
+        .filter(|p| !p.ancestors().any(|a| deep.contains(&a)))
+        .cloned()
+        .collect();
+    shallow.retain(|d, _| !deep.iter().any(|r| d.starts_with(r)));
+
+    let params = expected.manifest.params;
+    let mut before = Manifest::new(params);
+    let mut after = Manifest::new(params);
+    let mut keys = Vec::new();
+    let mut to_hash = Vec::new();
+    let mut seen = Vec::new();
+    let mut warnings = Vec::new();
+    for (d, now) in &shallow {
+        if let Some(n) = expected.manifest.get(d) {
+            before.insert(d.clone(), n.clone());
+        }
+        if let Some(n) = now {
+            after.insert(d.clone(), n.clone());
+        }
+    }
+    for top in &deep {
+        for (p, n) in expected.manifest.subtree(top) {
+            before.insert(p.clone(), n.clone());
+        }
+        let here = match syncd_fsops::observe(root, top) {
+            Ok(s) => s,
+            Err(w) => {
+                warnings.push(w);
+                None
+            }
+        };
+        let Some(here) = here else { continue };
+        let is_dir = matches!(here, Seen::Dir { .. });
+        if folder.excludes.is_excluded(top, is_dir) {
+            continue;
+        }
+        if is_dir
+            && let Err(e) =
+                syncd_fsops::walk(root, Some(top), &folder.excludes, &mut seen, &mut warnings)
+        {
+            warnings.push(syncd_fsops::ScanWarning::Unreadable {
+                path: root.join(top.as_str()),
+                error: e.to_string(),
+            });
+        }
+        seen.push((top.clone(), here));
+    }
+    for (rel, s) in seen {
+        match s {
+            Seen::File { key, mode } => match expected.reusable(&rel, &key) {
+                Some(node) => {
+                    after.insert(
+                        rel.clone(),
+                        Node {
+                            kind: node.kind.clone(),
+                            mode,
+                            mtime: key.mtime,
+                        },
+                    );
+                    keys.push((rel, key));
+                }
+                None => {
+                    let abs = root.join(rel.as_str());
+                    to_hash.push((rel, abs));
+                }
+            },
+            other => {
+                let node = other.node().expect("directories and links have nodes");
+                after.insert(rel, node);
+            }
+        }
+    }
+    let chunker = Chunker::new(params).map_err(|e| e.to_string())?;
+    for (rel, result) in syncd_fsops::hash_files(&chunker, to_hash, threads) {
+        match result {
+            Ok((node, key)) => {
+                after.insert(rel.clone(), node);
+                keys.push((rel, key));
+            }
+            Err(w) => warnings.push(w),
+        }
+    }
+    for w in warnings {
+        tracing::warn!(folder = %folder.name, "{w}");
+    }
+
+    let changes = syncd_manifest::diff(&before, &after);
+    let mut actual = expected.clone();
+    actual.manifest.apply(&changes);
+    // The files compared have the stat keys just read; nothing else compared has one.
+    for (p, _) in before.iter() {
+        actual.stats.remove(p);
+    }
+    actual.stats.extend(keys);
+    // A file that vanished between the walk and its hashing leaves its directory's entries
+    // as they are: keep the result a tree.
+    actual.drop_orphans();
+    Ok(Found {
+        folder: index,
+        actual,
+        changes,
+        covered: Covered::Paths {
+            deep,
+            shallow: shallow.into_keys().collect(),
+        },
+    })
 }
 
 /// The kind of a local change: `change` turns what was applied into what is on disk.
@@ -398,6 +700,8 @@ pub(crate) fn normalize(mut entries: Vec<DriftEntry>) -> Vec<DriftEntry> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     /// Waits up to `secs` for `changed` to be notified.
@@ -411,6 +715,190 @@ mod tests {
                 .await
                 .is_ok()
         })
+    }
+
+    /// Waits up to 5 s until the watch has reported `want` (among others) in folder 0; returns
+    /// what it reported.
+    fn reported_within(watch: &Watch, want: &[&str]) -> Scope {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Scope::Nothing;
+        loop {
+            got.merge(watch.take().remove(0));
+            let has_all = match &got {
+                Scope::All => true,
+                Scope::Nothing => want.is_empty(),
+                Scope::Paths(p) => want.iter().all(|w| p.contains(&RelPath::new(*w).unwrap())),
+            };
+            if has_all || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn the_watch_reports_the_paths_that_changed_but_not_staged_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sub").join(STAGING_DIR)).unwrap();
+        std::fs::create_dir(dir.path().join(STAGING_DIR)).unwrap();
+        let w = watch(&[dir.path().to_owned()]);
+        std::fs::write(dir.path().join(STAGING_DIR).join("staged"), b"x").unwrap();
+        std::fs::write(dir.path().join("sub/a.xml"), b"x").unwrap();
+        std::fs::rename(dir.path().join("sub/a.xml"), dir.path().join("b.xml")).unwrap();
+        let got = reported_within(&w, &["sub/a.xml", "b.xml"]);
+        let Scope::Paths(paths) = got else {
+            panic!("expected paths, got {got:?}")
+        };
+        let paths: Vec<&str> = paths.iter().map(RelPath::as_str).collect();
+        assert_eq!(paths, ["b.xml", "sub/a.xml"]);
+        // A change of the folder's own directory (its mode) asks for everything.
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(dir.path(), mode).unwrap();
+        assert_eq!(reported_within(&w, &["-"]), Scope::All);
+    }
+
+    /// A folder over `dir` holding what is there now, as if syncd had applied it.
+    fn applied_folder(dir: &Path, excludes: &[&str]) -> Folder {
+        let chunker = Chunker::new(syncd_manifest::ChunkParams::DEFAULT).unwrap();
+        let excludes = syncd_fsops::Excludes::new(excludes).unwrap();
+        let (local, _, _) = syncd_fsops::scan(dir, &chunker, &excludes, None, 1).unwrap();
+        Folder {
+            name: "f".into(),
+            root: Arc::new(syncd_fsops::FolderRoot::open(dir).unwrap()),
+            excludes,
+            policy: DriftPolicy::Revert,
+            local,
+        }
+    }
+
+    #[test]
+    fn comparing_the_reported_paths_finds_what_a_full_walk_finds() {
+        use std::fs;
+        use std::os::unix::fs::symlink;
+        type Edit = fn(&Path);
+        // Each local change, with the paths inotify reports for it at the least (a directory
+        // made with contents is reported alone: its contents may come before its watch).
+        let edits: Vec<(&str, Edit, &[&str])> = vec![
+            (
+                "edit",
+                |d| fs::write(d.join("api/a.xml"), b"<edited/>").unwrap(),
+                &["api/a.xml"],
+            ),
+            (
+                "chmod",
+                |d| {
+                    fs::set_permissions(d.join("api/a.xml"), fs::Permissions::from_mode(0o600))
+                        .unwrap()
+                },
+                &["api/a.xml"],
+            ),
+            (
+                "touch",
+                |d| {
+                    let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+                    fs::File::options()
+                        .write(true)
+                        .open(d.join("api/a.xml"))
+                        .unwrap()
+                        .set_times(fs::FileTimes::new().set_modified(t))
+                        .unwrap();
+                },
+                &["api/a.xml"],
+            ),
+            (
+                "remove",
+                |d| fs::remove_file(d.join("api/b.xml")).unwrap(),
+                &["api/b.xml"],
+            ),
+            (
+                "add",
+                |d| fs::write(d.join("api/new.xml"), b"<new/>").unwrap(),
+                &["api/new.xml"],
+            ),
+            (
+                "new tree",
+                |d| {
+                    fs::create_dir_all(d.join("api/x/y")).unwrap();
+                    fs::write(d.join("api/x/y/deep.xml"), b"<deep/>").unwrap();
+                    fs::write(d.join("api/x/top.xml"), b"<top/>").unwrap();
+                },
+                &["api/x"],
+            ),
+            (
+                "remove tree",
+                |d| fs::remove_dir_all(d.join("webapps")).unwrap(),
+                &["webapps"],
+            ),
+            (
+                "file to dir",
+                |d| {
+                    fs::remove_file(d.join("api/a.xml")).unwrap();
+                    fs::create_dir(d.join("api/a.xml")).unwrap();
+                    fs::write(d.join("api/a.xml/inner"), b"i").unwrap();
+                },
+                &["api/a.xml"],
+            ),
+            (
+                "dir to file",
+                |d| {
+                    fs::remove_dir_all(d.join("webapps/app")).unwrap();
+                    fs::write(d.join("webapps/app"), b"now a file").unwrap();
+                },
+                &["webapps/app"],
+            ),
+            (
+                "link",
+                |d| symlink("a.xml", d.join("api/link.xml")).unwrap(),
+                &["api/link.xml"],
+            ),
+            (
+                "rename dir",
+                |d| fs::rename(d.join("webapps/app"), d.join("api/moved")).unwrap(),
+                &["webapps/app", "api/moved"],
+            ),
+            (
+                "excluded",
+                |d| fs::write(d.join("api/skip.tmp"), b"ignored").unwrap(),
+                &["api/skip.tmp"],
+            ),
+            (
+                "same bytes",
+                |d| fs::write(d.join("api/b.xml"), b"<b/>").unwrap(),
+                &["api/b.xml"],
+            ),
+        ];
+        for (name, edit, reported) in edits {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            fs::create_dir_all(d.join("api")).unwrap();
+            fs::create_dir_all(d.join("webapps/app/WEB-INF")).unwrap();
+            fs::write(d.join("api/a.xml"), b"<a/>").unwrap();
+            fs::write(d.join("api/b.xml"), b"<b/>").unwrap();
+            fs::write(d.join("webapps/app/WEB-INF/web.xml"), b"<web/>").unwrap();
+            fs::write(d.join("webapps/app/index.html"), vec![7u8; 200_000]).unwrap();
+            let folder = applied_folder(d, &["**/*.tmp"]);
+            // Directory mtimes move with the second; a change in the same one would not show.
+            std::thread::sleep(Duration::from_millis(10));
+            edit(d);
+            let paths = reported.iter().map(|p| RelPath::new(*p).unwrap()).collect();
+            let folders = [folder];
+            let scoped = compare(&folders, &[Scope::Paths(paths)]).pop().unwrap();
+            let full = compare(&folders, &[Scope::All]).pop().unwrap();
+            assert_eq!(scoped.changes, full.changes, "{name}");
+            assert_eq!(
+                scoped.actual.manifest.digest(),
+                full.actual.manifest.digest(),
+                "{name}"
+            );
+            assert_eq!(scoped.actual.stats, full.actual.stats, "{name}");
+            assert!(full.covered.covers("anything"));
+            for c in &scoped.changes {
+                assert!(scoped.covered.covers(c.path().as_str()), "{name}: {c:?}");
+            }
+            // Every edit shows, if only as its directory's new mtime.
+            assert!(!full.changes.is_empty(), "{name}");
+        }
     }
 
     #[test]
@@ -427,8 +915,9 @@ mod tests {
             let _paused = w.pause();
             std::fs::write(dir.path().join("sub/during"), b"x").unwrap();
         }
-        // Back: a comparison is asked for, which finds what changed meanwhile.
+        // Back: a comparison of everything is asked for, which finds what changed meanwhile.
         assert!(notified_within(&w, 5), "resuming asks for a comparison");
+        assert_eq!(w.take(), [Scope::All]);
         std::thread::sleep(Duration::from_millis(200));
         let _ = notified_within(&w, 0);
         // And the watch is on again, in subdirectories too.

@@ -117,7 +117,7 @@ pub(crate) async fn run(
                 _ = drift.verify.tick() => drift.now(),
                 _ = check => {
                     drift.due = None;
-                    let _ = check_drift(&mut agent, None, None).await;
+                    let _ = check_drift(&mut agent, &drift.watch, None, None).await;
                 }
             }
         }
@@ -260,7 +260,7 @@ async fn session(
                     // Something changed during the walk under way: look again after it.
                     walk_again = true;
                 } else if agent.state.pause.is_none() {
-                    walk = Some(DriftWalk::start(agent));
+                    walk = Some(DriftWalk::start(agent, &drift.watch));
                 }
                 continue;
             }
@@ -270,7 +270,10 @@ async fn session(
                 // A generation applied during the walk made it stale, and a change seen during
                 // it may have been missed: look again once things are quiet.
                 let stale = !done.current(agent);
-                if !stale && agent.state.pause.is_none() {
+                if stale || agent.state.pause.is_some() {
+                    // Looked at again later (after the pause), nothing forgotten.
+                    drift.watch.put_back(done.scopes);
+                } else {
                     act_on_drift(agent, Some(&conn), Some(&mut tx), found).await?;
                 }
                 if std::mem::take(&mut walk_again) || stale {
@@ -419,8 +422,9 @@ impl DriftCtl {
             .get_or_insert_with(|| tokio::time::Instant::now() + drift::DEBOUNCE);
     }
 
-    /// Compare at once.
+    /// Compare every folder in full, at once.
     fn now(&mut self) {
+        self.watch.report_all();
         self.due = Some(tokio::time::Instant::now());
     }
 
@@ -451,13 +455,14 @@ async fn send_drift(agent: &Agent, tx: &mut SendStream) -> Result<(), TransportE
 /// (as waiting for the manager).
 async fn check_drift(
     agent: &mut Agent,
+    watch: &drift::Watch,
     conn: Option<&Conn>,
     tx: Option<&mut SendStream>,
 ) -> Result<(), TransportError> {
     if agent.state.pause.is_some() {
         return Ok(());
     }
-    let found = DriftWalk::start(agent)
+    let found = DriftWalk::start(agent, watch)
         .task
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -465,26 +470,38 @@ async fn check_drift(
 }
 
 /// A comparison of the folders with what was applied, walking on the blocking pool while the
-/// session goes on (a walk of 10,000 files takes ~50 ms, of 100,000 half a second: a generation
-/// arriving meanwhile must not wait for it).
+/// session goes on (a full walk of 10,000 files takes ~50 ms, of 100,000 half a second: a
+/// generation arriving meanwhile must not wait for it). Usually it looks only at the paths the
+/// watch reported.
 struct DriftWalk {
     task: tokio::task::JoinHandle<Vec<drift::Found>>,
+    /// What it compares in each folder (put back if the walk has to be redone).
+    scopes: Vec<drift::Scope>,
     /// Each folder's applied digest when the walk started: if one moved (a generation was
     /// applied meanwhile), the walk compared against a stale expectation and is redone.
     digests: Vec<syncd_manifest::ManifestDigest>,
 }
 
 impl DriftWalk {
-    fn start(agent: &Agent) -> DriftWalk {
-        tracing::debug!("comparing the folders with what was applied");
+    fn start(agent: &mut Agent, watch: &drift::Watch) -> DriftWalk {
+        let mut scopes = watch.take();
+        if std::mem::take(&mut agent.drift.recheck_all) {
+            scopes = vec![drift::Scope::All; scopes.len()];
+        }
+        tracing::debug!(
+            scopes = ?scopes.iter().map(drift::Scope::summary).collect::<Vec<_>>(),
+            "comparing the folders with what was applied"
+        );
         let folders = agent.folders.clone();
+        let compared = scopes.clone();
         DriftWalk {
             digests: agent
                 .folders
                 .iter()
                 .map(|f| f.local.manifest.digest())
                 .collect(),
-            task: tokio::task::spawn_blocking(move || drift::compare(&folders)),
+            task: tokio::task::spawn_blocking(move || drift::compare(&folders, &compared)),
+            scopes,
         }
     }
 
@@ -505,7 +522,18 @@ async fn act_on_drift(
     found: Vec<drift::Found>,
 ) -> Result<(), TransportError> {
     let now = Instant::now();
-    let mut left = Vec::new();
+    // What is left in place where nothing was compared this time stays listed.
+    let mut left: Vec<syncd_proto::DriftEntry> = agent
+        .drift
+        .entries
+        .iter()
+        .filter(|e| {
+            !found
+                .iter()
+                .any(|f| agent.folders[f.folder].name == e.folder && f.covered.covers(&e.path))
+        })
+        .cloned()
+        .collect();
     let mut reverted = 0u64;
     for found in found {
         let i = found.folder;

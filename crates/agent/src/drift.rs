@@ -75,10 +75,17 @@ impl Scope {
             Ok(rel) => rel.to_str().and_then(|r| RelPath::new(r).ok()),
             Err(_) => None,
         };
-        match rel {
-            Some(rel) => self.merge(Scope::Paths(BTreeSet::from([rel]))),
+        match (rel, &mut *self) {
+            (_, Scope::All) => {}
+            (Some(rel), Scope::Paths(paths)) => {
+                paths.insert(rel);
+                if paths.len() > MAX_REPORTED {
+                    *self = Scope::All;
+                }
+            }
+            (Some(rel), Scope::Nothing) => *self = Scope::Paths(BTreeSet::from([rel])),
             // A path we cannot name (not UTF-8, not beneath the folder): compare everything.
-            None => *self = Scope::All,
+            (None, _) => *self = Scope::All,
         }
     }
 }
@@ -133,23 +140,32 @@ fn start(
     let root = path.to_owned();
     let handler = move |res: notify::Result<notify::Event>| {
         let mut scope = reported.lock().expect("no panic while holding the lock");
-        let before = scope.clone();
-        match res {
-            Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => {}
+        let relevant = match res {
+            Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => false,
             // The kernel's queue overflowed: events were lost.
-            Ok(ev) if ev.need_rescan() => *scope = Scope::All,
+            Ok(ev) if ev.need_rescan() => {
+                *scope = Scope::All;
+                true
+            }
             Ok(ev) => {
+                let mut any = false;
                 for p in ev
                     .paths
                     .iter()
                     .filter(|p| !p.components().any(|c| c.as_os_str() == STAGING_DIR))
                 {
                     scope.report(&root, p);
+                    any = true;
                 }
+                any
             }
-            Err(_) => *scope = Scope::All,
-        }
-        if *scope != before {
+            Err(_) => {
+                *scope = Scope::All;
+                true
+            }
+        };
+        drop(scope);
+        if relevant {
             notify.notify_one();
         }
     };
@@ -756,6 +772,24 @@ mod tests {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::set_permissions(dir.path(), mode).unwrap();
         assert_eq!(reported_within(&w, &["-"]), Scope::All);
+    }
+
+    #[test]
+    fn too_many_reported_paths_become_a_full_comparison() {
+        let root = Path::new("/srv/deployment");
+        let mut scope = Scope::Nothing;
+        for i in 0..MAX_REPORTED {
+            scope.report(root, &root.join(format!("api/{i}.xml")));
+        }
+        assert!(matches!(&scope, Scope::Paths(p) if p.len() == MAX_REPORTED));
+        scope.report(root, &root.join("one/more.xml"));
+        assert_eq!(scope, Scope::All);
+        // Paths outside the folder, and the folder itself, cannot be narrowed down either.
+        for odd in ["/elsewhere/x", "/srv/deployment"] {
+            let mut scope = Scope::Nothing;
+            scope.report(root, Path::new(odd));
+            assert_eq!(scope, Scope::All, "{odd}");
+        }
     }
 
     /// A folder over `dir` holding what is there now, as if syncd had applied it.

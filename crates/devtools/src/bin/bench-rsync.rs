@@ -385,15 +385,16 @@ impl Bench<'_> {
 
     fn incremental(&self, base: &Path) -> Result<()> {
         // Incremental changes, one worker per tool, the same sequence of changes for each.
-        let syncd_rows = self.medians(self.incremental_syncd(base)?);
+        // syncd and lsyncd (whose times are compared) run side by side, each on its own tree,
+        // and take turns change by change, the first to go alternating: this machine's speed
+        // drifts over minutes, and a ratio of two phases run one after the other measured the
+        // drift as much as the tools.
+        let (syncd, lsyncd) = self.incremental_live(base)?;
+        let syncd_rows = self.medians(syncd);
         let rsync_rows = self.medians(self.incremental_rsync(base)?);
-        let lsyncd_rows = if self.args.no_lsyncd {
-            vec![None; self.args.changes.len()]
-        } else {
-            self.medians(self.incremental_lsyncd(base)?)
-                .into_iter()
-                .map(Some)
-                .collect()
+        let lsyncd_rows = match lsyncd {
+            None => vec![None; self.args.changes.len()],
+            Some(l) => self.medians(l).into_iter().map(Some).collect(),
         };
         println!();
         println!(
@@ -447,43 +448,38 @@ impl Bench<'_> {
         Ok(())
     }
 
-    fn incremental_syncd(&self, base: &Path) -> Result<Vec<Outcome>> {
-        let dir = self.work.join("inc-syncd");
-        let mgr = dir.join("mgr/server");
-        copy_tree(base, &mgr)?;
-        let cluster = SyncdCluster::start(&self.args.syncd, &dir, 1, self.args.port)?;
-        cluster.wait_all(Duration::from_secs(300))?;
-        // The initial copy is checked, as lsyncd's is (which is how lsyncd's initial sync is
-        // awaited). Reading the worker's files also leaves both tools' worker trees in the page
-        // cache alike: syncd writes large files past it, and the first WAR edit's local copy
-        // otherwise read its source from the device while lsyncd's rsync read its from memory.
-        same_tree(&mgr, &cluster.workers[0])?;
-        let scratch = dir.join("scratch");
-        std::fs::create_dir_all(&scratch)?;
-        let mut out = Vec::new();
-        for (m, rep) in self.plan() {
-            std::thread::sleep(Duration::from_millis(300));
-            flush_disk()?;
-            self.counters.reset()?;
-            let changed = mutate(&mgr, &scratch, m, rep)?;
-            let t0 = Instant::now();
-            let time = wait_paths(
-                &mgr,
-                &cluster.workers,
-                &changed,
-                t0,
-                Duration::from_secs(120),
-            )?;
-            std::thread::sleep(Duration::from_millis(500));
-            let bytes = self.counters.udp()?;
-            same_tree(&mgr, &cluster.workers[0])?;
-            out.push(Outcome { time, bytes });
+    /// syncd's and (unless `--no-lsyncd`) lsyncd's outcomes of every change of the plan, the
+    /// two tools taking turns.
+    fn incremental_live(&self, base: &Path) -> Result<(Vec<Outcome>, Option<Vec<Outcome>>)> {
+        let syncd = LiveSyncd::start(self, base)?;
+        let lsyncd = if self.args.no_lsyncd {
+            None
+        } else {
+            Some(LiveLsyncd::start(self, base)?)
+        };
+        let (mut s_out, mut l_out) = (Vec::new(), Vec::new());
+        for (i, (m, rep)) in self.plan().into_iter().enumerate() {
+            match &lsyncd {
+                None => s_out.push(syncd.step(self, m, rep)?),
+                Some(l) if i % 2 == 0 => {
+                    s_out.push(syncd.step(self, m, rep)?);
+                    l_out.push(l.step(self, m, rep)?);
+                }
+                Some(l) => {
+                    l_out.push(l.step(self, m, rep)?);
+                    s_out.push(syncd.step(self, m, rep)?);
+                }
+            }
         }
-        drop(cluster);
-        if std::env::var_os("BENCH_SYNCD_LOG").is_none() {
-            self.discard(&dir)?;
-        }
-        Ok(out)
+        syncd.finish(self)?;
+        let l_out = match lsyncd {
+            Some(l) => {
+                l.finish(self)?;
+                Some(l_out)
+            }
+            None => None,
+        };
+        Ok((s_out, l_out))
     }
 
     fn incremental_rsync(&self, base: &Path) -> Result<Vec<Outcome>> {
@@ -504,47 +500,6 @@ impl Bench<'_> {
             same_tree(&mgr, &daemon.workers[0])?;
             out.push(Outcome { time, bytes });
         }
-        drop(daemon);
-        self.discard(&dir)?;
-        Ok(out)
-    }
-
-    fn incremental_lsyncd(&self, base: &Path) -> Result<Vec<Outcome>> {
-        let dir = self.work.join("inc-lsyncd");
-        let mgr = dir.join("mgr");
-        copy_tree(base, &mgr)?;
-        let daemon = RsyncDaemon::start(&dir, 1, self.args.rsync_port)?;
-        let lsyncd = Lsyncd::start(&dir, &mgr, self.args.rsync_port)?;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while same_tree(&mgr, &daemon.workers[0]).is_err() {
-            if Instant::now() > deadline {
-                bail!("lsyncd's initial sync did not finish");
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        let scratch = dir.join("scratch");
-        std::fs::create_dir_all(&scratch)?;
-        let mut out = Vec::new();
-        for (m, rep) in self.plan() {
-            std::thread::sleep(Duration::from_millis(300));
-            flush_disk()?;
-            self.counters.reset()?;
-            let changed = mutate(&mgr, &scratch, m, rep)?;
-            let t0 = Instant::now();
-            let time = wait_paths(
-                &mgr,
-                &daemon.workers,
-                &changed,
-                t0,
-                Duration::from_secs(120),
-            )?;
-            // Let a trailing rsync run finish before reading the counters.
-            std::thread::sleep(Duration::from_millis(1500));
-            let bytes = self.counters.tcp()?;
-            same_tree(&mgr, &daemon.workers[0])?;
-            out.push(Outcome { time, bytes });
-        }
-        drop(lsyncd);
         drop(daemon);
         self.discard(&dir)?;
         Ok(out)
@@ -606,6 +561,125 @@ impl Bench<'_> {
         drop(daemon);
         self.discard(&dir)?;
         Ok((median(&mut syncd), median(&mut rsync)))
+    }
+}
+
+/// A syncd manager and one agent over their own copy of the tree, for the incremental changes.
+struct LiveSyncd {
+    dir: PathBuf,
+    mgr: PathBuf,
+    scratch: PathBuf,
+    cluster: SyncdCluster,
+}
+
+impl LiveSyncd {
+    fn start(bench: &Bench<'_>, base: &Path) -> Result<LiveSyncd> {
+        let dir = bench.work.join("inc-syncd");
+        let mgr = dir.join("mgr/server");
+        copy_tree(base, &mgr)?;
+        let cluster = SyncdCluster::start(&bench.args.syncd, &dir, 1, bench.args.port)?;
+        cluster.wait_all(Duration::from_secs(300))?;
+        // The initial copy is checked, as lsyncd's is (which is how lsyncd's initial sync is
+        // awaited). Reading the worker's files also leaves both tools' worker trees in the page
+        // cache alike: syncd writes large files past it, and the first WAR edit's local copy
+        // otherwise read its source from the device while lsyncd's rsync read its from memory.
+        same_tree(&mgr, &cluster.workers[0])?;
+        let scratch = dir.join("scratch");
+        std::fs::create_dir_all(&scratch)?;
+        Ok(LiveSyncd {
+            dir,
+            mgr,
+            scratch,
+            cluster,
+        })
+    }
+
+    fn step(&self, bench: &Bench<'_>, m: Mutation, rep: usize) -> Result<Outcome> {
+        std::thread::sleep(Duration::from_millis(300));
+        flush_disk()?;
+        bench.counters.reset()?;
+        let changed = mutate(&self.mgr, &self.scratch, m, rep)?;
+        let t0 = Instant::now();
+        let time = wait_paths(
+            &self.mgr,
+            &self.cluster.workers,
+            &changed,
+            t0,
+            Duration::from_secs(120),
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        let bytes = bench.counters.udp()?;
+        same_tree(&self.mgr, &self.cluster.workers[0])?;
+        Ok(Outcome { time, bytes })
+    }
+
+    fn finish(self, bench: &Bench<'_>) -> Result<()> {
+        drop(self.cluster);
+        if std::env::var_os("BENCH_SYNCD_LOG").is_none() {
+            bench.discard(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// lsyncd (delay 0) driving an rsync daemon over its own copy of the tree.
+struct LiveLsyncd {
+    dir: PathBuf,
+    mgr: PathBuf,
+    scratch: PathBuf,
+    daemon: RsyncDaemon,
+    lsyncd: Lsyncd,
+}
+
+impl LiveLsyncd {
+    fn start(bench: &Bench<'_>, base: &Path) -> Result<LiveLsyncd> {
+        let dir = bench.work.join("inc-lsyncd");
+        let mgr = dir.join("mgr");
+        copy_tree(base, &mgr)?;
+        let daemon = RsyncDaemon::start(&dir, 1, bench.args.rsync_port)?;
+        let lsyncd = Lsyncd::start(&dir, &mgr, bench.args.rsync_port)?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while same_tree(&mgr, &daemon.workers[0]).is_err() {
+            if Instant::now() > deadline {
+                bail!("lsyncd's initial sync did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let scratch = dir.join("scratch");
+        std::fs::create_dir_all(&scratch)?;
+        Ok(LiveLsyncd {
+            dir,
+            mgr,
+            scratch,
+            daemon,
+            lsyncd,
+        })
+    }
+
+    fn step(&self, bench: &Bench<'_>, m: Mutation, rep: usize) -> Result<Outcome> {
+        std::thread::sleep(Duration::from_millis(300));
+        flush_disk()?;
+        bench.counters.reset()?;
+        let changed = mutate(&self.mgr, &self.scratch, m, rep)?;
+        let t0 = Instant::now();
+        let time = wait_paths(
+            &self.mgr,
+            &self.daemon.workers,
+            &changed,
+            t0,
+            Duration::from_secs(120),
+        )?;
+        // Let a trailing rsync run finish before reading the counters.
+        std::thread::sleep(Duration::from_millis(1500));
+        let bytes = bench.counters.tcp()?;
+        same_tree(&self.mgr, &self.daemon.workers[0])?;
+        Ok(Outcome { time, bytes })
+    }
+
+    fn finish(self, bench: &Bench<'_>) -> Result<()> {
+        drop(self.lsyncd);
+        drop(self.daemon);
+        bench.discard(&self.dir)
     }
 }
 

@@ -595,22 +595,16 @@ impl LiveSyncd {
     }
 
     fn step(&self, bench: &Bench<'_>, m: Mutation, rep: usize) -> Result<Outcome> {
-        std::thread::sleep(Duration::from_millis(300));
-        flush_disk()?;
-        bench.counters.reset()?;
-        let changed = mutate(&self.mgr, &self.scratch, m, rep)?;
-        let t0 = Instant::now();
-        let time = wait_paths(
+        let settle = Duration::from_millis(500);
+        live_step(
+            bench,
             &self.mgr,
+            &self.scratch,
             &self.cluster.workers,
-            &changed,
-            t0,
-            Duration::from_secs(120),
-        )?;
-        std::thread::sleep(Duration::from_millis(500));
-        let bytes = bench.counters.udp()?;
-        same_tree(&self.mgr, &self.cluster.workers[0])?;
-        Ok(Outcome { time, bytes })
+            (m, rep),
+            settle,
+            Counters::udp,
+        )
     }
 
     fn finish(self, bench: &Bench<'_>) -> Result<()> {
@@ -657,23 +651,17 @@ impl LiveLsyncd {
     }
 
     fn step(&self, bench: &Bench<'_>, m: Mutation, rep: usize) -> Result<Outcome> {
-        std::thread::sleep(Duration::from_millis(300));
-        flush_disk()?;
-        bench.counters.reset()?;
-        let changed = mutate(&self.mgr, &self.scratch, m, rep)?;
-        let t0 = Instant::now();
-        let time = wait_paths(
+        // Long enough for a trailing rsync run to finish before the counters are read.
+        let settle = Duration::from_millis(1500);
+        live_step(
+            bench,
             &self.mgr,
+            &self.scratch,
             &self.daemon.workers,
-            &changed,
-            t0,
-            Duration::from_secs(120),
-        )?;
-        // Let a trailing rsync run finish before reading the counters.
-        std::thread::sleep(Duration::from_millis(1500));
-        let bytes = bench.counters.tcp()?;
-        same_tree(&self.mgr, &self.daemon.workers[0])?;
-        Ok(Outcome { time, bytes })
+            (m, rep),
+            settle,
+            Counters::tcp,
+        )
     }
 
     fn finish(self, bench: &Bench<'_>) -> Result<()> {
@@ -681,6 +669,29 @@ impl LiveLsyncd {
         drop(self.daemon);
         bench.discard(&self.dir)
     }
+}
+
+/// One change on a live setup: made in `mgr`, timed until every worker has the changed paths,
+/// then its bytes read from `counter` once `settle` has passed, and the trees compared.
+fn live_step(
+    bench: &Bench<'_>,
+    mgr: &Path,
+    scratch: &Path,
+    workers: &[PathBuf],
+    (m, rep): (Mutation, usize),
+    settle: Duration,
+    counter: fn(&Counters) -> Result<u64>,
+) -> Result<Outcome> {
+    std::thread::sleep(Duration::from_millis(300));
+    flush_disk()?;
+    bench.counters.reset()?;
+    let changed = mutate(mgr, scratch, m, rep)?;
+    let t0 = Instant::now();
+    let time = wait_paths(mgr, workers, &changed, t0, Duration::from_secs(120))?;
+    std::thread::sleep(settle);
+    let bytes = counter(&bench.counters)?;
+    same_tree(mgr, &workers[0])?;
+    Ok(Outcome { time, bytes })
 }
 
 /// Deploys the fan-out's `rep`th new CAR and returns its path.

@@ -302,6 +302,11 @@ pub(crate) struct Found {
     pub covered: Covered,
 }
 
+/// Whether `path` is one of `tops` or beneath one of them.
+fn beneath_any(path: &RelPath, tops: &BTreeSet<RelPath>) -> bool {
+    tops.contains(path) || path.ancestors().any(|a| tops.contains(&a))
+}
+
 /// The paths a comparison looked at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Covered {
@@ -309,7 +314,7 @@ pub(crate) enum Covered {
     All,
     /// These paths with everything beneath them (`deep`), and these directories' own entries.
     Paths {
-        deep: Vec<RelPath>,
+        deep: BTreeSet<RelPath>,
         shallow: BTreeSet<RelPath>,
     },
 }
@@ -320,7 +325,7 @@ impl Covered {
         match self {
             Covered::All => true,
             Covered::Paths { deep, shallow } => match RelPath::new(path) {
-                Ok(p) => shallow.contains(&p) || deep.iter().any(|d| p.starts_with(d)),
+                Ok(p) => shallow.contains(&p) || beneath_any(&p, deep),
                 Err(_) => true,
             },
         }
@@ -395,12 +400,12 @@ fn compare_paths(
         }
     }
     // Paths beneath another deep path are covered by it.
-    let deep: Vec<RelPath> = deep
+    let deep: BTreeSet<RelPath> = deep
         .iter()
         .filter(|p| !p.ancestors().any(|a| deep.contains(&a)))
         .cloned()
         .collect();
-    shallow.retain(|d, _| !deep.iter().any(|r| d.starts_with(r)));
+    shallow.retain(|d, _| !beneath_any(d, &deep));
 
     let params = expected.manifest.params;
     let mut before = Manifest::new(params);

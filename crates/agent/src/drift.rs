@@ -332,29 +332,32 @@ impl Covered {
     }
 }
 
-/// Compares each folder's `scopes` entry with what syncd applied (blocking: scans, hashing
-/// only files whose metadata differs). Folders with nothing reported are left out.
-pub(crate) fn compare(folders: &[Folder], scopes: &[Scope]) -> Vec<Found> {
+/// Compares each folder given (its index, a copy of it, what to compare in it) with what
+/// syncd applied (blocking: scans, hashing only files whose metadata differs).
+pub(crate) fn compare(folders: Vec<(usize, Folder, Scope)>) -> Vec<Found> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut out = Vec::new();
-    for (i, (folder, scope)) in folders.iter().zip(scopes).enumerate() {
+    for (i, folder, scope) in folders {
+        let name = folder.name.clone();
         let found = match scope {
             Scope::Nothing => continue,
-            Scope::All => crate::pause::local_changes(std::slice::from_ref(folder)).map(|mut v| {
-                let (actual, changes) = v.pop().expect("one folder in, one out");
-                Found {
-                    folder: i,
-                    actual,
-                    changes,
-                    covered: Covered::All,
-                }
-            }),
-            Scope::Paths(paths) => compare_paths(folder, i, paths, threads),
+            Scope::All => {
+                crate::pause::local_changes(std::slice::from_ref(&folder)).map(|mut v| {
+                    let (actual, changes) = v.pop().expect("one folder in, one out");
+                    Found {
+                        folder: i,
+                        actual,
+                        changes,
+                        covered: Covered::All,
+                    }
+                })
+            }
+            Scope::Paths(paths) => compare_paths(folder, i, &paths, threads),
         };
         match found {
             Ok(f) => out.push(f),
             Err(e) => {
-                tracing::warn!(folder = %folder.name, error = %e, "cannot compare the folder with what was applied")
+                tracing::warn!(folder = %name, error = %e, "cannot compare the folder with what was applied")
             }
         }
     }
@@ -364,7 +367,7 @@ pub(crate) fn compare(folders: &[Folder], scopes: &[Scope]) -> Vec<Found> {
 /// Compares the reported `paths` of one folder (each with what is beneath it, and its
 /// directory's own entry) with what was applied, without walking the rest of the folder.
 fn compare_paths(
-    folder: &Folder,
+    folder: Folder,
     index: usize,
     paths: &BTreeSet<RelPath>,
     threads: usize,
@@ -489,7 +492,8 @@ fn compare_paths(
     }
 
     let changes = syncd_manifest::diff(&before, &after);
-    let mut actual = expected.clone();
+    // The copy of what was applied becomes what the folder holds now.
+    let mut actual = folder.local;
     actual.manifest.apply(&changes);
     // The files compared have the stat keys just read; nothing else compared has one.
     for (p, _) in before.iter() {
@@ -921,9 +925,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
             edit(d);
             let paths = reported.iter().map(|p| RelPath::new(*p).unwrap()).collect();
-            let folders = [folder];
-            let scoped = compare(&folders, &[Scope::Paths(paths)]).pop().unwrap();
-            let full = compare(&folders, &[Scope::All]).pop().unwrap();
+            let scoped = compare(vec![(0, folder.clone(), Scope::Paths(paths))])
+                .pop()
+                .unwrap();
+            let full = compare(vec![(0, folder, Scope::All)]).pop().unwrap();
             assert_eq!(scoped.changes, full.changes, "{name}");
             assert_eq!(
                 scoped.actual.manifest.digest(),

@@ -492,15 +492,22 @@ impl DriftWalk {
             scopes = ?scopes.iter().map(drift::Scope::summary).collect::<Vec<_>>(),
             "comparing the folders with what was applied"
         );
-        let folders = agent.folders.clone();
-        let compared = scopes.clone();
+        // Only the folders with something to compare are copied for the blocking pool.
+        let compared: Vec<_> = agent
+            .folders
+            .iter()
+            .zip(&scopes)
+            .enumerate()
+            .filter(|(_, (_, scope))| **scope != drift::Scope::Nothing)
+            .map(|(i, (folder, scope))| (i, folder.clone(), scope.clone()))
+            .collect();
         DriftWalk {
             digests: agent
                 .folders
                 .iter()
                 .map(|f| f.local.manifest.digest())
                 .collect(),
-            task: tokio::task::spawn_blocking(move || drift::compare(&folders, &compared)),
+            task: tokio::task::spawn_blocking(move || drift::compare(compared)),
             scopes,
         }
     }

@@ -18,13 +18,12 @@ Check `pgrep -af "syncd (agent|manager)"` first: a daemon left on the cluster's 
 every build measure that daemon instead.
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-REL = "webapps/api-gateway.war"
+from warrig import Rig
 
 
 def cpu_ms(proc):
@@ -32,68 +31,33 @@ def cpu_ms(proc):
     return (int(fields[11]) + int(fields[12])) * 10
 
 
-def start(cluster, bindir):
-    procs = []
-    for role, node in (("manager", "mgr"), ("agent", "w0")):
-        procs.append(subprocess.Popen(
-            [os.path.join(bindir, "syncd"), role, "--config", "syncd.toml"],
-            cwd=os.path.join(cluster, node),
-            stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(cluster, f"{node}.log"), "a"),
-            env=dict(os.environ, SYNCD_LOG="debug")))
-    time.sleep(0.5)
-    for p in procs:
-        if p.poll() is not None:
-            sys.exit(f"{bindir}: a daemon exited at once (port taken? see the logs in {cluster})")
-    subprocess.run([os.path.join(bindir, "syncctl"), "--socket",
-                    os.path.join(cluster, "mgr", "admin.sock"), "wait", "--all", "--timeout",
-                    "60s"], check=True, capture_output=True)
-    return procs
-
-
 def main():
     if len(sys.argv) < 4:
         sys.exit(__doc__)
-    work, rounds, bindirs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    cluster = os.path.join(work, "inc-syncd")
-    mgr_file = os.path.join(cluster, "mgr", "server", REL)
-    worker_file = os.path.join(cluster, "w0", "server", REL)
-    versions = [os.path.join(work, "base", REL), os.path.join(work, "war-edited.war")]
-    if not os.path.exists(versions[1]):
-        shutil.copyfile(mgr_file, versions[1])
-    scratch = os.path.join(cluster, "scratch")
-    os.makedirs(scratch, exist_ok=True)
+    work, rounds = sys.argv[1], int(sys.argv[2])
+    bindirs = [os.path.abspath(b) for b in sys.argv[3:]]
+    rig = Rig(work)
     results = {b: [] for b in bindirs}
     for _ in range(rounds):
         for bindir in bindirs:
-            procs = start(cluster, os.path.abspath(bindir))
+            procs = rig.start(bindir)
             try:
                 for _ in range(2):
-                    same = os.stat(mgr_file).st_size == os.stat(versions[1]).st_size
-                    tmp = os.path.join(scratch, "war.tmp")
-                    shutil.copyfile(versions[0] if same else versions[1], tmp)
+                    tmp = rig.stage_next()
                     os.sync()
                     # The worker's copy in the page cache, as bench-rsync leaves it.
-                    with open(worker_file, "rb") as f:
+                    with open(rig.worker_file, "rb") as f:
                         while f.read(1 << 20):
                             pass
                     time.sleep(4)
                     cpu0 = cpu_ms(procs[1])
                     want = os.stat(tmp)
                     t0 = time.monotonic()
-                    os.rename(tmp, mgr_file)
+                    os.rename(tmp, rig.mgr_file)
                     waiter = subprocess.Popen(
-                        [os.path.join(bindir, "syncctl"), "--socket",
-                         os.path.join(cluster, "mgr", "admin.sock"), "wait", "--timeout", "60s"],
+                        [rig.syncctl(bindir), "--socket", rig.socket, "wait", "--timeout", "60s"],
                         stdout=subprocess.DEVNULL)
-                    while True:
-                        try:
-                            got = os.stat(worker_file)
-                            if got.st_size == want.st_size and got.st_mtime_ns == want.st_mtime_ns:
-                                break
-                        except FileNotFoundError:
-                            pass
-                        time.sleep(0.001)
+                    rig.wait_shown(want)
                     shown = (time.monotonic() - t0) * 1000
                     waiter.wait()
                     waited = (time.monotonic() - t0) * 1000

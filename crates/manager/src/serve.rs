@@ -759,7 +759,7 @@ async fn push_small_chunks(
             };
             let wanted = [(0, chunk.len, chunk.hash)];
             let based = base.as_ref().map(|(h, b)| (0, *h, b.as_slice()));
-            let Ok(encoded) = read_chunks(&file, &wanted, based, &cache, None) else {
+            let Ok(encoded) = read_chunks(&file, &wanted, based, None, &cache, None) else {
                 continue;
             };
             let [(data, encoding)] = &encoded[..] else {
@@ -910,6 +910,7 @@ async fn serve_fetch(
             wanted.push((offsets[i as usize], c.len, c.hash));
         }
         jobs.push(ReadJob {
+            key: folder.local.stats.get(&file.path).copied(),
             path: file.path,
             base: file.base,
             base_at: offsets.last().copied().unwrap_or(0),
@@ -992,6 +993,7 @@ const SMALL_ITEM: usize = 128 << 10;
 const READS_AHEAD: usize = 2;
 
 /// One file's chunks asked for in a fetch request.
+#[derive(Clone)]
 struct ReadJob {
     path: syncd_manifest::RelPath,
     /// The agent's current version of the file's last chunk, offered as a delta base.
@@ -1003,6 +1005,8 @@ struct ReadJob {
     base_at: u64,
     /// (offset, length, hash) of each chunk, in the order asked.
     wanted: Vec<(u64, u32, ChunkHash)>,
+    /// The file's stat key when the published version was hashed (see [`read_chunks`]).
+    key: Option<syncd_fsops::StatKey>,
 }
 
 /// What the reader hands the sender.
@@ -1053,7 +1057,7 @@ fn read_jobs(
                 end += 1;
             }
             let base = base.as_ref().map(|(h, b)| (job.base_at, *h, b.as_slice()));
-            match read_chunks(&file, &job.wanted[start..end], base, cache, wire) {
+            match read_chunks(&file, &job.wanted[start..end], base, job.key, cache, wire) {
                 Ok(chunks) => pending.extend(chunks),
                 Err(reason) => {
                     if flush(&mut pending, &mut pending_bytes) {
@@ -1076,14 +1080,29 @@ fn read_jobs(
 /// `base`'s offset also against `base`'s bytes, when that is shorter), or takes them from `wire`
 /// (if shared) when another fetch did so lately; an error names the first that no longer
 /// matches. Chunks that compress are kept in `cache`, as bases for their files' next versions.
+///
+/// `key` is the file's stat key when the version being served was hashed. A chunk read while
+/// the open file still has it (same inode, size, modification and change times, looked at
+/// after the read) is that version's, as the scan that hashed it would judge, and is not
+/// hashed again: checking every byte served cost a BLAKE3 pass over the whole transfer, about
+/// a tenth of the manager's CPU while a worker joins. Without a key, or once the file's key
+/// has moved, every chunk is checked and the first that no longer matches ends the reply.
+/// The agent checks every chunk it receives in any case, and `cache` checks what it hands out.
 fn read_chunks(
     file: &std::fs::File,
     batch: &[(u64, u32, ChunkHash)],
     base: Option<(u64, ChunkHash, &[u8])>,
+    key: Option<syncd_fsops::StatKey>,
     cache: &ChunkCache,
     wire: Option<&WireCache>,
 ) -> Result<Vec<Encoded>, String> {
     use std::os::unix::fs::FileExt;
+    let unchanged = || {
+        key.is_some_and(|k| {
+            file.metadata()
+                .is_ok_and(|m| syncd_fsops::stat_key(&m) == k)
+        })
+    };
     let mut out = Vec::with_capacity(batch.len());
     for &(offset, len, hash) in batch {
         let base = base.filter(|(at, ..)| *at == offset);
@@ -1091,7 +1110,7 @@ fn read_chunks(
             let mut buf = vec![0u8; len as usize];
             file.read_exact_at(&mut buf, offset)
                 .map_err(|e| format!("read at {offset}: {e}"))?;
-            if ChunkHash::of(&buf) != hash {
+            if !unchanged() && ChunkHash::of(&buf) != hash {
                 return Err(format!(
                     "changed on disk since it was scanned (chunk at {offset})"
                 ));
@@ -1140,6 +1159,7 @@ mod tests {
             at += c.len();
         }
         ReadJob {
+            key: None,
             path: syncd_manifest::RelPath::new(path).expect("valid path"),
             base: None,
             base_at: 0,
@@ -1265,6 +1285,35 @@ mod tests {
         assert!(
             matches!(&items[..], [Read::Gone(p, r)] if p.as_str() == "missing" && r.contains("cannot open"))
         );
+    }
+
+    #[test]
+    fn a_file_is_trusted_without_hashing_only_while_it_keeps_its_stat_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = noise(5_000, 12);
+        let abs = dir.path().join("app");
+        std::fs::write(&abs, &bytes).expect("write");
+        let hashed = syncd_fsops::stat_key(&std::fs::metadata(&abs).expect("stat"));
+        // Hashes the bytes do not have show whether they were checked.
+        let mut lie = job("app", &bytes, 1000);
+        for (i, w) in lie.wanted.iter_mut().enumerate() {
+            w.2 = ChunkHash::of(format!("not chunk {i}").as_bytes());
+        }
+        let serve = |key| read_all(dir.path(), vec![ReadJob { key, ..lie.clone() }]);
+        // As hashed: served as the manifest describes it, unhashed.
+        assert!(bytes_of(&serve(Some(hashed))) == bytes);
+        // No key: checked, and the reply ends with Gone.
+        assert!(matches!(&serve(None)[..], [Read::Gone(..)]));
+        // Anything done to the file since (here a chmod: a new change time, a clock tick
+        // later) makes every chunk checked again.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(matches!(&serve(Some(hashed))[..], [Read::Gone(..)]));
+        // Checked and right: served.
+        let mut honest = job("app", &bytes, 1000);
+        honest.key = Some(hashed);
+        assert!(bytes_of(&read_all(dir.path(), vec![honest])) == bytes);
     }
 
     #[test]

@@ -11,6 +11,11 @@ manager and of each agent (averaged) over all the deploys.
 
 bench-rsync's fan-out rows time the same thing against rsync; this is for looking inside.
 BIN_DIR holds syncd and syncctl. LOG sets SYNCD_LOG (logs in the work dir, kept with KEEP=1).
+TREE=DIR starts every folder with a copy of DIR (as bench-rsync's fan-out does: workers that
+hold a whole deployment, so per-generation costs that grow with the folder show):
+
+    target/release/gen-tree --scale medium /tmp/ft-base
+    TREE=/tmp/ft-base scripts/fanout-cpu.py target/release 10 11
 """
 import os
 import random
@@ -46,7 +51,10 @@ def usage(pid):
 
 manager_id = init(f"{work}/mgr")
 agent_ids = [init(f"{work}/w{i}") for i in range(n)]
-os.makedirs(f"{work}/mgr/server")
+if os.environ.get("TREE"):
+    shutil.copytree(os.environ["TREE"], f"{work}/mgr/server", symlinks=True)
+else:
+    os.makedirs(f"{work}/mgr/server")
 config = ('[node]\nname = "mgr"\nstate_dir = "state"\nadmin_socket = "admin.sock"\n'
           f'[manager]\nlisten = "127.0.0.1:{port}"\n')
 for i, a in enumerate(agent_ids):
@@ -68,7 +76,9 @@ try:
             stdout=subprocess.DEVNULL, stderr=open(f"{work}/{d}.log", "w"), env=env))
     time.sleep(1)
     subprocess.check_call([ctl, "--socket", f"{work}/mgr/admin.sock", "wait", "--all",
-                           "--timeout", "60s"], stdout=subprocess.DEVNULL)
+                           "--timeout", "300s"], stdout=subprocess.DEVNULL)
+    # The joins' after-effects (a full drift walk on each worker, memory trims) settle first.
+    time.sleep(3)
     before = [usage(p.pid) for p in procs]
     rng = random.Random(7)
     times = []

@@ -202,10 +202,6 @@ impl<'a> Files<'a> {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::sync::Arc;
-
-    use syncd_fsops::{DriftPolicy, Excludes};
-    use syncd_manifest::{ChunkParams, Chunker};
 
     use super::*;
 
@@ -223,16 +219,7 @@ mod tests {
     }
 
     fn scanned(dir: &Path) -> Folder {
-        let chunker = Chunker::new(ChunkParams::DEFAULT).unwrap();
-        let excludes = Excludes::new(&[] as &[&str]).unwrap();
-        let (local, _, _) = syncd_fsops::scan(dir, &chunker, &excludes, None, 1).unwrap();
-        Folder {
-            name: "f".into(),
-            root: Arc::new(syncd_fsops::FolderRoot::open(dir).unwrap()),
-            excludes,
-            policy: DriftPolicy::Revert,
-            local,
-        }
+        crate::drift::tests::applied_folder(dir, &[])
     }
 
     /// Every chunk of `path` in `folder`, with the offset it starts at.

@@ -724,7 +724,7 @@ pub(crate) fn normalize(mut entries: Vec<DriftEntry>) -> Vec<DriftEntry> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
@@ -802,7 +802,7 @@ mod tests {
     }
 
     /// A folder over `dir` holding what is there now, as if syncd had applied it.
-    fn applied_folder(dir: &Path, excludes: &[&str]) -> Folder {
+    pub(crate) fn applied_folder(dir: &Path, excludes: &[&str]) -> Folder {
         let chunker = Chunker::new(syncd_manifest::ChunkParams::DEFAULT).unwrap();
         let excludes = syncd_fsops::Excludes::new(excludes).unwrap();
         let (local, _, _) = syncd_fsops::scan(dir, &chunker, &excludes, None, 1).unwrap();

@@ -1298,10 +1298,7 @@ fn copy_local(
                 folder, path, key, ..
             } => {
                 let file = roots[*folder].open_file(path).ok()?;
-                let trusted = key.is_some_and(|k| {
-                    file.metadata()
-                        .is_ok_and(|m| syncd_fsops::stat_key(&m) == k)
-                });
+                let trusted = key.is_some_and(|k| k.still_of(&file));
                 Some((file, trusted))
             }
             // Left by an interrupted apply: whatever it holds is checked.

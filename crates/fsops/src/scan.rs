@@ -30,6 +30,14 @@ pub struct StatKey {
     pub ino: u64,
 }
 
+impl StatKey {
+    /// Whether the open `file` has this key now: no writer has touched it since the key was
+    /// taken (as a rescan would judge), so its bytes are still the ones hashed then.
+    pub fn still_of(&self, file: &std::fs::File) -> bool {
+        file.metadata().is_ok_and(|m| stat_key(&m) == *self)
+    }
+}
+
 /// The stat key of a file's metadata.
 pub fn stat_key(meta: &Metadata) -> StatKey {
     StatKey {

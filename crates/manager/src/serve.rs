@@ -1097,12 +1097,7 @@ fn read_chunks(
     wire: Option<&WireCache>,
 ) -> Result<Vec<Encoded>, String> {
     use std::os::unix::fs::FileExt;
-    let unchanged = || {
-        key.is_some_and(|k| {
-            file.metadata()
-                .is_ok_and(|m| syncd_fsops::stat_key(&m) == k)
-        })
-    };
+    let unchanged = || key.is_some_and(|k| k.still_of(file));
     let mut out = Vec::with_capacity(batch.len());
     for &(offset, len, hash) in batch {
         let base = base.filter(|(at, ..)| *at == offset);

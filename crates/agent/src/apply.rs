@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use syncd_fsops::{
-    CopyReader, DirectFile, FolderRoot, LocalManifest, Retired, RunWriter, Staging, StatKey,
-    stat_key,
+    CopyReader, DirectFile, FolderRoot, LocalDelta, LocalManifest, Retired, RunWriter, Staging,
+    StatKey, stat_key,
 };
 use syncd_manifest::{
     Change, ChunkHash, ChunkRef, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
+    diff_at,
 };
 use syncd_proto::{
     ChunkEncoding, FetchFile, FetchReply, FetchRequest, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
@@ -152,11 +153,36 @@ pub(crate) struct Target {
     pub folder: usize,
     /// The manifest it must hold (already validated and stripped of local excludes).
     pub manifest: Manifest,
+    /// The only paths where `manifest` can differ from what the folder holds (it was built
+    /// from it by an update's changes); `None`: anywhere.
+    pub changed: Option<Vec<RelPath>>,
     /// Chunks that came inside the update (small new chunks of chunk-list edits), by hash.
     pub inline: Vec<(ChunkHash, Arc<[u8]>)>,
     /// Small files' chunks pushed inside the update, still encoded (decoded and checked when
     /// staging; one that cannot be is fetched).
     pub pushed: Vec<PushedChunk>,
+}
+
+/// What an apply did to one folder: what it holds now, the changes that led there from what it
+/// held, and the stat keys of the files put.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    manifest: Manifest,
+    changes: Vec<Change>,
+    keys: Vec<(RelPath, StatKey)>,
+}
+
+impl Applied {
+    /// Makes `local`, what the folder held before the apply, what it holds now, and returns the
+    /// delta to record. Costs in proportion to the changes (and to dropping the old manifest).
+    pub(crate) fn commit_to(self, local: &mut LocalManifest) -> LocalDelta {
+        drop(std::mem::replace(&mut local.manifest, self.manifest));
+        for change in &self.changes {
+            local.stats.remove(change.path());
+        }
+        local.stats.extend(self.keys);
+        LocalDelta::new(self.changes, local)
+    }
 }
 
 /// Counters of one applied generation.
@@ -200,8 +226,8 @@ enum Source {
     Memory(Arc<[u8]>),
 }
 
-/// Applies `targets` to `folders`: stages everything, syncs, renames, deletes, and returns the
-/// folders' new local manifests.
+/// Applies `targets` to `folders`: stages everything, syncs, renames, deletes, and returns what
+/// changed in each folder.
 // Each argument is a different part of the agent, borrowed differently (the folders shared,
 // the chunk index and the watch exclusively): a struct of them would only be taken apart again.
 #[allow(clippy::too_many_arguments)]
@@ -214,7 +240,7 @@ pub(crate) async fn apply(
     state_dir: &Path,
     chunks: &mut LocalChunks,
     watch: Option<&mut crate::drift::Watch>,
-) -> Result<Vec<(usize, LocalManifest)>, ApplyError> {
+) -> Result<Vec<(usize, Applied)>, ApplyError> {
     let mut jobs = Vec::new();
     let mut plans = Vec::new();
     let mut inline: HashMap<ChunkHash, Arc<[u8]>> = HashMap::new();
@@ -223,7 +249,10 @@ pub(crate) async fn apply(
         inline.extend(std::mem::take(&mut target.inline));
         pushed.append(&mut target.pushed);
         let folder = &folders[target.folder];
-        let changes = diff(&folder.local.manifest, &target.manifest);
+        let changes = match &target.changed {
+            Some(paths) => diff_at(&folder.local.manifest, &target.manifest, paths),
+            None => diff(&folder.local.manifest, &target.manifest),
+        };
         for change in &changes {
             if let Change::Put(path, node) = change
                 && let NodeKind::File(content) = &node.kind
@@ -347,14 +376,14 @@ pub(crate) async fn apply(
             .filter(|((f, _), _)| *f == target.folder)
             .map(|((_, p), n)| (p.clone(), n.clone()))
             .collect();
-        let old = folder.local.clone();
-        let (local, commit_stats) = blocking(move || {
+        let old = Arc::clone(&folder.local);
+        let (applied, commit_stats) = blocking(move || {
             commit_folder(
                 &root,
                 staging.as_deref(),
-                &old,
+                &old.manifest,
                 target.manifest,
-                &changes,
+                changes,
                 &names,
             )
         })
@@ -363,7 +392,7 @@ pub(crate) async fn apply(
         stats.removed += commit_stats.removed;
         stats.left_non_empty += commit_stats.left_non_empty;
         retired.append(commit_stats.retired);
-        results.push((target.folder, local));
+        results.push((target.folder, applied));
     }
     for (_, staging) in stagings {
         drop(staging);
@@ -1531,17 +1560,17 @@ struct CommitStats {
 fn commit_folder(
     root: &FolderRoot,
     staging: Option<&Staging>,
-    old: &LocalManifest,
+    local: &Manifest,
     target: Manifest,
-    changes: &[Change],
+    owned: Vec<Change>,
     staged: &HashMap<RelPath, String>,
-) -> Result<(LocalManifest, CommitStats), ApplyError> {
+) -> Result<(Applied, CommitStats), ApplyError> {
+    let changes = owned.as_slice();
     let err = |path: &RelPath| {
         let path = root.abs(path).display().to_string();
         move |source| ApplyError::Commit { path, source }
     };
     let mut stats = CommitStats::default();
-    let local = &old.manifest;
 
     // 1. A directory replaced by a file or link is emptied of what it held, deepest first.
     for change in changes {
@@ -1638,19 +1667,16 @@ fn commit_folder(
         }
     }
 
-    let mut stats_map = old.stats.clone();
-    for change in changes {
-        stats_map.remove(change.path());
-    }
-    stats_map.extend(committed);
+    let mut keys = committed;
     for path in touched {
         let meta = std::fs::symlink_metadata(root.abs(&path)).map_err(err(&path))?;
-        stats_map.insert(path, stat_key(&meta));
+        keys.push((path, stat_key(&meta)));
     }
     Ok((
-        LocalManifest {
+        Applied {
             manifest: target,
-            stats: stats_map,
+            changes: owned,
+            keys,
         },
         stats,
     ))

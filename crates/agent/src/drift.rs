@@ -293,13 +293,65 @@ impl Tracker {
 pub(crate) struct Found {
     /// Index of the folder.
     pub folder: usize,
-    /// What the folder holds now (for a comparison of some paths: what was applied, with those
-    /// paths as they are now).
-    pub actual: LocalManifest,
+    /// What the comparison read of the folder as it is now.
+    pub actual: Actual,
     /// Changes from what syncd applied, in path order.
     pub changes: Vec<Change>,
     /// The paths compared.
     pub covered: Covered,
+}
+
+/// What a comparison read of a folder as it is now.
+///
+/// A comparison of a few paths (after each apply, the agent's own renames are among them)
+/// returns only what it read there: copying a folder's every entry to say that two of them
+/// were looked at would cost each generation in proportion to the folder, not to the change.
+#[derive(Debug)]
+pub(crate) enum Actual {
+    /// A full walk: the whole folder.
+    Whole(LocalManifest),
+    /// A comparison of some paths: everything else is what was applied. The stat keys of the
+    /// entries `compared` are those in `keys` (a file among them without one was not read).
+    Paths {
+        compared: Vec<RelPath>,
+        keys: Vec<(RelPath, syncd_fsops::StatKey)>,
+    },
+}
+
+impl Actual {
+    /// What the folder holds now, given what was `applied` (what the comparison compared with)
+    /// and the `changes` it found.
+    pub(crate) fn resolve(self, applied: &LocalManifest, changes: &[Change]) -> LocalManifest {
+        match self {
+            Actual::Whole(actual) => actual,
+            Actual::Paths { compared, keys } => {
+                let mut actual = applied.clone();
+                actual.manifest.apply(changes);
+                for p in &compared {
+                    actual.stats.remove(p);
+                }
+                actual.stats.extend(keys);
+                // A file that vanished between the walk and its hashing leaves its directory's
+                // entries as they are: keep the result a tree.
+                actual.drop_orphans();
+                actual
+            }
+        }
+    }
+
+    /// When nothing but metadata such as ctime moved: takes the stat keys just read as what
+    /// was `applied`'s, so the next comparison need not hash those files again.
+    pub(crate) fn refresh_keys(self, applied: &mut LocalManifest) {
+        match self {
+            Actual::Whole(actual) => applied.stats = actual.stats,
+            Actual::Paths { compared, keys } => {
+                for p in &compared {
+                    applied.stats.remove(p);
+                }
+                applied.stats.extend(keys);
+            }
+        }
+    }
 }
 
 /// Whether `path` is one of `tops` or beneath one of them.
@@ -346,7 +398,7 @@ pub(crate) fn compare(folders: Vec<(usize, Folder, Scope)>) -> Vec<Found> {
                     let (actual, changes) = v.pop().expect("one folder in, one out");
                     Found {
                         folder: i,
-                        actual,
+                        actual: Actual::Whole(actual),
                         changes,
                         covered: Covered::All,
                     }
@@ -492,20 +544,11 @@ fn compare_paths(
     }
 
     let changes = syncd_manifest::diff(&before, &after);
-    // The copy of what was applied becomes what the folder holds now.
-    let mut actual = folder.local;
-    actual.manifest.apply(&changes);
     // The files compared have the stat keys just read; nothing else compared has one.
-    for (p, _) in before.iter() {
-        actual.stats.remove(p);
-    }
-    actual.stats.extend(keys);
-    // A file that vanished between the walk and its hashing leaves its directory's entries
-    // as they are: keep the result a tree.
-    actual.drop_orphans();
+    let compared = before.iter().map(|(p, _)| p.clone()).collect();
     Ok(Found {
         folder: index,
-        actual,
+        actual: Actual::Paths { compared, keys },
         changes,
         covered: Covered::Paths {
             deep,
@@ -536,16 +579,17 @@ pub(crate) struct Plan {
 /// `left`).
 pub(crate) fn plan(
     folder: &Folder,
-    found: &Found,
+    actual: &Manifest,
+    changes: &[Change],
     tracker: &mut Tracker,
     connected: bool,
     now: Instant,
     left: &mut Vec<DriftEntry>,
 ) -> Plan {
     let expected = &folder.local.manifest;
-    let mut target = found.actual.manifest.clone();
+    let mut target = actual.clone();
     let mut revert = Vec::new();
-    for change in &found.changes {
+    for change in changes {
         let path = change.path();
         // A directory whose mtime moved because entries inside it changed is not a change of its
         // own: those entries are listed. (Reverting them restores its mtime as well.)
@@ -811,7 +855,7 @@ pub(crate) mod tests {
             root: Arc::new(syncd_fsops::FolderRoot::open(dir).unwrap()),
             excludes,
             policy: DriftPolicy::Revert,
-            local,
+            local: Arc::new(local),
         }
     }
 
@@ -928,14 +972,20 @@ pub(crate) mod tests {
             let scoped = compare(vec![(0, folder.clone(), Scope::Paths(paths))])
                 .pop()
                 .unwrap();
-            let full = compare(vec![(0, folder, Scope::All)]).pop().unwrap();
+            let full = compare(vec![(0, folder.clone(), Scope::All)])
+                .pop()
+                .unwrap();
             assert_eq!(scoped.changes, full.changes, "{name}");
+            assert!(matches!(scoped.actual, Actual::Paths { .. }), "{name}");
+            let (scoped_changes, full_changes) = (scoped.changes.clone(), full.changes.clone());
+            let scoped_actual = scoped.actual.resolve(&folder.local, &scoped_changes);
+            let full_actual = full.actual.resolve(&folder.local, &full_changes);
             assert_eq!(
-                scoped.actual.manifest.digest(),
-                full.actual.manifest.digest(),
+                scoped_actual.manifest.digest(),
+                full_actual.manifest.digest(),
                 "{name}"
             );
-            assert_eq!(scoped.actual.stats, full.actual.stats, "{name}");
+            assert_eq!(scoped_actual.stats, full_actual.stats, "{name}");
             assert!(full.covered.covers("anything"));
             for c in &scoped.changes {
                 assert!(scoped.covered.covers(c.path().as_str()), "{name}: {c:?}");

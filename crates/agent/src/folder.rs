@@ -18,8 +18,10 @@ pub(crate) struct Folder {
     pub excludes: Excludes,
     /// What to do about local changes.
     pub policy: syncd_fsops::DriftPolicy,
-    /// What the folder holds, as of the last scan or apply.
-    pub local: LocalManifest,
+    /// What the folder holds, as of the last scan or apply. Shared, so that a comparison on the
+    /// blocking pool or a commit can hold it without copying a folder's every entry; changed in
+    /// place ([`Arc::make_mut`]) when nothing else holds it.
+    pub local: Arc<LocalManifest>,
 }
 
 /// Why a folder could not be prepared.
@@ -71,7 +73,7 @@ impl Folder {
             root,
             excludes: spec.excludes.clone(),
             policy: spec.drift,
-            local,
+            local: Arc::new(local),
         })
     }
 
@@ -90,13 +92,13 @@ impl Folder {
 
     /// Rescans the folder (after a failed apply, whose effect on disk is partly unknown).
     pub(crate) fn rescan(&mut self, chunker: &Chunker) -> Result<(), String> {
-        self.local = scan(
+        self.local = Arc::new(scan(
             &self.name,
             self.root.path(),
             chunker,
             &self.excludes,
             Some(&self.local),
-        )?;
+        )?);
         Ok(())
     }
 }
@@ -131,6 +133,6 @@ fn scan(
 pub(crate) fn locals(folders: &[Folder]) -> std::collections::BTreeMap<String, LocalManifest> {
     folders
         .iter()
-        .map(|f| (f.name.clone(), f.local.clone()))
+        .map(|f| (f.name.clone(), LocalManifest::clone(&f.local)))
         .collect()
 }

@@ -272,22 +272,23 @@ fn adopt_changes_made_while_down(
     );
     if folder.policy == syncd_fsops::DriftPolicy::Report {
         // The edits are undone in the reference: it holds what was applied there.
+        let local = Arc::make_mut(&mut folder.local);
         for change in &changes {
             let path = change.path();
             match applied.manifest.get(path) {
                 Some(node) => {
-                    folder.local.manifest.insert(path.clone(), node.clone());
+                    local.manifest.insert(path.clone(), node.clone());
                 }
                 None => {
-                    folder.local.manifest.remove(path);
+                    local.manifest.remove(path);
                 }
             }
             match applied.stats.get(path) {
                 Some(key) => {
-                    folder.local.stats.insert(path.clone(), *key);
+                    local.stats.insert(path.clone(), *key);
                 }
                 None => {
-                    folder.local.stats.remove(path);
+                    local.stats.remove(path);
                 }
             }
         }

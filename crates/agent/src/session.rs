@@ -1,9 +1,10 @@
 //! The agent's side of a connection: handshake, join, then receive and apply generations;
 //! reconnect with backoff when anything fails.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use syncd_fsops::LocalDelta;
+use syncd_fsops::{LocalDelta, LocalManifest};
 use syncd_manifest::{Change, Chunker, Manifest};
 use syncd_proto::{
     AgentMsg, Base, Generation, HELLO_LEN, Hello, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg,
@@ -546,12 +547,18 @@ async fn act_on_drift(
         let i = found.folder;
         if found.changes.is_empty() {
             // Same content: only metadata such as ctime moved; remember the new stat keys.
-            agent.folders[i].local.stats = found.actual.stats;
+            found
+                .actual
+                .refresh_keys(Arc::make_mut(&mut agent.folders[i].local));
             continue;
         }
+        let actual = found
+            .actual
+            .resolve(&agent.folders[i].local, &found.changes);
         let plan = drift::plan(
             &agent.folders[i],
-            &found,
+            &actual.manifest,
+            &found.changes,
             &mut agent.drift,
             conn.is_some(),
             now,
@@ -577,11 +584,12 @@ async fn act_on_drift(
             agent.config.max_backups,
             agent.config.max_backup_bytes,
         );
-        let expected = std::mem::replace(&mut agent.folders[i].local, found.actual);
+        let expected = std::mem::replace(&mut agent.folders[i].local, Arc::new(actual));
         let mut stats = ApplyStats::default();
         let target = Target {
             folder: i,
             manifest: plan.target,
+            changed: None,
             inline: Vec::new(),
             pushed: Vec::new(),
         };
@@ -599,14 +607,17 @@ async fn act_on_drift(
         .await;
         let mut expected = expected;
         match result {
-            Ok(locals) => {
+            Ok(applied) => {
                 // What the journal covered is what the state already records.
                 if let Err(e) = Journal::clear(&agent.config.state_dir) {
                     tracing::warn!(error = %e, "cannot remove the apply journal");
                 }
-                for (_, applied) in locals {
-                    for (p, key) in applied.stats {
-                        if applied.manifest.get(&p) == expected.manifest.get(&p) {
+                let expected = Arc::make_mut(&mut expected);
+                for (_, applied) in applied {
+                    let mut now = LocalManifest::clone(&agent.folders[i].local);
+                    applied.commit_to(&mut now);
+                    for (p, key) in now.stats {
+                        if now.manifest.get(&p) == expected.manifest.get(&p) {
                             expected.stats.insert(p, key);
                         }
                     }
@@ -841,7 +852,7 @@ async fn resume(agent: &mut Agent, set_at: u64, why: &str) -> Result<ResumeRepor
     let outcome = match result {
         Ok((per_folder, report)) => {
             for (f, (now, _)) in folders.iter_mut().zip(per_folder) {
-                f.local = now;
+                f.local = Arc::new(now);
             }
             Ok(report)
         }
@@ -953,18 +964,18 @@ async fn apply_generation(
         s.files_written += stats.files_written;
     });
     match result {
-        Ok(locals) => {
+        Ok(applied) => {
             let mut changed = Vec::new();
-            for (i, local) in locals {
+            for (i, applied) in applied {
                 let f = &mut agent.folders[i];
-                let delta = LocalDelta::between(&f.local, &local);
-                agent
-                    .chunks
-                    .note(i, f.digest(), &delta, local.manifest.digest());
+                let before = f.digest();
+                // In place: nothing else holds the folder's manifest now (a comparison under
+                // way holds it, and is then redone as stale: it is copied once for it).
+                let delta = applied.commit_to(Arc::make_mut(&mut f.local));
+                agent.chunks.note(i, before, &delta, f.digest());
                 if !delta.is_empty() {
                     changed.push((f.name.clone(), delta));
                 }
-                f.local = local;
             }
             // Leftovers of an interrupted apply that this generation did not need (even an
             // empty staging directory: the folder must hold exactly what was published).
@@ -1066,9 +1077,9 @@ fn prepare(
                 source: std::io::Error::other(e),
             })?;
         }
-        let mut manifest = match base {
-            Base::Full => Manifest::new(params),
-            Base::Delta { from } if from == local.digest() => local.local.manifest.clone(),
+        let (mut manifest, from_local) = match base {
+            Base::Full => (Manifest::new(params), false),
+            Base::Delta { from } if from == local.digest() => (local.local.manifest.clone(), true),
             Base::Delta { .. } => return Err(ApplyError::BaseMismatch { folder }),
         };
         // Files sent as chunk-list edits are rebuilt from the versions this node holds.
@@ -1099,12 +1110,16 @@ fn prepare(
                 _ => None,
             })
             .collect();
-        for p in excluded {
-            manifest.remove(&p);
+        for p in &excluded {
+            manifest.remove(p);
         }
+        // Built from what the folder holds, the target differs from it only where the update
+        // changed something.
+        let changed = from_local.then(|| changes.into_iter().map(|c| c.path().clone()).collect());
         targets.push(Target {
             folder: i,
             manifest,
+            changed,
             inline,
             pushed,
         });

@@ -19,8 +19,7 @@ use syncd_fsops::{
     StatKey, stat_key,
 };
 use syncd_manifest::{
-    Change, ChunkHash, ChunkRef, FileContent, Manifest, Node, NodeKind, RelPath, TreeError, diff,
-    diff_at,
+    Change, ChunkHash, ChunkRef, FileContent, Manifest, Node, NodeKind, RelPath, TreeError,
 };
 use syncd_proto::{
     ChunkEncoding, FetchFile, FetchReply, FetchRequest, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
@@ -151,11 +150,10 @@ pub enum ApplyError {
 pub(crate) struct Target {
     /// Index of the folder.
     pub folder: usize,
-    /// The manifest it must hold (already validated and stripped of local excludes).
-    pub manifest: Manifest,
-    /// The only paths where `manifest` can differ from what the folder holds (it was built
-    /// from it by an update's changes); `None`: anywhere.
-    pub changed: Option<Vec<RelPath>>,
+    /// What turns what the folder holds into what it must hold (already validated and
+    /// stripped of local excludes), as [`syncd_manifest::diff`] lists it: only entries that
+    /// differ, in path order.
+    pub changes: Vec<Change>,
     /// Chunks that came inside the update (small new chunks of chunk-list edits), by hash.
     pub inline: Vec<(ChunkHash, Arc<[u8]>)>,
     /// Small files' chunks pushed inside the update, still encoded (decoded and checked when
@@ -167,16 +165,15 @@ pub(crate) struct Target {
 /// held, and the stat keys of the files put.
 #[derive(Debug)]
 pub(crate) struct Applied {
-    manifest: Manifest,
     changes: Vec<Change>,
     keys: Vec<(RelPath, StatKey)>,
 }
 
 impl Applied {
     /// Makes `local`, what the folder held before the apply, what it holds now, and returns the
-    /// delta to record. Costs in proportion to the changes (and to dropping the old manifest).
+    /// delta to record. Costs in proportion to the changes.
     pub(crate) fn commit_to(self, local: &mut LocalManifest) -> LocalDelta {
-        drop(std::mem::replace(&mut local.manifest, self.manifest));
+        local.manifest.apply(&self.changes);
         for change in &self.changes {
             local.stats.remove(change.path());
         }
@@ -249,10 +246,7 @@ pub(crate) async fn apply(
         inline.extend(std::mem::take(&mut target.inline));
         pushed.append(&mut target.pushed);
         let folder = &folders[target.folder];
-        let changes = match &target.changed {
-            Some(paths) => diff_at(&folder.local.manifest, &target.manifest, paths),
-            None => diff(&folder.local.manifest, &target.manifest),
-        };
+        let changes = std::mem::take(&mut target.changes);
         for change in &changes {
             if let Change::Put(path, node) = change
                 && let NodeKind::File(content) = &node.kind
@@ -378,14 +372,7 @@ pub(crate) async fn apply(
             .collect();
         let old = Arc::clone(&folder.local);
         let (applied, commit_stats) = blocking(move || {
-            commit_folder(
-                &root,
-                staging.as_deref(),
-                &old.manifest,
-                target.manifest,
-                changes,
-                &names,
-            )
+            commit_folder(&root, staging.as_deref(), &old.manifest, changes, &names)
         })
         .await?;
         stats.files_written += commit_stats.files_written;
@@ -1561,7 +1548,6 @@ fn commit_folder(
     root: &FolderRoot,
     staging: Option<&Staging>,
     local: &Manifest,
-    target: Manifest,
     owned: Vec<Change>,
     staged: &HashMap<RelPath, String>,
 ) -> Result<(Applied, CommitStats), ApplyError> {
@@ -1654,8 +1640,16 @@ fn commit_folder(
     dirs.extend(&parents);
     dirs.sort_unstable_by(|a, b| b.cmp(a));
     dirs.dedup();
+    // What the folder holds now at `path`: what the changes put there, or what was there.
+    let target = |path: &RelPath| match changes.binary_search_by(|c| c.path().cmp(path)) {
+        Ok(i) => match &changes[i] {
+            Change::Put(_, node) => Some(node),
+            Change::Remove(_) => None,
+        },
+        Err(_) => local.get(path),
+    };
     for path in dirs {
-        if let Some(node) = target.get(path).filter(|n| n.is_dir()) {
+        if let Some(node) = target(path).filter(|n| n.is_dir()) {
             let current = root.lstat(path).map_err(err(path))?;
             let matches = current.is_some_and(|st| {
                 st.st_mode & 0o7777 == node.mode && syncd_fsops::mtime_of(&st) == node.mtime
@@ -1674,7 +1668,6 @@ fn commit_folder(
     }
     Ok((
         Applied {
-            manifest: target,
             changes: owned,
             keys,
         },

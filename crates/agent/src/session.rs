@@ -584,12 +584,12 @@ async fn act_on_drift(
             agent.config.max_backups,
             agent.config.max_backup_bytes,
         );
+        let changes = syncd_manifest::diff(&actual.manifest, &plan.target);
         let expected = std::mem::replace(&mut agent.folders[i].local, Arc::new(actual));
         let mut stats = ApplyStats::default();
         let target = Target {
             folder: i,
-            manifest: plan.target,
-            changed: None,
+            changes,
             inline: Vec::new(),
             pushed: Vec::new(),
         };
@@ -1077,11 +1077,6 @@ fn prepare(
                 source: std::io::Error::other(e),
             })?;
         }
-        let (mut manifest, from_local) = match base {
-            Base::Full => (Manifest::new(params), false),
-            Base::Delta { from } if from == local.digest() => (local.local.manifest.clone(), true),
-            Base::Delta { .. } => return Err(ApplyError::BaseMismatch { folder }),
-        };
         // Files sent as chunk-list edits are rebuilt from the versions this node holds.
         let patches = asm.take_patches();
         let pushed = asm.take_pushed();
@@ -1094,13 +1089,6 @@ fn prepare(
             changes.push(resolved.change);
             inline.extend(resolved.inline);
         }
-        manifest.apply(&changes);
-        // The base is a tree (this node's own manifest, or empty): checking what changed
-        // checks the whole.
-        manifest.validate_changes(&changes).map_err(invalid)?;
-        if manifest.digest() != target {
-            return Err(ApplyError::DigestMismatch { folder });
-        }
         // What this node excludes is never touched, whatever the manager publishes (the base
         // holds nothing excluded: only what changed can be).
         let excluded: Vec<_> = changes
@@ -1110,16 +1098,39 @@ fn prepare(
                 _ => None,
             })
             .collect();
-        for p in &excluded {
-            manifest.remove(p);
-        }
-        // Built from what the folder holds, the target differs from it only where the update
-        // changed something.
-        let changed = from_local.then(|| changes.into_iter().map(|c| c.path().clone()).collect());
+        // The base is a tree (this node's own manifest, or empty): checking what changed
+        // checks the whole.
+        let changes = match base {
+            // The usual case: the folder's manifest with the update's changes, looked at
+            // without copying it (a generation costs what it changes, not the folder's size).
+            Base::Delta { from } if from == local.digest() => {
+                let mut preview = local.local.manifest.preview(changes);
+                preview.validate().map_err(invalid)?;
+                if preview.digest() != target {
+                    return Err(ApplyError::DigestMismatch { folder });
+                }
+                for p in &excluded {
+                    preview.remove(p);
+                }
+                preview.into_changes()
+            }
+            Base::Full => {
+                let mut manifest = Manifest::new(params);
+                manifest.apply(&changes);
+                manifest.validate_changes(&changes).map_err(invalid)?;
+                if manifest.digest() != target {
+                    return Err(ApplyError::DigestMismatch { folder });
+                }
+                for p in &excluded {
+                    manifest.remove(p);
+                }
+                syncd_manifest::diff(&local.local.manifest, &manifest)
+            }
+            Base::Delta { .. } => return Err(ApplyError::BaseMismatch { folder }),
+        };
         targets.push(Target {
             folder: i,
-            manifest,
-            changed,
+            changes,
             inline,
             pushed,
         });

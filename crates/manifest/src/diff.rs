@@ -64,30 +64,6 @@ pub fn diff(old: &Manifest, new: &Manifest) -> Vec<Change> {
     changes
 }
 
-/// The changes that turn `old` into `new` when the two can differ only at `paths`, as
-/// [`diff`] would list them (in path order), looking at those paths alone: a generation that
-/// touches ten files of a hundred thousand costs ten lookups, not a walk of both trees.
-///
-/// `paths` need not be sorted or unique. Entries outside them are taken to be equal (the
-/// caller built `new` from `old` by changing only `paths`); nothing checks it.
-pub fn diff_at<'a>(
-    old: &Manifest,
-    new: &Manifest,
-    paths: impl IntoIterator<Item = &'a RelPath>,
-) -> Vec<Change> {
-    let mut paths: Vec<&RelPath> = paths.into_iter().collect();
-    paths.sort_unstable();
-    paths.dedup();
-    paths
-        .into_iter()
-        .filter_map(|p| match (old.get(p), new.get(p)) {
-            (Some(_), None) => Some(Change::Remove(p.clone())),
-            (a, Some(b)) if a != Some(b) => Some(Change::Put(p.clone(), b.clone())),
-            _ => None,
-        })
-        .collect()
-}
-
 impl Manifest {
     /// Applies changes in order. `apply(diff(a, b))` on `a` gives `b`.
     pub fn apply<'a>(&mut self, changes: impl IntoIterator<Item = &'a Change>) {
@@ -132,6 +108,19 @@ mod tests {
         prop::collection::btree_map(path, node, 0..24).prop_map(|m| m.into_iter().collect())
     }
 
+    /// `m` without the entries whose parent is not a directory: a valid tree.
+    fn without_orphans(mut m: Manifest) -> Manifest {
+        let orphans: Vec<RelPath> = m
+            .iter()
+            .filter(|(p, _)| p.ancestors().any(|d| !m.get(&d).is_some_and(Node::is_dir)))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in &orphans {
+            m.remove(p);
+        }
+        m
+    }
+
     proptest! {
         #[test]
         fn apply_of_diff_gives_the_target(a in arb_manifest(), b in arb_manifest()) {
@@ -149,15 +138,7 @@ mod tests {
         ) {
             // From a valid tree, checking only what changed finds exactly what a full check
             // finds.
-            let mut a = a;
-            let orphans: Vec<RelPath> = a
-                .iter()
-                .filter(|(p, _)| p.ancestors().any(|d| !a.get(&d).is_some_and(Node::is_dir)))
-                .map(|(p, _)| p.clone())
-                .collect();
-            for p in &orphans {
-                a.remove(p);
-            }
+            let a = without_orphans(a);
             prop_assert!(a.validate().is_ok());
             let changes = diff(&a, &b);
             let mut applied = a.clone();
@@ -166,20 +147,32 @@ mod tests {
         }
 
         #[test]
-        fn the_diff_at_the_changed_paths_is_the_whole_diff(
+        fn a_preview_is_what_applying_the_changes_gives(
             a in arb_manifest(),
             b in arb_manifest(),
-            extra in prop::collection::vec(arb_manifest(), 0..2),
+            c in arb_manifest(),
+            removed in prop::collection::vec(arb_manifest(), 0..2),
         ) {
-            // `b` made from `a` by the changes between them, as an agent builds its target;
-            // the paths given may also name entries that did not change, in any order.
-            let changes = diff(&a, &b);
-            let mut paths: Vec<RelPath> = changes.iter().rev().map(|c| c.path().clone()).collect();
-            for m in &extra {
-                paths.extend(m.iter().map(|(p, _)| p.clone()));
+            // Any list of changes (an update's, in any order, a path perhaps twice) on a valid
+            // tree: the preview agrees with the copy the changes are applied to.
+            let a = without_orphans(a);
+            let mut changes = diff(&a, &b);
+            changes.extend(diff(&a, &c).into_iter().rev());
+            for m in &removed {
+                changes.extend(m.iter().map(|(p, _)| Change::Remove(p.clone())));
             }
-            paths.extend(changes.iter().map(|c| c.path().clone()));
-            prop_assert_eq!(diff_at(&a, &b, &paths), changes);
+            let mut applied = a.clone();
+            applied.apply(&changes);
+            let preview = a.preview(changes.clone());
+            prop_assert_eq!(preview.digest(), applied.digest());
+            prop_assert_eq!(preview.validate().is_ok(), applied.validate().is_ok());
+            for (p, n) in applied.iter() {
+                prop_assert_eq!(preview.get(p), Some(n));
+            }
+            for ch in &changes {
+                prop_assert_eq!(preview.get(ch.path()), applied.get(ch.path()));
+            }
+            prop_assert_eq!(preview.into_changes(), diff(&a, &applied));
         }
 
         #[test]

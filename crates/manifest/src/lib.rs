@@ -11,7 +11,9 @@ mod manifest;
 mod path;
 
 pub use chunker::{ChunkParams, ChunkParamsError, Chunker, chunk_reader, chunk_reader_with_cuts};
-pub use diff::{Change, diff, diff_at};
+pub use diff::{Change, diff};
 pub use hash::{ChunkHash, FileHash, ManifestDigest};
-pub use manifest::{ChunkList, ChunkRef, FileContent, Manifest, Mtime, Node, NodeKind, TreeError};
+pub use manifest::{
+    ChunkList, ChunkRef, FileContent, Manifest, Mtime, Node, NodeKind, Preview, TreeError,
+};
 pub use path::{PathError, RelPath, SymlinkTarget, TargetError};

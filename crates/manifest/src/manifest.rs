@@ -484,14 +484,138 @@ impl Manifest {
     /// syncd and independent of the wire codec. Constant time: it hashes the running sum of the
     /// entries' hashes.
     pub fn digest(&self) -> ManifestDigest {
-        let mut h = blake3::Hasher::new();
-        h.update(b"syncd manifest v2\0");
-        for v in [self.params.min, self.params.avg, self.params.max] {
-            h.update(&v.to_le_bytes());
+        digest_of(self.params, self.nodes.len(), self.sum)
+    }
+
+    /// This manifest as it would be after `changes` (applied in order, as [`Manifest::apply`]
+    /// does), without copying it: checking an update against a folder of a hundred thousand
+    /// entries costs what the update touches.
+    pub fn preview(&self, changes: impl IntoIterator<Item = crate::Change>) -> Preview<'_> {
+        let mut over = BTreeMap::new();
+        for change in changes {
+            match change {
+                crate::Change::Put(path, node) => over.insert(path, Some(node)),
+                crate::Change::Remove(path) => over.insert(path, None),
+            };
         }
-        h.update(&(self.nodes.len() as u64).to_le_bytes());
-        h.update(&self.sum.to_le_bytes());
-        ManifestDigest(*h.finalize().as_bytes())
+        Preview { base: self, over }
+    }
+}
+
+fn digest_of(params: ChunkParams, len: usize, sum: EntrySum) -> ManifestDigest {
+    let mut h = blake3::Hasher::new();
+    h.update(b"syncd manifest v2\0");
+    for v in [params.min, params.avg, params.max] {
+        h.update(&v.to_le_bytes());
+    }
+    h.update(&(len as u64).to_le_bytes());
+    h.update(&sum.to_le_bytes());
+    ManifestDigest(*h.finalize().as_bytes())
+}
+
+/// A manifest as it would be after some changes (see [`Manifest::preview`]): the base, and the
+/// entry each changed path would hold.
+#[derive(Debug)]
+pub struct Preview<'a> {
+    base: &'a Manifest,
+    over: BTreeMap<RelPath, Option<Node>>,
+}
+
+impl Preview<'_> {
+    /// The entry at `path`.
+    pub fn get(&self, path: &RelPath) -> Option<&Node> {
+        match self.over.get(path) {
+            Some(over) => over.as_ref(),
+            None => self.base.get(path),
+        }
+    }
+
+    /// Removes the entry at `path`.
+    pub fn remove(&mut self, path: &RelPath) {
+        self.over.insert(path.clone(), None);
+    }
+
+    /// The paths changed (in path order), some perhaps to what the base already holds.
+    pub fn paths(&self) -> impl Iterator<Item = &RelPath> {
+        self.over.keys()
+    }
+
+    /// [`Manifest::digest`] of the result.
+    pub fn digest(&self) -> ManifestDigest {
+        let (mut sum, mut len) = (self.base.sum, self.base.len());
+        for (path, node) in &self.over {
+            if let Some(old) = self.base.get(path) {
+                sum.sub(&entry_hash(path, old));
+                len -= 1;
+            }
+            if let Some(node) = node {
+                sum.add(&entry_hash(path, node));
+                len += 1;
+            }
+        }
+        digest_of(self.base.params, len, sum)
+    }
+
+    /// [`Manifest::validate_changes`] of the result: from a valid base, whether the result is
+    /// valid.
+    pub fn validate(&self) -> Result<(), TreeError> {
+        for path in self.over.keys() {
+            let node = self.get(path);
+            if let Some(node) = node {
+                validate_node(self.base.params, path, node)?;
+                if let Some(parent) = path.parent()
+                    && !self.get(&parent).is_some_and(Node::is_dir)
+                {
+                    return Err(TreeError::Orphan { path: path.clone() });
+                }
+            }
+            if !node.is_some_and(Node::is_dir)
+                && let Some(child) = self.first_beneath(path)
+            {
+                return Err(TreeError::Orphan {
+                    path: child.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The first entry strictly beneath `dir` in the result, if any.
+    fn first_beneath(&self, dir: &RelPath) -> Option<&RelPath> {
+        use std::ops::Bound;
+        let prefix = format!("{dir}/");
+        let range = (Bound::Included(prefix.as_str()), Bound::Unbounded);
+        let kept = self
+            .base
+            .nodes
+            .range::<str, _>(range)
+            .map(|(p, _)| p)
+            .take_while(|p| p.as_str().starts_with(&prefix))
+            .find(|p| !matches!(self.over.get(*p), Some(None)));
+        let put = self
+            .over
+            .range::<str, _>(range)
+            .take_while(|(p, _)| p.as_str().starts_with(&prefix))
+            .find(|(_, n)| n.is_some())
+            .map(|(p, _)| p);
+        match (kept, put) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The changes that turn the base into the result, as [`crate::diff`] lists them (only
+    /// entries that differ, in path order).
+    pub fn into_changes(self) -> Vec<crate::Change> {
+        let base = self.base;
+        self.over
+            .into_iter()
+            .filter_map(|(path, node)| match (base.get(&path), node) {
+                (Some(_), None) => Some(crate::Change::Remove(path)),
+                (old, Some(node)) if old != Some(&node) => Some(crate::Change::Put(path, node)),
+                _ => None,
+            })
+            .collect()
     }
 }
 

@@ -490,6 +490,20 @@ impl LocalManifest {
         self.orphans().next().is_some()
     }
 
+    /// [`LocalManifest::has_orphans`] of a manifest that had none before the entries at `paths`
+    /// changed, looking at those entries alone: one there whose parent is not a directory, or
+    /// one beneath a path there that is not a directory.
+    pub fn has_orphans_at<'a>(&self, paths: impl IntoIterator<Item = &'a RelPath>) -> bool {
+        paths.into_iter().any(|p| match self.manifest.get(p) {
+            Some(node) => {
+                p.parent_str()
+                    .is_some_and(|d| !self.manifest.get(d).is_some_and(Node::is_dir))
+                    || (!node.is_dir() && self.manifest.subtree(p).any(|(q, _)| q != p))
+            }
+            None => self.manifest.subtree(p).next().is_some(),
+        })
+    }
+
     /// Packs the manifest's map (see [`Manifest::compact`]) and gives the stat keys' spare
     /// capacity back.
     pub fn compact(&mut self) {
@@ -925,6 +939,44 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn orphans_are_found_at_the_changed_paths_as_by_a_whole_pass(
+            before in proptest::collection::btree_map(tree_path(), proptest::bool::ANY, 0..20),
+            after in proptest::collection::btree_map(tree_path(), proptest::bool::ANY, 0..20),
+        ) {
+            use syncd_manifest::{Mtime, NodeKind, SymlinkTarget};
+            // Entries: a directory (true) or a link; `before` made a tree, `after` anything.
+            let node = |dir: bool| Node {
+                kind: if dir {
+                    NodeKind::Dir
+                } else {
+                    NodeKind::Symlink(SymlinkTarget::new("t").unwrap())
+                },
+                mode: 0o755,
+                mtime: Mtime { secs: 1, nanos: 0 },
+            };
+            let manifest = |m: &std::collections::BTreeMap<RelPath, bool>| LocalManifest {
+                manifest: m.iter().map(|(p, d)| (p.clone(), node(*d))).collect(),
+                stats: HashMap::new(),
+            };
+            let mut local = manifest(&before);
+            local.drop_orphans();
+            let after = manifest(&after);
+            let changes = syncd_manifest::diff(&local.manifest, &after.manifest);
+            local.manifest.apply(&changes);
+            let changed: Vec<RelPath> = changes.iter().map(|c| c.path().clone()).collect();
+            proptest::prop_assert_eq!(local.has_orphans_at(&changed), local.has_orphans());
+        }
+    }
+
+    fn tree_path() -> impl proptest::strategy::Strategy<Value = RelPath> {
+        use proptest::strategy::Strategy;
+        let name = proptest::sample::select(vec!["a", "b", "a-b", "c.xml"]);
+        proptest::collection::vec(name, 1..4)
+            .prop_map(|parts| RelPath::new(parts.join("/")).unwrap())
     }
 
     #[test]

@@ -505,7 +505,21 @@ impl Control {
             }
             let empty = syncd_manifest::Manifest::new(candidate.manifest.params);
             let old = before.map_or(&empty, |b| &b.manifest);
-            let changes = diff(old, &candidate.manifest);
+            // Usually the working state itself: it differs from what is published only where
+            // it changed since.
+            let changes = match f.touched().filter(|_| f.is_working(&candidate)) {
+                Some(touched) if before.is_some() => {
+                    syncd_manifest::diff_at(old, &candidate.manifest, touched)
+                }
+                _ => diff(old, &candidate.manifest),
+            };
+            // Every test run checks the shortcut against the whole comparison.
+            debug_assert_eq!(
+                changes,
+                diff(old, &candidate.manifest),
+                "changes of {}",
+                f.spec.name
+            );
             let removed = changes
                 .iter()
                 .filter(|c| matches!(c, syncd_manifest::Change::Remove(p) if old.get(p).is_some_and(|n| n.file().is_some())))
@@ -515,8 +529,13 @@ impl Control {
                 // Removals published moments ago count too, against the folder as it was
                 // before them: a tree deleted over several generations trips as a whole.
                 let earlier = f.recent_removals(started);
-                let total = old.iter().filter(|(_, n)| n.file().is_some()).count() + earlier;
                 let removing = removed + earlier;
+                // Counted only when something is removed (a pass over the folder).
+                let total = if removed > 0 {
+                    old.iter().filter(|(_, n)| n.file().is_some()).count() + earlier
+                } else {
+                    earlier
+                };
                 let trips = total > 0
                     && removed > 0
                     && (removing == total || removing as f64 > share * total as f64);

@@ -94,6 +94,11 @@ pub(crate) struct LiveFolder {
     /// with `published` until it changes (copy on write, see [`LiveFolder::working_mut`]): at
     /// rest, a folder's manifest and stat keys are in memory once.
     working: Arc<LocalManifest>,
+    /// Every path whose working entry changed since the working state was last published as it
+    /// is (`None`: not known, as at start or after very many changes): the published state and
+    /// the working one differ only there, so a generation is checked and listed by looking at
+    /// them alone, not at every entry of the folder.
+    touched: Option<BTreeSet<RelPath>>,
     /// Paths hinted since the last look.
     dirty: BTreeSet<RelPath>,
     /// The whole folder must be walked again (start, queue overflow, periodic check).
@@ -165,6 +170,7 @@ impl LiveFolder {
             root: None,
             published,
             working,
+            touched: None,
             dirty: BTreeSet::new(),
             rescan_all: true,
             writing: BTreeSet::new(),
@@ -602,6 +608,9 @@ impl LiveFolder {
             working.manifest.remove(p);
             working.stats.remove(p);
         }
+        for (p, _) in &doomed {
+            self.touch(p);
+        }
         Some(doomed.iter().filter(|(_, file)| *file).count())
     }
 
@@ -611,10 +620,32 @@ impl LiveFolder {
         Arc::make_mut(&mut self.working)
     }
 
+    /// Notes that the working entry at `path` changed (see `touched`).
+    fn touch(&mut self, path: &RelPath) {
+        if let Some(t) = &mut self.touched {
+            if t.len() >= TOUCHED_LIMIT {
+                self.touched = None;
+            } else {
+                t.insert(path.clone());
+            }
+        }
+    }
+
+    /// The paths where what is published and the working state can differ (see `touched`).
+    pub(crate) fn touched(&self) -> Option<&BTreeSet<RelPath>> {
+        self.touched.as_ref()
+    }
+
+    /// Whether `candidate` (from [`LiveFolder::publishable`]) is the working state itself.
+    pub(crate) fn is_working(&self, candidate: &Arc<LocalManifest>) -> bool {
+        Arc::ptr_eq(candidate, &self.working)
+    }
+
     /// Sets a directory's or link's node, leaving the working state shared if it is unchanged
     /// (a rescan looks at every directory again).
     fn put(&mut self, path: RelPath, node: Node) {
         if self.working.manifest.get(&path) != Some(&node) {
+            self.touch(&path);
             self.working_mut().manifest.insert(path, node);
         }
     }
@@ -703,6 +734,7 @@ impl LiveFolder {
                     let working = self.working_mut();
                     working.manifest.insert(path.clone(), node);
                     working.stats.insert(path.clone(), key);
+                    self.touch(&path);
                     entered += 1;
                     self.release(&path);
                     self.closed.remove(&path);
@@ -743,7 +775,20 @@ impl LiveFolder {
                 blocked.insert(top);
             }
         }
-        if blocked.is_empty() && !self.working.has_orphans() {
+        // The working state was a tree when last published as it is: only what changed since
+        // can have made it otherwise.
+        let orphans = match &self.touched {
+            Some(touched) => self.working.has_orphans_at(touched),
+            None => self.working.has_orphans(),
+        };
+        // Every test run checks the shortcut against the whole check.
+        debug_assert_eq!(
+            orphans,
+            self.working.has_orphans(),
+            "orphans in {}",
+            self.spec.name
+        );
+        if blocked.is_empty() && !orphans {
             // The usual case: what is published is the working state itself, shared.
             return Some(self.working.clone());
         }
@@ -779,9 +824,19 @@ impl LiveFolder {
 
     /// Records what was published.
     pub(crate) fn set_published(&mut self, published: Arc<LocalManifest>) {
+        // Published as it is, the working state starts again from no change. Otherwise (new
+        // directories held back) what changed since it was last published as it is still
+        // covers every difference.
+        if Arc::ptr_eq(&published, &self.working) {
+            self.touched = Some(BTreeSet::new());
+        }
         self.published = Some(published);
     }
 }
+
+/// Changed paths noted beyond which a generation is checked and listed by a pass over the
+/// whole folder (as cheap, per path, once this many changed).
+const TOUCHED_LIMIT: usize = 65_536;
 
 /// Files entering the working state at once beyond which its map is packed again.
 const COMPACT_AFTER: usize = 4096;

@@ -11,7 +11,7 @@ mod manifest;
 mod path;
 
 pub use chunker::{ChunkParams, ChunkParamsError, Chunker, chunk_reader, chunk_reader_with_cuts};
-pub use diff::{Change, diff};
+pub use diff::{Change, diff, diff_at};
 pub use hash::{ChunkHash, FileHash, ManifestDigest};
 pub use manifest::{
     ChunkList, ChunkRef, FileContent, Manifest, Mtime, Node, NodeKind, Preview, TreeError,

@@ -12,8 +12,8 @@ each time capturing UDP port 17700 on lo with tcpdump (installed if missing):
 
 Each edit prints its packets (direction and UDP payload bytes) and the total with IP/UDP
 headers. Packets that fall in the capture window by chance (QUIC keep-alives) are counted too.
+BIN=DIR takes syncd and syncctl from DIR (default target/release).
 """
-import importlib.util
 import glob
 import os
 import shutil
@@ -31,13 +31,11 @@ def main():
     if shutil.which("tcpdump") is None:
         subprocess.run(["apt-get", "install", "-y", "tcpdump"], check=True,
                        stdout=subprocess.DEVNULL)
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("w", os.path.join(here, "war-edit-timing.py"))
-    w = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(w)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from warrig import Rig
     cluster = os.path.join(work, "inc-syncd")
-    binary = os.path.abspath(os.environ.get("SYNCD", "target/release/syncd"))
-    procs = w.start(work, binary)
+    bindir = os.path.abspath(os.environ.get("BIN", "target/release"))
+    procs = Rig(work).start(bindir)
     try:
         xml = sorted(glob.glob(cluster + "/mgr/server/synapse-configs/default/api/*.xml"))[1]
         rel = os.path.relpath(xml, cluster + "/mgr/server")

@@ -178,9 +178,16 @@ impl Applied {
             local.stats.remove(change.path());
         }
         local.stats.extend(self.keys);
+        // Entries inserted one by one in path order (a join) leave the map's nodes half full.
+        if self.changes.len() >= COMPACT_AFTER {
+            local.compact();
+        }
         LocalDelta::new(self.changes, local)
     }
 }
+
+/// Changes in one apply beyond which the folder's map is packed again.
+const COMPACT_AFTER: usize = 4096;
 
 /// Counters of one applied generation.
 #[derive(Debug, Default, Clone, Copy)]

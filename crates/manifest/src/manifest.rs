@@ -447,26 +447,12 @@ impl Manifest {
     /// entry put is valid and has a directory as its parent, and nothing is left beneath a path
     /// that was removed or is no longer a directory. Costs in proportion to the changes.
     pub fn validate_changes(&self, changes: &[crate::Change]) -> Result<(), TreeError> {
-        for change in changes {
-            let path = change.path();
-            let node = self.nodes.get(path);
-            if let Some(node) = node {
-                validate_node(self.params, path, node)?;
-                if let Some(parent) = path.parent_str()
-                    && !self.nodes.get(parent).is_some_and(Node::is_dir)
-                {
-                    return Err(TreeError::Orphan { path: path.clone() });
-                }
-            }
-            if !node.is_some_and(Node::is_dir)
-                && let Some(child) = self.first_beneath(path)
-            {
-                return Err(TreeError::Orphan {
-                    path: child.clone(),
-                });
-            }
-        }
-        Ok(())
+        validate_at(
+            self.params,
+            changes.iter().map(crate::Change::path),
+            |p| self.nodes.get(p),
+            |d| self.first_beneath(d),
+        )
     }
 
     /// The first entry strictly beneath `dir`, if any.
@@ -502,6 +488,36 @@ impl Manifest {
     }
 }
 
+/// What [`Manifest::validate_changes`] checks, at `paths` of a manifest (or a [`Preview`]) seen
+/// through `get` and `first_beneath`: each entry there is valid and has a directory as its
+/// parent, and nothing is beneath one that is not a directory.
+fn validate_at<'a, 'm>(
+    params: ChunkParams,
+    paths: impl IntoIterator<Item = &'a RelPath>,
+    get: impl Fn(&str) -> Option<&'m Node>,
+    first_beneath: impl Fn(&RelPath) -> Option<&'m RelPath>,
+) -> Result<(), TreeError> {
+    for path in paths {
+        let node = get(path.as_str());
+        if let Some(node) = node {
+            validate_node(params, path, node)?;
+            if let Some(parent) = path.parent_str()
+                && !get(parent).is_some_and(Node::is_dir)
+            {
+                return Err(TreeError::Orphan { path: path.clone() });
+            }
+        }
+        if !node.is_some_and(Node::is_dir)
+            && let Some(child) = first_beneath(path)
+        {
+            return Err(TreeError::Orphan {
+                path: child.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn digest_of(params: ChunkParams, len: usize, sum: EntrySum) -> ManifestDigest {
     let mut h = blake3::Hasher::new();
     h.update(b"syncd manifest v2\0");
@@ -522,8 +538,12 @@ pub struct Preview<'a> {
 }
 
 impl Preview<'_> {
-    /// The entry at `path`.
-    pub fn get(&self, path: &RelPath) -> Option<&Node> {
+    /// The entry at `path` (a `RelPath`, or a `str` holding one).
+    pub fn get<Q>(&self, path: &Q) -> Option<&Node>
+    where
+        RelPath: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
         match self.over.get(path) {
             Some(over) => over.as_ref(),
             None => self.base.get(path),
@@ -559,25 +579,12 @@ impl Preview<'_> {
     /// [`Manifest::validate_changes`] of the result: from a valid base, whether the result is
     /// valid.
     pub fn validate(&self) -> Result<(), TreeError> {
-        for path in self.over.keys() {
-            let node = self.get(path);
-            if let Some(node) = node {
-                validate_node(self.base.params, path, node)?;
-                if let Some(parent) = path.parent()
-                    && !self.get(&parent).is_some_and(Node::is_dir)
-                {
-                    return Err(TreeError::Orphan { path: path.clone() });
-                }
-            }
-            if !node.is_some_and(Node::is_dir)
-                && let Some(child) = self.first_beneath(path)
-            {
-                return Err(TreeError::Orphan {
-                    path: child.clone(),
-                });
-            }
-        }
-        Ok(())
+        validate_at(
+            self.base.params,
+            self.over.keys(),
+            |p| self.get(p),
+            |d| self.first_beneath(d),
+        )
     }
 
     /// The first entry strictly beneath `dir` in the result, if any.

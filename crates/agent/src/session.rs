@@ -1098,35 +1098,30 @@ fn prepare(
                 _ => None,
             })
             .collect();
-        // The base is a tree (this node's own manifest, or empty): checking what changed
-        // checks the whole.
-        let changes = match base {
-            // The usual case: the folder's manifest with the update's changes, looked at
-            // without copying it (a generation costs what it changes, not the folder's size).
-            Base::Delta { from } if from == local.digest() => {
-                let mut preview = local.local.manifest.preview(changes);
-                preview.validate().map_err(invalid)?;
-                if preview.digest() != target {
-                    return Err(ApplyError::DigestMismatch { folder });
-                }
-                for p in &excluded {
-                    preview.remove(p);
-                }
-                preview.into_changes()
-            }
+        // Usually the folder's manifest with the update's changes, looked at without copying
+        // it (a generation costs what it changes, not the folder's size); an empty one for a
+        // full update. The base is a tree: checking what changed checks the whole.
+        let empty;
+        let from = match base {
+            Base::Delta { from } if from == local.digest() => &local.local.manifest,
             Base::Full => {
-                let mut manifest = Manifest::new(params);
-                manifest.apply(&changes);
-                manifest.validate_changes(&changes).map_err(invalid)?;
-                if manifest.digest() != target {
-                    return Err(ApplyError::DigestMismatch { folder });
-                }
-                for p in &excluded {
-                    manifest.remove(p);
-                }
-                syncd_manifest::diff(&local.local.manifest, &manifest)
+                empty = Manifest::new(params);
+                &empty
             }
             Base::Delta { .. } => return Err(ApplyError::BaseMismatch { folder }),
+        };
+        let mut preview = from.preview(changes);
+        preview.validate().map_err(invalid)?;
+        if preview.digest() != target {
+            return Err(ApplyError::DigestMismatch { folder });
+        }
+        for p in &excluded {
+            preview.remove(p);
+        }
+        let changes = if std::ptr::eq(from, &local.local.manifest) {
+            preview.into_changes()
+        } else {
+            syncd_manifest::diff(&local.local.manifest, &preview.into_manifest())
         };
         targets.push(Target {
             folder: i,

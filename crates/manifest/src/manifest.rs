@@ -555,9 +555,16 @@ impl Preview<'_> {
         self.over.insert(path.clone(), None);
     }
 
-    /// The paths changed (in path order), some perhaps to what the base already holds.
-    pub fn paths(&self) -> impl Iterator<Item = &RelPath> {
-        self.over.keys()
+    /// The result as a manifest of its own (a copy of the base with the changes applied).
+    pub fn into_manifest(self) -> Manifest {
+        let mut m = self.base.clone();
+        for (path, node) in self.over {
+            match node {
+                Some(node) => m.insert(path, node),
+                None => m.remove(&path),
+            };
+        }
+        m
     }
 
     /// [`Manifest::digest`] of the result.

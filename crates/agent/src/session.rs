@@ -51,7 +51,7 @@ pub(crate) async fn run(
     mut agent: Agent,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
-    let endpoint = Endpoint::client(&agent.identity, agent.config.manager_addr)?;
+    let mut endpoint = Endpoint::client(&agent.identity, agent.config.manager_addr)?;
     let (_, mut commands) = {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         (tx, std::mem::replace(&mut agent.commands, rx))
@@ -72,6 +72,24 @@ pub(crate) async fn run(
     'outer: loop {
         if *shutdown.borrow() {
             break;
+        }
+        // A client endpoint holds one connection at a time (see `Endpoint::client`): if the
+        // last session's is still closing, this attempt gets a socket of its own, and the old
+        // endpoint finishes the close in the background.
+        if endpoint.has_connections() {
+            match Endpoint::client(&agent.identity, agent.config.manager_addr) {
+                Ok(fresh) => {
+                    let old = std::mem::replace(&mut endpoint, fresh);
+                    tokio::spawn(async move {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(10), old.wait_idle()).await;
+                    });
+                }
+                // The attempt below fails with its own error and is retried later.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open a new UDP socket for the next connection attempt")
+                }
+            }
         }
         let started = Instant::now();
         // The session watches `shutdown` itself, between frames: an apply in progress is

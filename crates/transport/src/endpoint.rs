@@ -332,7 +332,8 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TransportError> {
     let _ = socket.set_send_buffer_size(UDP_BUFFER);
     let rcv = socket.recv_buffer_size().unwrap_or(0);
     let snd = socket.send_buffer_size().unwrap_or(0);
-    // An agent binds a socket per connection attempt: say it once.
+    // An agent binds a new socket when it reconnects while its last connection closes: say it
+    // once.
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if rcv < UDP_BUFFER && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
         tracing::warn!(

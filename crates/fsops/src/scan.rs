@@ -494,14 +494,7 @@ impl LocalManifest {
     /// changed, looking at those entries alone: one there whose parent is not a directory, or
     /// one beneath a path there that is not a directory.
     pub fn has_orphans_at<'a>(&self, paths: impl IntoIterator<Item = &'a RelPath>) -> bool {
-        paths.into_iter().any(|p| match self.manifest.get(p) {
-            Some(node) => {
-                p.parent_str()
-                    .is_some_and(|d| !self.manifest.get(d).is_some_and(Node::is_dir))
-                    || (!node.is_dir() && self.manifest.subtree(p).any(|(q, _)| q != p))
-            }
-            None => self.manifest.subtree(p).next().is_some(),
-        })
+        self.manifest.orphan_at(paths).is_some()
     }
 
     /// Packs the manifest's map (see [`Manifest::compact`]) and gives the stat keys' spare

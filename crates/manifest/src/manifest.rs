@@ -455,6 +455,16 @@ impl Manifest {
         )
     }
 
+    /// An entry at or beneath `paths` that has no directory as its parent, in a manifest whose
+    /// other entries form a tree (as [`Manifest::validate`] checks): an entry at one of `paths`
+    /// whose parent is not a directory, or one beneath a path there that is not a directory.
+    /// Costs in proportion to `paths`: for a holder of a manifest that notes the paths it changed.
+    pub fn orphan_at<'a>(&self, paths: impl IntoIterator<Item = &'a RelPath>) -> Option<RelPath> {
+        paths.into_iter().find_map(|path| {
+            orphan_at(path, |p| self.nodes.get(p), |d| self.first_beneath(d)).cloned()
+        })
+    }
+
     /// The first entry strictly beneath `dir`, if any.
     fn first_beneath(&self, dir: &RelPath) -> Option<&RelPath> {
         use std::ops::Bound;
@@ -498,24 +508,36 @@ fn validate_at<'a, 'm>(
     first_beneath: impl Fn(&RelPath) -> Option<&'m RelPath>,
 ) -> Result<(), TreeError> {
     for path in paths {
-        let node = get(path.as_str());
-        if let Some(node) = node {
+        if let Some(node) = get(path.as_str()) {
             validate_node(params, path, node)?;
-            if let Some(parent) = path.parent_str()
-                && !get(parent).is_some_and(Node::is_dir)
-            {
-                return Err(TreeError::Orphan { path: path.clone() });
-            }
         }
-        if !node.is_some_and(Node::is_dir)
-            && let Some(child) = first_beneath(path)
-        {
+        if let Some(orphan) = orphan_at(path, &get, &first_beneath) {
             return Err(TreeError::Orphan {
-                path: child.clone(),
+                path: orphan.clone(),
             });
         }
     }
     Ok(())
+}
+
+/// The tree half of [`validate_at`] at one path: the entry there if its parent is not a
+/// directory, else the first entry beneath it if it is not a directory itself.
+fn orphan_at<'r, 'm: 'r>(
+    path: &'r RelPath,
+    get: impl Fn(&str) -> Option<&'m Node>,
+    first_beneath: impl Fn(&RelPath) -> Option<&'m RelPath>,
+) -> Option<&'r RelPath> {
+    let node = get(path.as_str());
+    if node.is_some()
+        && let Some(parent) = path.parent_str()
+        && !get(parent).is_some_and(Node::is_dir)
+    {
+        return Some(path);
+    }
+    if node.is_some_and(Node::is_dir) {
+        return None;
+    }
+    first_beneath(path)
 }
 
 fn digest_of(params: ChunkParams, len: usize, sum: EntrySum) -> ManifestDigest {

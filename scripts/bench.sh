@@ -6,6 +6,7 @@
 #   scripts/bench.sh                       # bench-rsync --scale medium (about 17 minutes)
 #   scripts/bench.sh rsync --scale large   # any bench-rsync options after "rsync"
 #   scripts/bench.sh chunking | quic | memory | latency   [options of that bench]
+#   scripts/bench.sh wire [N]              # bytes of new CARs on a 1500-MTU veth link (wire-bytes.sh)
 #
 # Run nothing else meanwhile: the machine's two cores are shared by every process of a run.
 set -euo pipefail
@@ -18,7 +19,8 @@ case "$which" in
   latency) tools=(rsync lsyncd) packages=(rsync lsyncd) ;;
   chunking) tools=(b3sum) packages=(b3sum) ;;
   quic | memory) tools=() packages=() ;;
-  *) echo "unknown bench '$which': rsync, latency, chunking, quic or memory" >&2; exit 2 ;;
+  wire) tools=(rsync lsyncd ethtool) packages=(rsync lsyncd ethtool) ;;
+  *) echo "unknown bench '$which': rsync, latency, chunking, quic, memory or wire" >&2; exit 2 ;;
 esac
 
 missing=()
@@ -34,6 +36,10 @@ fi
 echo "== release build"
 cargo build --release --locked -p syncd -p syncd-devtools
 
+if [ "$which" = wire ]; then
+  echo "== scripts/wire-bytes.sh target/release $*"
+  exec scripts/wire-bytes.sh target/release "$@"
+fi
 echo "== bench-$which $*"
 free -m | sed -n 2p | awk '{print "# memory: " $3 " MB used, " $7 " MB available"}'
 df -h / | awk 'NR == 2 {print "# root filesystem: " $4 " free"}'

@@ -1120,11 +1120,11 @@ fn prepare(
         // it (a generation costs what it changes, not the folder's size); an empty one for a
         // full update. The base is a tree: checking what changed checks the whole.
         let empty;
-        let from = match base {
-            Base::Delta { from } if from == local.digest() => &local.local.manifest,
+        let (from, delta) = match base {
+            Base::Delta { from } if from == local.digest() => (&local.local.manifest, true),
             Base::Full => {
                 empty = Manifest::new(params);
-                &empty
+                (&empty, false)
             }
             Base::Delta { .. } => return Err(ApplyError::BaseMismatch { folder }),
         };
@@ -1136,7 +1136,9 @@ fn prepare(
         for p in &excluded {
             preview.remove(p);
         }
-        let changes = if std::ptr::eq(from, &local.local.manifest) {
+        // A delta's preview holds the exact changes to the folder; a full update's result is
+        // compared with the folder as a whole.
+        let changes = if delta {
             preview.into_changes()
         } else {
             syncd_manifest::diff(&local.local.manifest, &preview.into_manifest())

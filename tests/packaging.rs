@@ -113,9 +113,12 @@ fn the_daemon_reports_ready_to_systemd_once_serving() {
 fn metrics_are_served_in_prometheus_format_and_logs_as_json() {
     let dir = tempfile::tempdir().unwrap();
     let port = support::free_tcp_port();
+    // Two agents (never connected), one with a rate cap: each family's samples stay together.
+    let agents = "[[manager.agents]]\nname = \"w1\"\nid = \"AAAAAAAAAAAAA-AAAAAAAAAAAAA-AAAAAAAAAAAAA-AAAAAAAAAAAAA\"\nmax_rate = \"2MB/s\"\n\
+                  [[manager.agents]]\nname = \"w2\"\nid = \"BAAAAAAAAAAAA-AAAAAAAAAAAAA-AAAAAAAAAAAAA-AAAAAAAAAAAAA\"\n";
     let cfg = manager_config(
         dir.path(),
-        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""),
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n{agents}"),
     );
     let log = dir.path().join("log.json");
     let mut child = Command::new(SYNCD)
@@ -133,9 +136,17 @@ fn metrics_are_served_in_prometheus_format_and_logs_as_json() {
         "# TYPE syncd_agent_lag_generations gauge",
         "syncd_held 0",
         "syncd_forced_rescans_total 0",
+        "syncd_agent_up{agent=\"w1\"} 0",
+        "syncd_agent_up{agent=\"w2\"} 0",
+        "syncd_agent_max_rate_bytes{agent=\"w1\"} 2000000",
     ] {
         assert!(body.contains(want), "{want} not in\n{body}");
     }
+    assert!(
+        !body.contains("syncd_agent_max_rate_bytes{agent=\"w2\"}"),
+        "{body}"
+    );
+    assert_grouped(&body);
     // Every log line is a JSON object carrying the node's name.
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -149,6 +160,46 @@ fn metrics_are_served_in_prometheus_format_and_logs_as_json() {
         text.contains("\"generation\":\"1\"") || text.contains("\"generation\":1"),
         "{text}"
     );
+}
+
+/// Checks the exposition format's rule that all samples of a family come together, after its
+/// `# TYPE` line.
+fn assert_grouped(body: &str) {
+    let text = body.split("\r\n\r\n").nth(1).unwrap_or(body);
+    let mut typed = std::collections::HashSet::new();
+    let mut done = std::collections::HashSet::new();
+    let mut current = String::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let family = if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap().to_owned();
+            assert!(typed.insert(name.clone()), "a second TYPE line for {name}");
+            name
+        } else if line.starts_with('#') {
+            continue;
+        } else {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                .unwrap_or(name);
+            assert!(
+                typed.contains(family),
+                "{line}: sample before its TYPE line"
+            );
+            family.to_owned()
+        };
+        if family != current {
+            assert!(
+                done.insert(current.clone()) || current.is_empty(),
+                "{current} is split"
+            );
+            assert!(
+                !done.contains(&family),
+                "{family}'s samples are split:\n{text}"
+            );
+            current = family;
+        }
+    }
 }
 
 /// One scrape of a metrics endpoint: the HTTP response, headers and body.

@@ -395,6 +395,63 @@ fn procedure_5_a_worker_down_catches_up_and_a_paused_worker_stays_untouched() {
     assert_eq!(fs::read(&kept[0]).unwrap(), b"<api name=\"hand-edited\"/>");
 }
 
+#[test]
+fn procedure_5_a_recovery_site_behind_a_rate_cap_holds_back_no_other_worker() {
+    // A second data center is reached over a slow link: its agent gets a cap (`max_rate` in
+    // its entry of the manager's config); the worker beside the manager has none.
+    const RATE: f64 = 1_048_576.0;
+    let mut c = Cluster::new(&["worker-1", "dr-1"]);
+    c.agent_entry_option("dr-1", "max_rate = \"1MiB/s\"");
+    for n in [MANAGER, "worker-1", "dr-1"] {
+        c.start(n);
+    }
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    let table = c.ctl(MANAGER, &["status"]);
+    assert!(
+        table.contains("sending capped at 1.0 MB/s (max_rate)"),
+        "{table}"
+    );
+    assert_eq!(c.row("dr-1").max_rate, Some(1_048_576));
+    assert_eq!(c.row("worker-1").max_rate, None);
+
+    // 4 MB of random bytes (nothing to compress, nothing to reuse).
+    let mut bytes = vec![0u8; 4_000_000];
+    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom").unwrap(), &mut bytes).unwrap();
+    let tmp = c.root.path().join("build-output");
+    fs::write(&tmp, &bytes).unwrap();
+    let start = std::time::Instant::now();
+    fs::rename(&tmp, c.data(MANAGER).join("blob.bin")).unwrap();
+    let arrived =
+        |node: &str| fs::read(c.data(node).join("blob.bin")).ok().as_ref() == Some(&bytes);
+    let mut lan = None;
+    while !arrived("dr-1") {
+        if lan.is_none() && arrived("worker-1") {
+            lan = Some(start.elapsed());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "dr-1 never got the file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dr = start.elapsed();
+    let lan = lan.expect("worker-1 had the file before dr-1");
+    // At 1 MiB/s, less the cap's first burst (64 KiB), 4 MB take at least 3.75 s.
+    let floor = Duration::from_secs_f64((4_000_000.0 - 65_536.0) / RATE);
+    assert!(
+        dr >= floor,
+        "dr-1 got 4 MB in {dr:?}: faster than its cap allows ({floor:?})"
+    );
+    assert!(
+        lan < dr / 2,
+        "worker-1 took {lan:?}, dr-1 {dr:?}: the cap held back an uncapped worker"
+    );
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("dr-1"));
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    eprintln!("worker-1 {lan:?}, dr-1 {dr:?} (cap 1 MiB/s, floor {floor:?})");
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in fs::read_dir(dir).into_iter().flatten().flatten() {

@@ -27,6 +27,9 @@ pub struct Cluster {
     wrap: BTreeMap<String, Vec<String>>,
     /// Extra lines in every `[node]` table.
     node_options: Vec<String>,
+    /// Extra lines in the manager's `[manager]` table, and in an agent's `[[manager.agents]]`.
+    manager_options: Vec<String>,
+    agent_entry_options: BTreeMap<String, Vec<String>>,
     procs: BTreeMap<String, Child>,
 }
 
@@ -64,6 +67,8 @@ impl Cluster {
             connect: None,
             wrap: BTreeMap::new(),
             node_options: Vec::new(),
+            manager_options: Vec::new(),
+            agent_entry_options: BTreeMap::new(),
             procs: BTreeMap::new(),
         };
         c.write_configs();
@@ -106,6 +111,21 @@ impl Cluster {
         self.write_configs();
     }
 
+    /// Adds `line` (e.g. `max_rate = "20MB/s"`) to the manager's `[manager]` table.
+    pub fn manager_option(&mut self, line: &str) {
+        self.manager_options.push(line.to_owned());
+        self.write_configs();
+    }
+
+    /// Adds `line` (e.g. `max_rate = "1MiB/s"`) to `agent`'s entry in the manager's config.
+    pub fn agent_entry_option(&mut self, agent: &str, line: &str) {
+        self.agent_entry_options
+            .entry(agent.to_owned())
+            .or_default()
+            .push(line.to_owned());
+        self.write_configs();
+    }
+
     /// Runs `node`'s daemon under `prefix` (e.g. `["ip", "netns", "exec", "ns1"]`).
     pub fn wrap(&mut self, node: &str, prefix: &[&str]) {
         self.wrap.insert(
@@ -136,15 +156,24 @@ impl Cluster {
             .connect
             .clone()
             .unwrap_or_else(|| format!("127.0.0.1:{}", self.port));
-        let node_extra: String = self.node_options.iter().map(|l| format!("{l}\n")).collect();
+        let lines = |lines: Option<&Vec<String>>| -> String {
+            lines
+                .into_iter()
+                .flatten()
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        let node_extra = lines(Some(&self.node_options));
+        let manager_extra = lines(Some(&self.manager_options));
         let mut m = format!(
             "[node]\nname = \"mgr\"\nstate_dir = \"mgr/state\"\nadmin_socket = \"mgr/admin.sock\"\n{node_extra}\
-             [manager]\nlisten = \"{listen}\"\n"
+             [manager]\nlisten = \"{listen}\"\n{manager_extra}"
         );
         for a in &self.agents {
             m.push_str(&format!(
-                "[[manager.agents]]\nname = \"{a}\"\nid = \"{}\"\n",
-                self.ids[a]
+                "[[manager.agents]]\nname = \"{a}\"\nid = \"{}\"\n{}",
+                self.ids[a],
+                lines(self.agent_entry_options.get(a))
             ));
         }
         m.push_str(&folders(MANAGER));

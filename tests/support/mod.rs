@@ -110,6 +110,7 @@ impl TestManager {
                 .map(|(name, id)| AgentEntry {
                     name: (*name).into(),
                     id: *id,
+                    max_rate: None,
                 })
                 .collect(),
             folders: folder(&dirs.data),

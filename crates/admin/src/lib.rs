@@ -209,6 +209,10 @@ pub struct NodeView {
     pub drift: Vec<DriftView>,
     /// Local changes it reverted since its daemon started.
     pub drift_reverted: u64,
+    /// Manager's view only: the most bytes per second the manager sends it, if capped
+    /// (`max_rate` in the manager's config).
+    #[serde(default)]
+    pub max_rate: Option<u64>,
 }
 
 /// A local change on an agent, left in place.

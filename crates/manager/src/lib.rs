@@ -38,6 +38,8 @@ pub struct AgentEntry {
     pub name: String,
     /// Its node ID.
     pub id: NodeId,
+    /// The most bytes per second the manager sends it (`None`: as fast as the path allows).
+    pub max_rate: Option<u64>,
 }
 
 /// What the manager needs to run, already validated.
@@ -83,6 +85,8 @@ pub struct AgentView {
     pub drift: Vec<syncd_proto::DriftEntry>,
     /// Local changes it reverted since it started.
     pub drift_reverted: u64,
+    /// The cap on what is sent to it, in bytes per second (its config's `max_rate`).
+    pub max_rate: Option<u64>,
 }
 
 /// The state of an agent as an operator sees it.
@@ -480,7 +484,13 @@ impl Manager {
             agents: config
                 .agents
                 .iter()
-                .map(|a| (a.name.clone(), AgentView::default()))
+                .map(|a| {
+                    let view = AgentView {
+                        max_rate: a.max_rate,
+                        ..AgentView::default()
+                    };
+                    (a.name.clone(), view)
+                })
                 .collect(),
             held: Vec::new(),
             bytes_served: 0,

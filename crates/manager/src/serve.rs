@@ -148,6 +148,17 @@ async fn serve_agent(ctx: Arc<Ctx>, incoming: Incoming, mut shutdown: watch::Rec
         }
     };
     let name = ctx.names.get(&conn.peer_id()).cloned().unwrap_or_default();
+    let rate = ctx
+        .config
+        .agents
+        .iter()
+        .find(|a| a.id == conn.peer_id())
+        .and_then(|a| a.max_rate);
+    // Everything sent to this agent, on every stream, shares its cap.
+    let conn = match rate {
+        Some(r) => conn.with_send_limit(r),
+        None => conn,
+    };
     let serial = ctx.serial.fetch_add(1, Ordering::Relaxed);
     let result = tokio::select! {
         r = session(&ctx, &conn, &name, serial) => r,
@@ -224,7 +235,7 @@ async fn session(ctx: &Arc<Ctx>, conn: &Conn, name: &str, serial: u64) -> Result
         MAX_CONTROL_FRAME,
     )
     .await?;
-    tracing::info!(agent = %name, addr = %conn.remote_addr(), version = %software, applied = %applied, "agent joined");
+    tracing::info!(agent = %name, addr = %conn.remote_addr(), version = %software, applied = %applied, max_rate = ?conn.send_limit(), "agent joined");
     ctx.update_agent(name, |v| {
         v.connected = true;
         v.addr = Some(conn.remote_addr());

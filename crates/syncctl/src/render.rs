@@ -119,6 +119,14 @@ fn row(out: &mut String, n: &NodeView, now: u64) {
             "", n.drift_reverted
         );
     }
+    if let Some(rate) = n.max_rate {
+        let _ = writeln!(
+            out,
+            "{:<12} sending capped at {}/s (max_rate)",
+            "",
+            human_bytes(rate)
+        );
+    }
 }
 
 /// How a wait ended, as text.
@@ -210,6 +218,7 @@ mod tests {
             bytes_reused: 0,
             drift: vec![],
             drift_reverted: 0,
+            max_rate: Some(2_500_000),
         }
     }
 
@@ -242,6 +251,10 @@ mod tests {
         }
         assert!(text.contains("paused by manager, ends in 1h56m"), "{text}");
         assert!(text.contains("2 gen, 123.5 MB"), "{text}");
+        assert!(
+            text.contains("sending capped at 2.5 MB/s (max_rate)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -298,6 +298,7 @@ fn manager_status(m: &ManagerHandle) -> Status {
                 bytes_reused: 0,
                 drift: v.drift.iter().map(drift_view).collect(),
                 drift_reverted: v.drift_reverted,
+                max_rate: v.max_rate,
             }
         })
         .collect();
@@ -477,6 +478,7 @@ fn agent_row(s: &AgentStatus, name: &str, manager: SocketAddr) -> NodeView {
         bytes_reused: s.bytes_reused,
         drift: s.drift.iter().map(drift_view).collect(),
         drift_reverted: s.drift_reverted,
+        max_rate: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 use syncd_fsops::{DriftPolicy, Excludes, FolderSpec, WSO2_DEFAULT_EXCLUDES};
+use syncd_manager::AgentEntry;
 use syncd_transport::NodeId;
 use toml::{Table, Value};
 
@@ -53,8 +54,9 @@ pub enum Role {
     Manager {
         /// UDP address to listen on.
         listen: SocketAddr,
-        /// `[[manager.agents]]`: name and ID.
-        agents: Vec<(String, NodeId)>,
+        /// `[[manager.agents]]`: name, ID and the cap on what is sent to it (its own
+        /// `max_rate`, else `[manager] max_rate`).
+        agents: Vec<AgentEntry>,
     },
     /// `[agent]`.
     Agent {
@@ -173,6 +175,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
                 .string(&mut m, "manager", "listen", false)
                 .map(|s| p.addr("manager.listen", &s, false))
                 .unwrap_or_else(|| Some(SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))));
+            let default_rate = p.rate(&mut m, "manager", "max_rate").flatten();
             let mut agents = Vec::new();
             let mut names = HashSet::new();
             let mut ids = HashSet::new();
@@ -184,6 +187,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
                 let key = format!("manager.agents[{i}]");
                 let name = p.string(&mut a, &key, "name", true);
                 let id = p.string(&mut a, &key, "id", true);
+                let max_rate = p.rate(&mut a, &key, "max_rate").unwrap_or(default_rate);
                 p.unknown(&a, &key);
                 if let Some(name) = &name {
                     p.check_name(&format!("{key}.name"), name);
@@ -207,7 +211,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
                     p.problem(&format!("{key}.id"), "this node ID is listed twice");
                 }
                 if let (Some(name), Some(id)) = (name, id) {
-                    agents.push((name, id));
+                    agents.push(AgentEntry { name, id, max_rate });
                 }
             }
             p.unknown(&m, "manager");
@@ -385,6 +389,54 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     }
 }
 
+/// The smallest cap accepted: below it one 64 KiB chunk takes seconds.
+const MIN_RATE: u64 = 10_000;
+
+/// Reads a byte rate: a number and a unit, `/s` optional (`"20MB/s"`, `"1.5MiB/s"`,
+/// `"100Mbit/s"`), or `"unlimited"` (`None`). Units: `B`, `kB`, `MB`, `GB` (powers of 1000),
+/// `KiB`, `MiB`, `GiB` (powers of 1024), `kbit`, `Mbit`, `Gbit` (bits).
+pub fn parse_rate(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    if t == "unlimited" {
+        return Ok(None);
+    }
+    let wrong = || {
+        format!(
+            "{text:?} is not a rate: use a number and a unit, e.g. \"20MB/s\", \"2MiB/s\" or \"100Mbit/s\" (or \"unlimited\")"
+        )
+    };
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(wrong)?;
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().map_err(|_| wrong())?;
+    let scale: f64 = match unit.trim() {
+        "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "kbit" | "Kbit" => 1e3 / 8.0,
+        "Mbit" => 1e6 / 8.0,
+        "Gbit" => 1e9 / 8.0,
+        _ => return Err(wrong()),
+    };
+    let rate = number * scale;
+    if !rate.is_finite() || rate > u64::MAX as f64 {
+        return Err(wrong());
+    }
+    let rate = rate as u64;
+    if rate < MIN_RATE {
+        return Err(format!(
+            "{text:?} is below the smallest cap, 10kB/s (a 64 KiB chunk would take seconds)"
+        ));
+    }
+    Ok(Some(rate))
+}
+
 /// Collects problems while taking values out of tables (what is left at the end is unknown).
 struct Checker {
     problems: Vec<Problem>,
@@ -400,6 +452,19 @@ fn join(prefix: &str, key: &str) -> String {
 }
 
 impl Checker {
+    /// A byte rate such as `"20MB/s"`: `Some(None)` for `"unlimited"`, `None` when absent or
+    /// wrong (reported).
+    fn rate(&mut self, t: &mut Table, prefix: &str, key: &str) -> Option<Option<u64>> {
+        let s = self.string(t, prefix, key, false)?;
+        match parse_rate(&s) {
+            Ok(rate) => Some(rate),
+            Err(reason) => {
+                self.problem(&join(prefix, key), &reason);
+                None
+            }
+        }
+    }
+
     fn problem(&mut self, key: &str, reason: &str) {
         self.problems.push(Problem {
             key: key.to_owned(),
@@ -622,6 +687,65 @@ exclude = ["**/*.back", "work/**"]
         assert!(matches!(&c.role, Role::Manager { agents, .. } if agents.len() == 1));
         assert_eq!(c.folders[0].name, "deployment");
         assert_eq!(c.node.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    }
+
+    #[test]
+    fn rates_take_units_of_bytes_or_bits() {
+        assert_eq!(parse_rate("20MB/s"), Ok(Some(20_000_000)));
+        assert_eq!(parse_rate("20MB"), Ok(Some(20_000_000)));
+        assert_eq!(parse_rate("1.5MiB/s"), Ok(Some(1_572_864)));
+        assert_eq!(parse_rate("100Mbit/s"), Ok(Some(12_500_000)));
+        assert_eq!(parse_rate("64 KiB/s"), Ok(Some(65_536)));
+        assert_eq!(parse_rate("1GB/s"), Ok(Some(1_000_000_000)));
+        assert_eq!(parse_rate("unlimited"), Ok(None));
+        for wrong in [
+            "20", "20mb/s", "MB/s", "fast", "1e9B/s", "-5MB/s", "2..5MB/s", "",
+        ] {
+            let e = parse_rate(wrong).unwrap_err();
+            assert!(e.contains("is not a rate"), "{wrong:?}: {e}");
+        }
+        assert!(
+            parse_rate("9kB/s")
+                .unwrap_err()
+                .contains("below the smallest cap")
+        );
+    }
+
+    #[test]
+    fn an_agent_takes_the_managers_rate_unless_it_names_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = format!("B{}", &AGENT_ID[1..]);
+        let third = format!("C{}", &AGENT_ID[1..]);
+        let text = format!(
+            "[node]\nname = \"m\"\n[manager]\nmax_rate = \"4MB/s\"\n\
+             [[manager.agents]]\nname = \"lan\"\nid = \"{AGENT_ID}\"\nmax_rate = \"unlimited\"\n\
+             [[manager.agents]]\nname = \"dr\"\nid = \"{other}\"\nmax_rate = \"100Mbit/s\"\n\
+             [[manager.agents]]\nname = \"w3\"\nid = \"{third}\"\n\
+             [[folders]]\nname = \"d\"\npath = \"{}\"\n",
+            dir.path().display()
+        );
+        let c = parse(&text, Path::new("/etc/syncd")).unwrap();
+        let Role::Manager { agents, .. } = c.role else {
+            panic!("a manager config")
+        };
+        let rates: Vec<_> = agents
+            .iter()
+            .map(|a| (a.name.as_str(), a.max_rate))
+            .collect();
+        assert_eq!(
+            rates,
+            [
+                ("lan", None),
+                ("dr", Some(12_500_000)),
+                ("w3", Some(4_000_000))
+            ]
+        );
+
+        let bad = text.replace("100Mbit/s", "100 megabits");
+        let problems = parse(&bad, Path::new("/etc/syncd")).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "manager.agents[1].max_rate");
+        assert!(problems[0].reason.contains("is not a rate"), "{problems:?}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use syncd_agent::{Agent, AgentConfig};
-use syncd_manager::{AgentEntry, Manager, ManagerConfig};
+use syncd_manager::{Manager, ManagerConfig};
 use syncd_transport::{Identity, IdentityError};
 use tokio::sync::watch;
 
@@ -312,10 +312,7 @@ async fn run(config: Config, identity: Identity) -> ExitCode {
                 node_name: config.node.name,
                 state_dir: config.node.state_dir,
                 listen,
-                agents: agents
-                    .into_iter()
-                    .map(|(name, id)| AgentEntry { name, id })
-                    .collect(),
+                agents,
                 folders: config.folders,
             };
             let manager = match Manager::open(mc, identity).await {

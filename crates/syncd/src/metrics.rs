@@ -6,7 +6,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 
 use syncd_agent::AgentHandle;
-use syncd_manager::{ManagerHandle, NodeState};
+use syncd_manager::{AgentView, ManagerHandle, NodeState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -118,70 +118,75 @@ fn manager(m: &ManagerHandle) -> String {
         "Full rescans forced by lost watcher events.",
     );
     let _ = writeln!(out, "syncd_forced_rescans_total {}", s.forced_rescans);
-    header(
+    // Each family's samples together, after its HELP and TYPE (the exposition format's rule).
+    let per_agent = |out: &mut String,
+                     name: &str,
+                     kind: &str,
+                     help: &str,
+                     value: &dyn Fn(&AgentView) -> Option<u64>| {
+        header(out, name, kind, help);
+        for (agent, v) in &s.agents {
+            if let Some(x) = value(v) {
+                let _ = writeln!(out, "{name}{{agent=\"{agent}\"}} {x}");
+            }
+        }
+    };
+    per_agent(
         &mut out,
         "syncd_bytes_sent_total",
         "counter",
         "Chunk bytes sent to agents.",
+        &|v| Some(v.bytes_sent),
     );
-    header(
+    per_agent(
         &mut out,
         "syncd_agent_applied_generation",
         "gauge",
         "The generation each agent applied.",
+        &|v| Some(v.applied.0),
     );
-    header(
+    per_agent(
         &mut out,
         "syncd_agent_lag_generations",
         "gauge",
         "Generations each agent is behind.",
+        &|v| Some(s.generation.0.saturating_sub(v.applied.0)),
     );
-    header(
+    per_agent(
         &mut out,
         "syncd_agent_up",
         "gauge",
         "1 if the agent is connected.",
+        &|v| Some(u64::from(v.connected)),
     );
-    header(
+    per_agent(
         &mut out,
         "syncd_agent_paused",
         "gauge",
         "1 if the agent is paused.",
+        &|v| Some(u64::from(v.state(s.generation) == NodeState::Paused)),
     );
-    header(
+    per_agent(
         &mut out,
         "syncd_agent_drift",
         "gauge",
         "Local changes an agent left in place.",
+        &|v| Some(v.drift.len() as u64),
     );
-    header(
+    per_agent(
         &mut out,
         "syncd_agent_drift_reverted_total",
         "counter",
         "Local changes an agent reverted.",
+        &|v| Some(v.drift_reverted),
     );
-    for (name, v) in &s.agents {
-        let l = format!("{{agent=\"{name}\"}}");
-        let _ = writeln!(out, "syncd_bytes_sent_total{l} {}", v.bytes_sent);
-        let _ = writeln!(out, "syncd_agent_applied_generation{l} {}", v.applied.0);
-        let _ = writeln!(
-            out,
-            "syncd_agent_lag_generations{l} {}",
-            s.generation.0.saturating_sub(v.applied.0)
-        );
-        let _ = writeln!(out, "syncd_agent_up{l} {}", u8::from(v.connected));
-        let _ = writeln!(
-            out,
-            "syncd_agent_paused{l} {}",
-            u8::from(v.state(s.generation) == NodeState::Paused)
-        );
-        let _ = writeln!(out, "syncd_agent_drift{l} {}", v.drift.len());
-        let _ = writeln!(
-            out,
-            "syncd_agent_drift_reverted_total{l} {}",
-            v.drift_reverted
-        );
-    }
+    per_agent(
+        &mut out,
+        "syncd_agent_max_rate_bytes",
+        "gauge",
+        "The cap on bytes per second sent to an agent (max_rate); absent when uncapped.",
+        &|v| v.max_rate,
+    );
     out
 }
 

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use syncd_proto::{DecodeError, EncodeError, FRAME_HEADER_LEN, HelloError};
 
 use crate::identity::NodeId;
+use crate::rate::SendLimit;
 
 /// Why a connection or a stream failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -128,6 +129,8 @@ pub struct Conn {
     peer: NodeId,
     /// How we closed it, if we did: quinn reports a local close without its reason.
     closed_by_us: Arc<Mutex<Option<(u32, String)>>>,
+    /// The cap on what its streams send, if any.
+    send_limit: Option<Arc<SendLimit>>,
 }
 
 impl Conn {
@@ -148,7 +151,20 @@ impl Conn {
             inner,
             peer,
             closed_by_us: Arc::default(),
+            send_limit: None,
         })
+    }
+
+    /// Caps what every stream of this connection sends, together, at `bytes_per_sec` (streams
+    /// opened or accepted from this value and its clones made afterwards).
+    pub fn with_send_limit(mut self, bytes_per_sec: u64) -> Conn {
+        self.send_limit = Some(Arc::new(SendLimit::new(bytes_per_sec)));
+        self
+    }
+
+    /// The cap on what this connection sends, in bytes per second, if any.
+    pub fn send_limit(&self) -> Option<u64> {
+        self.send_limit.as_ref().map(|l| l.bytes_per_sec())
     }
 
     /// The verified ID of the peer.
@@ -164,13 +180,20 @@ impl Conn {
     /// Opens a bidirectional stream.
     pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let (s, r) = self.inner.open_bi().await?;
-        Ok((SendStream(s), RecvStream::new(r)))
+        Ok((self.send_stream(s), RecvStream::new(r)))
     }
 
     /// Waits for the peer to open a bidirectional stream.
     pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let (s, r) = self.inner.accept_bi().await?;
-        Ok((SendStream(s), RecvStream::new(r)))
+        Ok((self.send_stream(s), RecvStream::new(r)))
+    }
+
+    fn send_stream(&self, inner: quinn::SendStream) -> SendStream {
+        SendStream {
+            inner,
+            limit: self.send_limit.clone(),
+        }
     }
 
     /// Closes the connection, telling the peer why.
@@ -212,7 +235,11 @@ impl Conn {
 
 /// The sending half of a stream.
 #[derive(Debug)]
-pub struct SendStream(quinn::SendStream);
+pub struct SendStream {
+    inner: quinn::SendStream,
+    /// The connection's cap, shared with its other streams.
+    limit: Option<Arc<SendLimit>>,
+}
 
 /// The receiving half of a stream.
 ///
@@ -247,17 +274,32 @@ impl SendStream {
 
     /// Writes raw bytes (the hello, chunk payloads).
     pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
-        Ok(self.0.write_all(bytes).await?)
+        let Some(limit) = &self.limit else {
+            return Ok(self.inner.write_all(bytes).await?);
+        };
+        for piece in bytes.chunks(limit.piece()) {
+            limit.take(piece.len()).await;
+            self.inner.write_all(piece).await?;
+        }
+        Ok(())
     }
 
     /// Writes an owned buffer without copying it.
-    pub async fn write_bytes(&mut self, bytes: bytes::Bytes) -> Result<(), TransportError> {
-        Ok(self.0.write_chunk(bytes).await?)
+    pub async fn write_bytes(&mut self, mut bytes: bytes::Bytes) -> Result<(), TransportError> {
+        let Some(limit) = &self.limit else {
+            return Ok(self.inner.write_chunk(bytes).await?);
+        };
+        while !bytes.is_empty() {
+            let piece = bytes.split_to(bytes.len().min(limit.piece()));
+            limit.take(piece.len()).await;
+            self.inner.write_chunk(piece).await?;
+        }
+        Ok(())
     }
 
     /// Ends the stream cleanly.
     pub fn finish(&mut self) {
-        let _ = self.0.finish();
+        let _ = self.inner.finish();
     }
 
     /// Ends the stream and waits, at most `limit`, until the peer has acknowledged all of it.
@@ -267,13 +309,13 @@ impl SendStream {
     /// still unsent (quinn-rs/quinn#2785, fixed after 0.11.19), so a close right after a write
     /// into a full window may never leave, and the peer then learns only "reset by peer".
     pub async fn finish_and_flush(&mut self, limit: Duration) {
-        let _ = self.0.finish();
-        let _ = tokio::time::timeout(limit, self.0.stopped()).await;
+        let _ = self.inner.finish();
+        let _ = tokio::time::timeout(limit, self.inner.stopped()).await;
     }
 
     /// Abandons the stream.
     pub fn reset(&mut self, code: u32) {
-        let _ = self.0.reset(code.into());
+        let _ = self.inner.reset(code.into());
     }
 }
 

@@ -5,6 +5,7 @@
 mod conn;
 mod endpoint;
 mod identity;
+mod rate;
 mod validity;
 mod verify;
 

@@ -3,7 +3,7 @@
 //! The operator's protection of a slow link (a disaster-recovery site behind a WAN): what the
 //! manager writes into an agent's connection, on every stream, is paced so that over any second
 //! it stays at the cap. QUIC's own headers, acknowledgements and retransmissions come on top
-//! (about 2% of full packets).
+//! (0.5-3% measured on loopback).
 
 use std::sync::Mutex;
 use std::time::Duration;

@@ -6,13 +6,16 @@
 //!
 //!   cargo build --release -p syncd-devtools
 //!   target/release/bench-quic                # 1 GiB per run, 3 repetitions
+//!
+//! `--rates 1000000,50000000` also measures the `max_rate` cap (what the manager sends one agent):
+//! three seconds' worth at each rate over four streams, and what actually went.
 
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use syncd_transport::{ConnStats, Endpoint, Identity};
+use syncd_transport::{ConnStats, DEFAULT_MAX_UDP_PAYLOAD, Endpoint, Identity};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,6 +34,9 @@ struct Args {
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Send caps to measure (bytes per second, as `max_rate` sets them); none by default.
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<u64>,
     /// Run one configuration and print its figures (used by the parent process).
     #[arg(long, hide = true)]
     child: bool,
@@ -130,7 +136,38 @@ fn main() -> Result<()> {
         times[times.len() / 2].as_secs_f64() * 1e3,
         times[times.len() - 1].as_secs_f64() * 1e3
     );
+    if !args.rates.is_empty() {
+        println!();
+        println!(
+            "Send caps (`max_rate`): three seconds' worth over four streams, 6,500-byte bound:"
+        );
+        println!();
+        println!(
+            "| cap | sent | seconds | payload rate | payload ÷ cap | on the wire (UDP payload) ÷ cap |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- |");
+        for &rate in &args.rates {
+            let bytes = (rate * 3).max(1 << 20);
+            let (secs, stats) = rt.block_on(capped(bytes, 4, rate))?;
+            let got = bytes as f64 / secs;
+            println!(
+                "| {:.1} MB/s | {:.1} MB | {secs:.2} | {:.2} MB/s | {:.3} | {:.3} |",
+                rate as f64 / 1e6,
+                bytes as f64 / 1e6,
+                got / 1e6,
+                got / rate as f64,
+                stats.tx_bytes as f64 / secs / rate as f64
+            );
+        }
+    }
     Ok(())
+}
+
+/// Sends `bytes` over `streams` streams of a connection capped at `rate` bytes per second;
+/// returns the seconds from the first byte written to the last byte read, and the sender's
+/// connection figures.
+async fn capped(bytes: u64, streams: usize, rate: u64) -> Result<(f64, ConnStats)> {
+    transfer(bytes, streams, DEFAULT_MAX_UDP_PAYLOAD, Some(rate)).await
 }
 
 /// The client half of a [`loopback`] pair.
@@ -224,9 +261,18 @@ async fn replies_after_idle(n: usize) -> Result<Vec<std::time::Duration>> {
 /// Sends `mib` MiB from a client to a server over `streams` streams; returns the seconds from
 /// the first byte written to the last byte read, and the sender's connection figures.
 async fn run(mib: u64, streams: usize, payload: u16) -> Result<(f64, ConnStats)> {
+    transfer(mib << 20, streams, payload, None).await
+}
+
+async fn transfer(
+    bytes: u64,
+    streams: usize,
+    payload: u16,
+    rate: Option<u64>,
+) -> Result<(f64, ConnStats)> {
     syncd_transport::set_max_udp_payload(payload);
     let (_dir, server, client) = loopback()?;
-    let per_stream = mib * (1 << 20) / streams as u64;
+    let per_stream = bytes / streams as u64;
     let receiver = tokio::spawn(async move {
         let conn = accept(&server).await?;
         let mut tasks = Vec::new();
@@ -248,7 +294,10 @@ async fn run(mib: u64, streams: usize, payload: u16) -> Result<(f64, ConnStats)>
         }
         anyhow::Ok(Instant::now())
     });
-    let conn = client.connect().await?;
+    let mut conn = client.connect().await?;
+    if let Some(rate) = rate {
+        conn = conn.with_send_limit(rate);
+    }
     let block = bytes::Bytes::from(vec![0x5au8; 1 << 20]);
     let start = Instant::now();
     let mut senders = Vec::new();

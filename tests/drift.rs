@@ -322,3 +322,50 @@ fn a_hand_edited_file_lends_none_of_its_changed_bytes_to_the_next_version() {
     deploy(&v2);
     assert_eq!(fs::read(worker.join("big.bin")).unwrap(), v2);
 }
+
+#[test]
+fn a_paused_worker_lists_its_hand_changes_without_reverting_them_even_cut_off() {
+    let mut c = cluster(16, false);
+    c.ctl("worker-1", &["pause"]);
+    c.stop(MANAGER);
+    let frozen = snapshot(&c.data("worker-1"));
+    tamper(&c.data("worker-1"));
+    let tampered = snapshot(&c.data("worker-1"));
+    assert_ne!(frozen, tampered);
+    // Listed in its status within seconds, each as `paused`, and nothing reverted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let row = loop {
+        let row = c.status("worker-1").nodes.remove(0);
+        if row.drift.len() == 5 {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "not listed: {row:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(row.drift.iter().all(|d| d.action == "paused"), "{row:?}");
+    assert_eq!(
+        snapshot(&c.data("worker-1")),
+        tampered,
+        "a paused worker changed"
+    );
+    // A resume while the manager is away backs them up; they are what the worker holds now,
+    // so the list empties at once rather than at the next periodic check.
+    let out = c.ctl("worker-1", &["resume"]);
+    assert!(out.contains("backed up"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.status("worker-1").nodes[0].drift.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "still listed after the resume: {:?}",
+            c.status("worker-1").nodes[0].drift
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Once the manager is back, the worker converges.
+    c.start(MANAGER);
+    converge_blocking(
+        &c.data(MANAGER),
+        &c.data("worker-1"),
+        Duration::from_secs(30),
+    );
+}

@@ -382,10 +382,38 @@ fn procedure_5_a_worker_down_catches_up_and_a_paused_worker_stays_untouched() {
         changes.contains("modified") && changes.contains("service-0001.xml"),
         "{changes}"
     );
+    // The operator on the manager sees it too: a paused worker compares its folders and
+    // reports what changed, reverting nothing.
+    let listed = "modified  deployment/synapse-configs/default/api/service-0001.xml (paused)";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = c.ctl(MANAGER, &["changes", "worker-2"]);
+        if out.contains(listed) {
+            assert!(out.starts_with("worker-2 is paused"), "{out}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the manager never listed the paused worker's change: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let table = c.ctl(MANAGER, &["status"]);
+    assert!(
+        table.contains(
+            "drift: modified deployment/synapse-configs/default/api/service-0001.xml (paused)"
+        ),
+        "{table}"
+    );
+    assert_eq!(fs::read(&edited).unwrap(), b"<api name=\"hand-edited\"/>");
     let out = c.ctl(MANAGER, &["resume", "worker-2"]);
     assert!(out.contains("resumed"), "{out}");
     c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-2"));
+    // What was listed during the pause goes once it is backed up and converged.
+    c.wait_row("worker-2", Duration::from_secs(10), |r| r.drift.is_empty());
+    let out = c.ctl(MANAGER, &["changes", "worker-2"]);
+    assert!(out.contains("no local changes"), "{out}");
     let backups = c.dir("worker-2", "state/backups");
     let kept: Vec<_> = walk(&backups)
         .into_iter()

@@ -91,7 +91,8 @@ pub struct DriftEntry {
     /// `added`, `modified` or `removed`.
     pub change: String,
     /// Why it is left: `reported` (the folder's policy), `flapping` (changed again and again),
-    /// `waiting` (to be reverted once the manager is reachable).
+    /// `waiting` (to be reverted once the manager is reachable), `paused` (the agent is paused:
+    /// listed only; agents before this value existed report nothing while paused).
     pub action: String,
 }
 

@@ -42,8 +42,13 @@ pub enum Request {
         /// Count offline and paused agents too.
         all: bool,
     },
-    /// What changed locally on an agent since syncd last applied (while paused, say).
-    Changes,
+    /// What changed locally on an agent since syncd last applied (while paused, say): on an
+    /// agent, its own; on the manager, agent `node`'s as it last reported them.
+    Changes {
+        /// The agent, on the manager.
+        #[serde(default)]
+        node: Option<String>,
+    },
     /// On the manager: publish what the delete guard holds back (in `folder`, or everywhere).
     Confirm {
         /// The folder.
@@ -76,6 +81,9 @@ pub enum Response {
     Changes {
         /// The changes.
         changes: Vec<LocalChange>,
+        /// Where they come from, when the manager answers for an agent.
+        #[serde(default)]
+        note: Option<String>,
     },
     /// Backups on an agent, oldest first.
     Backups {
@@ -275,6 +283,10 @@ pub struct LocalChange {
     pub path: String,
     /// `added`, `modified` or `removed`.
     pub change: String,
+    /// In the manager's answer: what the agent does with it (`paused`: listed until resumed;
+    /// `reported`, `flapping`, `waiting`: left in place).
+    #[serde(default)]
+    pub action: Option<String>,
 }
 
 /// Why the client could not get an answer.

@@ -252,6 +252,23 @@ pub(crate) struct Tracker {
     /// The next comparison looks at every folder in full (what is left in place is decided
     /// afresh).
     pub recheck_all: bool,
+    /// Compare every folder in full as soon as the session loop looks (set by a resume: what
+    /// was listed during the pause is now backed up and about to be converged).
+    pub check_now: bool,
+}
+
+/// The action of a change found while the agent is paused: listed, left, never reverted.
+pub(crate) const PAUSED: &str = "paused";
+
+/// What the agent may do about a local change now, whatever the folder's policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum May {
+    /// Revert it (by policy): connected and not paused.
+    Revert,
+    /// Not yet: the manager is out of reach (`waiting`).
+    Wait,
+    /// Only list it: the agent is paused.
+    List,
 }
 
 impl Tracker {
@@ -582,7 +599,7 @@ pub(crate) fn plan(
     actual: &Manifest,
     changes: &[Change],
     tracker: &mut Tracker,
-    connected: bool,
+    may: May,
     now: Instant,
     left: &mut Vec<DriftEntry>,
 ) -> Plan {
@@ -600,18 +617,20 @@ pub(crate) fn plan(
                 .is_some_and(|e| e.is_dir() && e.mode == n.mode)
         {
             if folder.policy == DriftPolicy::Revert
-                && connected
+                && may == May::Revert
                 && let Some(e) = expected.get(p)
             {
                 target.insert(p.clone(), e.clone());
             }
             continue;
         }
-        let action = if folder.policy == DriftPolicy::Report {
+        let action = if may == May::List {
+            Some(PAUSED)
+        } else if folder.policy == DriftPolicy::Report {
             Some("reported")
         } else if tracker.flapping(&folder.name, path) {
             Some("flapping")
-        } else if !connected {
+        } else if may == May::Wait {
             Some("waiting")
         } else {
             None

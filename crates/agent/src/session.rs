@@ -121,6 +121,9 @@ pub(crate) async fn run(
         let sleep = tokio::time::sleep(backoff);
         tokio::pin!(sleep);
         loop {
+            if std::mem::take(&mut agent.drift.check_now) {
+                drift.now();
+            }
             let expiry = pause_expiry(&agent);
             let check = drift.check_due();
             tokio::select! {
@@ -238,6 +241,9 @@ async fn session(
     let mut walk: Option<DriftWalk> = None;
     let mut walk_again = false;
     loop {
+        if std::mem::take(&mut agent.drift.check_now) {
+            drift.now();
+        }
         let expiry = pause_expiry(agent);
         let check = drift.check_due();
         let ack_deadline = pause_ack.as_ref().map(|a| a.deadline);
@@ -278,7 +284,7 @@ async fn session(
                 if walk.is_some() {
                     // Something changed during the walk under way: look again after it.
                     walk_again = true;
-                } else if agent.state.pause.is_none() {
+                } else {
                     walk = Some(DriftWalk::start(agent, &drift.watch));
                 }
                 continue;
@@ -287,10 +293,10 @@ async fn session(
                 let done = walk.take().expect("guarded");
                 let found = found.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
                 // A generation applied during the walk made it stale, and a change seen during
-                // it may have been missed: look again once things are quiet.
+                // it may have been missed: look again once things are quiet. So did a pause or
+                // resume meanwhile (what it found is to be reverted, or only listed, now).
                 let stale = !done.current(agent);
-                if stale || agent.state.pause.is_some() {
-                    // Looked at again later (after the pause), nothing forgotten.
+                if stale {
                     drift.watch.put_back(done.scopes);
                 } else {
                     act_on_drift(agent, Some(&conn), Some(&mut tx), found).await?;
@@ -478,9 +484,6 @@ async fn check_drift(
     conn: Option<&Conn>,
     tx: Option<&mut SendStream>,
 ) -> Result<(), TransportError> {
-    if agent.state.pause.is_some() {
-        return Ok(());
-    }
     let found = DriftWalk::start(agent, watch)
         .task
         .await
@@ -499,6 +502,9 @@ struct DriftWalk {
     /// Each folder's applied digest when the walk started: if one moved (a generation was
     /// applied meanwhile), the walk compared against a stale expectation and is redone.
     digests: Vec<syncd_manifest::ManifestDigest>,
+    /// Whether the agent was paused when the walk started (a walk that outlives a pause or a
+    /// resume is redone).
+    paused: bool,
 }
 
 impl DriftWalk {
@@ -521,6 +527,7 @@ impl DriftWalk {
             .map(|(i, (folder, scope))| (i, folder.clone(), scope.clone()))
             .collect();
         DriftWalk {
+            paused: agent.state.pause.is_some(),
             digests: agent
                 .folders
                 .iter()
@@ -533,10 +540,12 @@ impl DriftWalk {
 
     /// Whether what the walk compared against is still what was applied.
     fn current(&self, agent: &Agent) -> bool {
-        self.digests
-            .iter()
-            .copied()
-            .eq(agent.folders.iter().map(|f| f.local.manifest.digest()))
+        self.paused == agent.state.pause.is_some()
+            && self
+                .digests
+                .iter()
+                .copied()
+                .eq(agent.folders.iter().map(|f| f.local.manifest.digest()))
     }
 }
 
@@ -578,7 +587,13 @@ async fn act_on_drift(
             &actual.manifest,
             &found.changes,
             &mut agent.drift,
-            conn.is_some(),
+            if agent.state.pause.is_some() {
+                drift::May::List
+            } else if conn.is_some() {
+                drift::May::Revert
+            } else {
+                drift::May::Wait
+            },
             now,
             &mut left,
         );
@@ -885,6 +900,9 @@ async fn resume(agent: &mut Agent, set_at: u64, why: &str) -> Result<ResumeRepor
     );
     agent.state.pause = None;
     agent.state.pause_set_at = set_at;
+    // What the comparisons listed as changed during the pause is backed up and is now what
+    // this agent holds: compare afresh, so those entries go (here and on the manager).
+    agent.drift.check_now = true;
     if let Err(e) = agent.save_state() {
         tracing::error!(error = %e, "cannot record the resume");
     }

@@ -85,8 +85,12 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// On an agent: list what changed locally since syncd last applied (e.g. during a pause).
-    Changes,
+    /// List what changed locally on an agent since syncd last applied (e.g. during a pause):
+    /// on the agent, its own; on the manager, NODE's as it last reported them.
+    Changes {
+        /// The agent (on the manager).
+        node: Option<String>,
+    },
     /// On the manager: publish what the delete guard holds back (a folder emptied, removed,
     /// unmounted, or losing more than its allowed share of files).
     Confirm {
@@ -133,7 +137,7 @@ pub fn run() -> ExitCode {
             timeout + Duration::from_secs(30),
             false,
         ),
-        Command::Changes => (Request::Changes, Duration::from_secs(600), false),
+        Command::Changes { node } => (Request::Changes { node }, Duration::from_secs(600), false),
         Command::Confirm { folder } => {
             (Request::Confirm { folder }, Duration::from_secs(600), false)
         }
@@ -203,12 +207,18 @@ pub fn run() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Response::Changes { changes } => {
+        Response::Changes { changes, note } => {
+            if let Some(note) = note {
+                println!("{note}");
+            }
             if changes.is_empty() {
                 println!("no local changes");
             }
             for c in &changes {
-                println!("{:<9} {}/{}", c.change, c.folder, c.path);
+                match &c.action {
+                    Some(action) => println!("{:<9} {}/{} ({action})", c.change, c.folder, c.path),
+                    None => println!("{:<9} {}/{}", c.change, c.folder, c.path),
+                }
             }
             ExitCode::SUCCESS
         }

@@ -248,9 +248,14 @@ async fn manager(m: &ManagerHandle, request: Request) -> Response {
                     .collect(),
             })
         }
-        Request::Changes | Request::Backups => error(
+        Request::Changes { node: Some(node) } => agent_changes(m, &node),
+        Request::Changes { node: None } => error(
             ErrorKind::WrongRole,
-            "`changes` and `backups` are about an agent's local changes: run them on the worker",
+            "on the manager, name the agent: `syncctl changes NODE` (or run `syncctl changes` on the worker)",
+        ),
+        Request::Backups => error(
+            ErrorKind::WrongRole,
+            "`backups` lists an agent's backups of local changes: run it on the worker",
         ),
         Request::Confirm { folder } => match m.confirm(folder).await {
             Ok(g) => Response::Done {
@@ -397,9 +402,14 @@ async fn agent(a: &AgentHandle, name: &str, manager: SocketAddr, request: Reques
             },
             Err(e) => error(ErrorKind::Failed, e),
         },
-        Request::Changes => match a.changes().await {
+        Request::Changes { node: Some(other) } if other != name => error(
+            ErrorKind::WrongRole,
+            format!("this is agent {name:?}: ask the manager about {other:?}"),
+        ),
+        Request::Changes { .. } => match a.changes().await {
             Ok(changes) => Response::Changes {
                 changes: changes.into_iter().map(local_change).collect(),
+                note: None,
             },
             Err(e) => error(ErrorKind::Failed, e),
         },
@@ -445,6 +455,43 @@ fn local_change(c: syncd_agent::LocalChange) -> LocalChange {
         folder: c.folder,
         path: c.path,
         change: c.kind.into(),
+        action: None,
+    }
+}
+
+/// On the manager: an agent's local changes as it last reported them (a paused agent lists
+/// every change it finds; an unpaused one, the changes it leaves in place).
+fn agent_changes(m: &ManagerHandle, node: &str) -> Response {
+    let s = m.status().borrow().clone();
+    let Some(v) = s.agents.get(node) else {
+        return error(
+            ErrorKind::UnknownNode,
+            format!("no agent named {node:?} in the manager's config"),
+        );
+    };
+    let note = if !v.connected {
+        format!("{node} is offline: its local changes as it last reported them")
+    } else if v.paused.is_some() {
+        format!(
+            "{node} is paused: its local changes as it reports them; `syncctl resume {node}` backs them up and converges"
+        )
+    } else {
+        format!(
+            "{node} is not paused: local changes it leaves in place (it reverts the others, keeping them in its backups: `syncctl backups` on it)"
+        )
+    };
+    Response::Changes {
+        changes: v
+            .drift
+            .iter()
+            .map(|e| LocalChange {
+                folder: e.folder.clone(),
+                path: e.path.clone(),
+                change: e.change.clone(),
+                action: Some(e.action.clone()),
+            })
+            .collect(),
+        note: Some(note),
     }
 }
 

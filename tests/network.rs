@@ -143,7 +143,9 @@ impl Drop for Hosts {
 struct Relay {
     port: u16,
     stop: Arc<AtomicBool>,
+    /// UDP payload bytes forwarded up (agent to manager) and down (manager to agent).
     forwarded: Arc<AtomicU64>,
+    delivered: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -152,7 +154,8 @@ impl Relay {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let forwarded = Arc::new(AtomicU64::new(0));
-        let (stop2, fwd2) = (stop.clone(), forwarded.clone());
+        let delivered = Arc::new(AtomicU64::new(0));
+        let (stop2, fwd2, dlv2) = (stop.clone(), forwarded.clone(), delivered.clone());
         std::thread::spawn(move || {
             use std::os::fd::AsFd;
             rustix::thread::move_into_link_name_space(
@@ -178,6 +181,7 @@ impl Relay {
                             let Ok((n, _)) = up.recv_from(&mut buf).await else {
                                 continue;
                             };
+                            dlv2.fetch_add(n as u64, Ordering::Relaxed);
                             let data = buf[..n].to_vec();
                             let to = *peer.lock().unwrap();
                             let client = client.clone();
@@ -214,6 +218,7 @@ impl Relay {
             port: rx.recv().unwrap(),
             stop,
             forwarded,
+            delivered,
         }
     }
 }
@@ -433,4 +438,45 @@ fn an_agent_whose_address_changes_keeps_converging() {
                 .as_deref()
                 .is_some_and(|a| a.starts_with(&format!("10.77.{net}.3")))
     });
+}
+
+#[test]
+fn a_capped_worker_across_a_100ms_link_gets_its_bytes_at_its_cap_on_the_wire() {
+    let Some((_hosts, relay, mut c)) = setup(16, Duration::from_millis(50)) else {
+        return;
+    };
+    const RATE: f64 = 2_000_000.0;
+    c.agent_entry_option("worker-1", "max_rate = \"2MB/s\"");
+    c.start(MANAGER);
+    c.start("worker-1");
+    converge(&c, Duration::from_secs(60));
+    // 10 MB of random bytes, deployed as a build pipeline does.
+    let mut bytes = vec![0u8; 10_000_000];
+    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom").unwrap(), &mut bytes).unwrap();
+    let tmp = c.root.path().join("build-output");
+    fs::write(&tmp, &bytes).unwrap();
+    let down_before = relay.delivered.load(Ordering::Relaxed);
+    fs::rename(&tmp, c.data(MANAGER).join("dr-blob.bin")).unwrap();
+    let took = converge(&c, Duration::from_secs(120));
+    let wire = relay.delivered.load(Ordering::Relaxed) - down_before;
+    let rate = wire as f64 / took.as_secs_f64();
+    eprintln!(
+        "cap 2 MB/s across 100 ms RTT: 10 MB in {:.2} s, {:.2} MB of UDP payload down = {:.2} MB/s",
+        took.as_secs_f64(),
+        wire as f64 / 1e6,
+        rate / 1e6
+    );
+    // No faster than the cap allows (less its first burst of 50 ms)...
+    let floor = (10_000_000.0 - 0.05 * RATE) / RATE;
+    assert!(
+        took.as_secs_f64() >= floor,
+        "10 MB in {took:?}: faster than the cap ({floor} s)"
+    );
+    // ...and what crossed the link, QUIC and all, stayed within 10% of it.
+    assert!(wire >= 10_000_000, "only {wire} bytes came down");
+    assert!(
+        rate <= RATE * 1.1,
+        "{:.2} MB/s on the wire against a cap of 2 MB/s",
+        rate / 1e6
+    );
 }

@@ -77,6 +77,32 @@ fn a_bad_config_lists_every_problem_and_exits_3_before_binding() {
     assert_eq!(code(&o), 2, "usage errors exit 2");
 }
 
+#[test]
+fn check_config_counts_capped_agents_and_names_a_wrong_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("m/data")).unwrap();
+    let id = init(&dir.path().join("a/state"));
+    let (m, _) = write_configs(dir.path(), 7780, &id, &id);
+    let text = std::fs::read_to_string(&m).unwrap();
+    let capped = text.replace(
+        "[[manager.agents]]",
+        "max_rate = \"30Mbit/s\"\n[[manager.agents]]",
+    );
+    std::fs::write(&m, &capped).unwrap();
+    let o = syncd(&["check-config", "--config", m.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("1 agent(s) (1 with a max_rate)"), "{out}");
+    std::fs::write(&m, capped.replace("30Mbit/s", "30 mbps")).unwrap();
+    let o = syncd(&["check-config", "--config", m.to_str().unwrap()]);
+    assert_eq!(code(&o), 3);
+    assert!(
+        stderr(&o).contains("manager.max_rate: \"30 mbps\" is not a rate"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 fn write_configs(root: &Path, port: u16, manager_id: &str, agent_id: &str) -> (PathBuf, PathBuf) {
     let m = root.join("manager.toml");
     let a = root.join("agent.toml");

@@ -188,7 +188,12 @@ fn check_config(path: &Path) -> ExitCode {
         Ok(c) => {
             let peers = match &c.role {
                 Role::Manager { agents, listen } => {
-                    format!("listens on {listen}, {} agent(s)", agents.len())
+                    let capped = agents.iter().filter(|a| a.max_rate.is_some()).count();
+                    let capped = match capped {
+                        0 => String::new(),
+                        n => format!(" ({n} with a max_rate)"),
+                    };
+                    format!("listens on {listen}, {} agent(s){capped}", agents.len())
                 }
                 Role::Agent { manager, .. } => format!("manager at {manager}"),
             };

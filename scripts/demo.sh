@@ -138,11 +138,17 @@ if [ -e worker-1/server/carbonapps/app-000_1.0.1.car ]; then echo "published dur
 "$BIN/syncctl" --socket mgr/admin.sock wait --timeout 30s
 wait_converged
 
-say "pausing worker-2 from the manager; a hand edit there is listed, then backed up on resume"
+say "pausing worker-2 from the manager; a hand edit there is listed (on it and on the manager), then backed up on resume"
 "$BIN/syncctl" --socket mgr/admin.sock pause worker-2 --for 10m
 sleep 0.5
 echo '<api name="hand-edit"/>' > worker-2/server/synapse-configs/default/api/service-0002.xml
 "$BIN/syncctl" --socket worker-2/admin.sock changes
+# The paused worker reports what it finds (within about a second); the manager lists it.
+for _ in $(seq 50); do
+    "$BIN/syncctl" --socket mgr/admin.sock changes worker-2 | grep -q service-0002 && break
+    sleep 0.1
+done
+"$BIN/syncctl" --socket mgr/admin.sock changes worker-2
 "$BIN/syncctl" --socket mgr/admin.sock resume worker-2
 "$BIN/syncctl" --socket mgr/admin.sock wait --timeout 30s
 wait_converged

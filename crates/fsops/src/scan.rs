@@ -430,12 +430,17 @@ impl LocalManifest {
     }
 
     /// Drops entries whose parent is missing (a directory that vanished mid-scan) so the
-    /// manifest stays a tree.
+    /// manifest stays a tree: with them, what was beneath them (orphaned in turn).
     pub fn drop_orphans(&mut self) {
-        let orphans: Vec<RelPath> = self.orphans().map(|(p, _)| p.clone()).collect();
-        for p in orphans {
-            self.manifest.remove(&p);
-            self.stats.remove(&p);
+        loop {
+            let orphans: Vec<RelPath> = self.orphans().map(|(p, _)| p.clone()).collect();
+            if orphans.is_empty() {
+                return;
+            }
+            for p in orphans {
+                self.manifest.remove(&p);
+                self.stats.remove(&p);
+            }
         }
     }
 }
@@ -963,6 +968,37 @@ mod tests {
             let changed: Vec<RelPath> = changes.iter().map(|c| c.path().clone()).collect();
             proptest::prop_assert_eq!(local.has_orphans_at(&changed), local.has_orphans());
         }
+    }
+
+    #[test]
+    fn dropping_orphans_drops_what_was_beneath_them_too() {
+        use syncd_manifest::{Mtime, NodeKind, SymlinkTarget};
+        let dir = Node {
+            kind: NodeKind::Dir,
+            mode: 0o755,
+            mtime: Mtime { secs: 1, nanos: 0 },
+        };
+        let link = Node {
+            kind: NodeKind::Symlink(SymlinkTarget::new("t").unwrap()),
+            ..dir.clone()
+        };
+        // `b` vanished mid-scan: `b/x` is an orphan, and so, once it goes, is `b/x/y/z`'s chain.
+        let mut local = LocalManifest {
+            manifest: [
+                (p("b/x"), dir.clone()),
+                (p("b/x/y"), dir.clone()),
+                (p("b/x/y/z"), link.clone()),
+                (p("c"), dir.clone()),
+                (p("c/d"), link.clone()),
+            ]
+            .into_iter()
+            .collect(),
+            stats: HashMap::new(),
+        };
+        local.drop_orphans();
+        assert!(!local.has_orphans());
+        let left: Vec<&str> = local.manifest.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(left, ["c", "c/d"]);
     }
 
     fn tree_path() -> impl proptest::strategy::Strategy<Value = RelPath> {

@@ -19,7 +19,7 @@ use crate::cache::ChunkCache;
 use crate::control::{Command, Snapshot};
 use crate::pauses::{PauseRecord, Pauses};
 use crate::wire::{Encoded, WireCache};
-use crate::{ManagerConfig, ManagerStatus};
+use crate::{AgentEntry, ManagerConfig, ManagerStatus};
 
 /// Time an agent has to complete the hello and join after connecting.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,7 +36,8 @@ const READ_BATCH: usize = 1 << 20;
 #[derive(Debug)]
 pub(crate) struct Ctx {
     config: Arc<ManagerConfig>,
-    names: HashMap<NodeId, String>,
+    /// Each configured agent by its node ID.
+    agents: HashMap<NodeId, AgentEntry>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     status: Arc<watch::Sender<ManagerStatus>>,
     commands: mpsc::Sender<Command>,
@@ -60,11 +61,7 @@ impl Ctx {
         pauses: Arc<Pauses>,
     ) -> Arc<Ctx> {
         Arc::new(Ctx {
-            names: config
-                .agents
-                .iter()
-                .map(|a| (a.id, a.name.clone()))
-                .collect(),
+            agents: config.agents.iter().map(|a| (a.id, a.clone())).collect(),
             config,
             snapshots,
             status,
@@ -147,15 +144,10 @@ async fn serve_agent(ctx: Arc<Ctx>, incoming: Incoming, mut shutdown: watch::Rec
             return;
         }
     };
-    let name = ctx.names.get(&conn.peer_id()).cloned().unwrap_or_default();
-    let rate = ctx
-        .config
-        .agents
-        .iter()
-        .find(|a| a.id == conn.peer_id())
-        .and_then(|a| a.max_rate);
+    let entry = ctx.agents.get(&conn.peer_id());
+    let name = entry.map(|a| a.name.clone()).unwrap_or_default();
     // Everything sent to this agent, on every stream, shares its cap.
-    let conn = match rate {
+    let conn = match entry.and_then(|a| a.max_rate) {
         Some(r) => conn.with_send_limit(r),
         None => conn,
     };

@@ -215,10 +215,14 @@ pub fn run() -> ExitCode {
                 println!("no local changes");
             }
             for c in &changes {
-                match &c.action {
-                    Some(action) => println!("{:<9} {}/{} ({action})", c.change, c.folder, c.path),
-                    None => println!("{:<9} {}/{}", c.change, c.folder, c.path),
-                }
+                let action = c.action.as_ref().map(|a| format!(" ({a})"));
+                println!(
+                    "{:<9} {}/{}{}",
+                    c.change,
+                    c.folder,
+                    c.path,
+                    action.unwrap_or_default()
+                );
             }
             ExitCode::SUCCESS
         }

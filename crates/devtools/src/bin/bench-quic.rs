@@ -148,7 +148,8 @@ fn main() -> Result<()> {
         println!("| --- | --- | --- | --- | --- | --- |");
         for &rate in &args.rates {
             let bytes = (rate * 3).max(1 << 20);
-            let (secs, stats) = rt.block_on(capped(bytes, 4, rate))?;
+            let (secs, stats) =
+                rt.block_on(transfer(bytes, 4, DEFAULT_MAX_UDP_PAYLOAD, Some(rate)))?;
             let got = bytes as f64 / secs;
             println!(
                 "| {:.1} MB/s | {:.1} MB | {secs:.2} | {:.2} MB/s | {:.3} | {:.3} |",
@@ -161,13 +162,6 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Sends `bytes` over `streams` streams of a connection capped at `rate` bytes per second;
-/// returns the seconds from the first byte written to the last byte read, and the sender's
-/// connection figures.
-async fn capped(bytes: u64, streams: usize, rate: u64) -> Result<(f64, ConnStats)> {
-    transfer(bytes, streams, DEFAULT_MAX_UDP_PAYLOAD, Some(rate)).await
 }
 
 /// The client half of a [`loopback`] pair.
@@ -264,6 +258,8 @@ async fn run(mib: u64, streams: usize, payload: u16) -> Result<(f64, ConnStats)>
     transfer(mib << 20, streams, payload, None).await
 }
 
+/// Sends `bytes` over `streams` streams, the connection capped at `rate` bytes per second if
+/// given; figures as [`run`]'s.
 async fn transfer(
     bytes: u64,
     streams: usize,

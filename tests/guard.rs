@@ -241,3 +241,124 @@ fn a_tree_deleted_in_slices_is_held_once_the_slices_add_up() {
     c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
 }
+
+/// CPU time (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The manager runs as an unprivileged user (as its systemd unit does) and meets a directory
+/// and a file it may not read: the directory's files are not published as deleted, the file
+/// is held with the reason (its last version stays published) and tried again without spinning,
+/// and both are shown; once readable, they converge.
+#[test]
+fn what_the_manager_cannot_read_is_shown_kept_on_workers_and_never_taken_as_deleted() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to run the manager as another user");
+        return;
+    }
+    let mut c = Cluster::new(&["worker-1"]);
+    let data = c.data(MANAGER);
+    fs::create_dir(data.join("locked")).unwrap();
+    fs::write(data.join("locked/inside.xml"), b"<inside/>").unwrap();
+    fs::write(data.join("private.xml"), b"<v1/>").unwrap();
+    // The manager, as `nobody`, owns its own directory (state, admin socket); the folder's
+    // entries stay root's.
+    set_mode(c.root.path(), 0o755);
+    for (recursive, path) in [(false, ""), (true, "state")] {
+        let status = Command::new("chown")
+            .args(if recursive { &["-R"][..] } else { &[] })
+            .arg("65534:65534")
+            .arg(c.root.path().join(MANAGER).join(path))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    c.wrap(
+        MANAGER,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+    );
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    let worker = c.data("worker-1");
+    assert_eq!(
+        fs::read(worker.join("locked/inside.xml")).unwrap(),
+        b"<inside/>"
+    );
+
+    // Both become unreadable to the manager while it is down; its first walk meets them.
+    c.stop(MANAGER);
+    set_mode(&data.join("locked"), 0o700);
+    fs::write(data.join("private.xml"), b"<v2/>").unwrap();
+    set_mode(&data.join("private.xml"), 0o600);
+    c.start(MANAGER);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        let s = c.status(MANAGER);
+        if !s.skipped.is_empty() && !s.held_files.is_empty() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "not shown: {s:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(s.skipped_total, 1, "{s:?}");
+    assert_eq!(s.skipped[0].path, "locked");
+    assert!(s.skipped[0].reason.contains("cannot be read"), "{s:?}");
+    assert_eq!(s.held_files[0].path, "private.xml");
+    assert!(s.held_files[0].reason.contains("cannot be read"), "{s:?}");
+    let text = c.ctl(MANAGER, &["status"]);
+    assert!(text.contains("not synced (1 entries"), "{text}");
+    assert!(text.contains("deployment/locked: cannot be read"), "{text}");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    assert_eq!(
+        fs::read(worker.join("locked/inside.xml")).unwrap(),
+        b"<inside/>"
+    );
+    assert_eq!(fs::read(worker.join("private.xml")).unwrap(), b"<v1/>");
+
+    // A file that cannot be read is tried again now and then, not in a loop: the manager is
+    // idle (a loop re-hashing it cost a tenth of a core).
+    let pid = c.pid(MANAGER);
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 25,
+        "manager used {used} ticks in 5 s; see {}",
+        c.log(MANAGER)
+    );
+
+    // Readable again: both converge.
+    set_mode(&data.join("private.xml"), 0o644);
+    set_mode(&data.join("locked"), 0o755);
+    fs::write(data.join("locked/new.xml"), b"<new/>").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !(worker.join("locked/new.xml").exists()
+        && fs::read(worker.join("private.xml")).unwrap() == b"<v2/>")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not converge; see {}",
+            c.log(MANAGER)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = c.status(MANAGER);
+    assert_eq!((s.skipped_total, s.held_files.len()), (0, 0), "{s:?}");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    assert_same_tree(&data, &worker);
+}

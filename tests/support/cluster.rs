@@ -271,6 +271,11 @@ impl Cluster {
         }
     }
 
+    /// The process ID of a node's running daemon.
+    pub fn pid(&self, node: &str) -> u32 {
+        self.procs[node].id()
+    }
+
     /// The log of a node, for failure messages.
     pub fn log(&self, node: &str) -> String {
         self.root

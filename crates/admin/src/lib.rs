@@ -132,6 +132,12 @@ pub struct Status {
     pub pending_total: usize,
     /// Manager: files not published yet because they are not complete.
     pub held_files: Vec<HeldView>,
+    /// Manager: entries in its folders that are not synced (at most 100 listed).
+    #[serde(default)]
+    pub skipped: Vec<SkippedView>,
+    /// Manager: how many entries are not synced in all.
+    #[serde(default)]
+    pub skipped_total: usize,
     /// Manager: folders whose next generation the delete guard holds back.
     pub guarded: Vec<GuardView>,
     /// One row per node: every agent on the manager; the agent itself on an agent.
@@ -167,6 +173,18 @@ pub struct PendingView {
     pub path: String,
     /// `added`, `modified` or `removed`.
     pub change: String,
+}
+
+/// An entry that is not synced: something syncd cannot carry (a socket, FIFO or device, a link
+/// out of its folder, a name that is not UTF-8) or cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedView {
+    /// Folder name.
+    pub folder: String,
+    /// Path in it.
+    pub path: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// A file held back.

@@ -129,6 +129,38 @@ pub enum ScanWarning {
     Unstable(PathBuf),
 }
 
+impl ScanWarning {
+    /// The entry that was skipped (for a name that is not UTF-8, lossily decoded).
+    pub fn path(&self) -> PathBuf {
+        match self {
+            ScanWarning::NonUtf8 { dir, name } => dir.join(name),
+            ScanWarning::BadName { path, .. }
+            | ScanWarning::Symlink { path, .. }
+            | ScanWarning::Unreadable { path, .. } => path.clone(),
+            ScanWarning::Special(path) | ScanWarning::Unstable(path) => path.clone(),
+        }
+    }
+
+    /// Why it was skipped, without its path.
+    pub fn reason(&self) -> String {
+        match self {
+            ScanWarning::NonUtf8 { .. } => "its name is not UTF-8".to_owned(),
+            ScanWarning::BadName { reason, .. } | ScanWarning::Symlink { reason, .. } => {
+                reason.clone()
+            }
+            ScanWarning::Special(_) => "not a file, directory or symlink".to_owned(),
+            ScanWarning::Unreadable { error, .. } => format!("cannot be read: {error}"),
+            ScanWarning::Unstable(_) => "it changed while being read".to_owned(),
+        }
+    }
+
+    /// Whether the entry could not be read at all: what it holds is unknown, not absent, so
+    /// a holder keeps what it last knew of it rather than taking it as removed.
+    pub fn is_unreadable(&self) -> bool {
+        matches!(self, ScanWarning::Unreadable { .. })
+    }
+}
+
 /// Why a folder could not be scanned at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {

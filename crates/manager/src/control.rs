@@ -19,6 +19,7 @@ use crate::live::{GuardReason, LiveFolder};
 use crate::state::{GenerationRecord, ManagerState, ManagerStateView};
 use crate::{
     GuardedFolder, HeldFile, Hold, ManagerConfig, ManagerError, ManagerStatus, PendingChange,
+    SkippedEntry,
 };
 
 /// Quiet time after the last hint before paths are looked at (events of one write come together).
@@ -67,6 +68,8 @@ const TRIM_AFTER_CHANGES: usize = 4096;
 const TRIM_DELAY: Duration = Duration::from_secs(1);
 /// Pending changes listed in status while holding.
 const PENDING_LISTED: usize = 1000;
+/// How many entries that are not synced the status lists.
+const SKIPPED_LISTED: usize = 100;
 
 /// One published folder.
 #[derive(Debug, Clone)]
@@ -265,6 +268,8 @@ impl Control {
         // Folders whose watch stopped covering everything: walked on every `unwatched` tick.
         let mut degraded = vec![false; self.folders.len()];
         self.rewatch(&mut watches, &mut degraded, &tx, &signal);
+        // What the first walk found held back or skipped shows before anything changes.
+        self.report(&status);
         let mut periodic = tokio::time::interval(PERIODIC_RESCAN);
         periodic.tick().await;
         let mut unwatched = tokio::time::interval(UNWATCHED_RESCAN);
@@ -391,7 +396,7 @@ impl Control {
                             folder = %folder.spec.name,
                             error = %e,
                             every = ?UNWATCHED_RESCAN,
-                            "cannot watch the folder (raise fs.inotify.max_user_watches?); walking it periodically instead"
+                            "cannot watch the whole folder; walking it periodically instead"
                         );
                     }
                     degraded[i] = true;
@@ -421,7 +426,7 @@ impl Control {
                         folder = %self.folders[folder].spec.name,
                         %reason,
                         every = ?UNWATCHED_RESCAN,
-                        "the watch no longer covers the whole folder (raise fs.inotify.max_user_watches?); walking it periodically"
+                        "the watch no longer covers the whole folder; walking it periodically"
                     );
                 }
                 degraded[folder] = true;
@@ -701,6 +706,7 @@ impl Control {
     /// Updates the status: generation, held files, hold and pending changes.
     fn report(&self, status: &watch::Sender<ManagerStatus>) {
         let held = self.held();
+        let (skipped, skipped_total) = self.skipped();
         let generation = self.generation;
         let hold = self.hold.clone();
         let (pending, pending_total) = if hold.is_some() {
@@ -730,12 +736,16 @@ impl Control {
         status.send_if_modified(|s| {
             let changed = s.generation != generation
                 || s.held != held
+                || s.skipped_total != skipped_total
+                || s.skipped != skipped
                 || s.hold != hold
                 || s.pending_total != pending_total
                 || s.pending != pending
                 || s.guarded != guarded;
             s.generation = generation;
             s.held = held;
+            s.skipped = skipped;
+            s.skipped_total = skipped_total;
             s.hold = hold;
             s.pending = pending;
             s.pending_total = pending_total;
@@ -779,6 +789,23 @@ impl Control {
             }
         }
         (listed, total)
+    }
+
+    /// Entries not synced: the first [`SKIPPED_LISTED`], and how many in all.
+    fn skipped(&self) -> (Vec<SkippedEntry>, usize) {
+        let listed = self
+            .folders
+            .iter()
+            .flat_map(|f| {
+                f.skipped.iter().map(|(path, reason)| SkippedEntry {
+                    folder: f.spec.name.clone(),
+                    path: path.clone(),
+                    reason: reason.clone(),
+                })
+            })
+            .take(SKIPPED_LISTED)
+            .collect();
+        (listed, self.folders.iter().map(|f| f.skipped.len()).sum())
     }
 
     fn held(&self) -> Vec<HeldFile> {

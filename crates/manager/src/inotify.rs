@@ -77,7 +77,7 @@ pub(crate) fn watch(
     let handler = move |res: notify::Result<notify::Event>| match res {
         Err(e) => send(WatchMsg::Lost {
             folder,
-            reason: format!("watcher error: {e}"),
+            reason: format!("watcher error: {}", explain(&e)),
         }),
         Ok(event) => {
             if event.need_rescan() {
@@ -115,11 +115,24 @@ pub(crate) fn watch(
     let mut watcher = notify::recommended_watcher(handler).map_err(|e| e.to_string())?;
     watcher
         .watch(root, RecursiveMode::Recursive)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| explain(&e))?;
     Ok(FolderWatch {
         _watcher: watcher,
         root_ino,
     })
+}
+
+/// A watch error with what the operator can do about it.
+fn explain(e: &notify::Error) -> String {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => {
+            format!("{e} (raise fs.inotify.max_user_watches)")
+        }
+        notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            format!("{e} (a directory syncd's user cannot read: make it readable to that user)")
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// `abs` relative to `base`: `Some(None)` for the base itself, `None` outside it or for a name

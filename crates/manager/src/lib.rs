@@ -174,6 +174,18 @@ pub struct HeldFile {
     pub since: SystemTime,
 }
 
+/// An entry in a folder on the manager that is not synced, and why: something syncd cannot carry
+/// (a socket, FIFO or device, a link out of the folder, a name that is not UTF-8) or cannot read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEntry {
+    /// Its folder.
+    pub folder: String,
+    /// Its path in the folder (lossily decoded).
+    pub path: String,
+    /// Why.
+    pub reason: String,
+}
+
 /// The manager's state for status displays and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ManagerStatus {
@@ -181,6 +193,10 @@ pub struct ManagerStatus {
     pub generation: Generation,
     /// Files not published yet because they are not complete.
     pub held: Vec<HeldFile>,
+    /// Entries that are not synced (at most 100 listed).
+    pub skipped: Vec<SkippedEntry>,
+    /// How many entries are not synced in all.
+    pub skipped_total: usize,
     /// Every configured agent by name.
     pub agents: BTreeMap<String, AgentView>,
     /// Chunk bytes served to agents since start.
@@ -493,6 +509,8 @@ impl Manager {
                 })
                 .collect(),
             held: Vec::new(),
+            skipped: Vec::new(),
+            skipped_total: 0,
             bytes_served: 0,
             forced_rescans: 0,
             hold: control.hold(),

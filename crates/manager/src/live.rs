@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use syncd_fsops::{
-    FolderRoot, FolderSpec, LocalManifest, Reuse, Seen, StatKey, Tiling, check_archive, is_archive,
-    observe, walk,
+    FolderRoot, FolderSpec, LocalManifest, Reuse, ScanWarning, Seen, StatKey, Tiling,
+    check_archive, is_archive, observe, walk,
 };
 use syncd_manifest::{ChunkParams, Chunker, Manifest, Node, RelPath};
 
@@ -29,6 +29,9 @@ pub(crate) const SETTLE_AFTER_CLOSE: Duration = Duration::from_millis(3);
 pub(crate) const SETTLE_DISCOVERED: Duration = Duration::from_millis(300);
 /// How often an incomplete archive is looked at again without new events.
 pub(crate) const RECHECK_ARCHIVE: Duration = Duration::from_secs(1);
+/// How long a file that cannot be read waits before it is tried again (a `chmod` that makes it
+/// readable changes its stat key and is looked at at once).
+pub(crate) const RECHECK_UNREADABLE: Duration = Duration::from_secs(5);
 
 /// What the watcher said about a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +113,11 @@ pub(crate) struct LiveFolder {
     candidates: HashMap<RelPath, Candidate>,
     /// Files not published yet, and why.
     pub held: BTreeMap<RelPath, Held>,
+    /// Entries that are not synced, and why: what syncd cannot carry (sockets, FIFOs and
+    /// devices, links out of the folder, names that are not UTF-8) and what it cannot read
+    /// (whose last published state stays published). Keyed by path in the folder, lossily
+    /// decoded; logged when first seen.
+    pub skipped: BTreeMap<String, String>,
     /// Whether the last attempt to read the root failed (logged once per outage).
     root_failed: bool,
     /// The delete guard's verdict on the pending generation, if it holds it back.
@@ -177,6 +185,7 @@ impl LiveFolder {
             closed: BTreeSet::new(),
             candidates: HashMap::new(),
             held: BTreeMap::new(),
+            skipped: BTreeMap::new(),
             root_failed: false,
             guarded: None,
             confirmed: None,
@@ -395,10 +404,20 @@ impl LiveFolder {
     }
 
     fn examine_path(&mut self, path: &RelPath, now: Instant) {
+        let known: BTreeMap<String, String> = self
+            .skipped
+            .remove_entry(path.as_str())
+            .into_iter()
+            .collect();
+        let was_skipped = !known.is_empty();
         let seen = match observe(&self.spec.path, path) {
             Ok(s) => s,
             Err(w) => {
-                tracing::warn!(folder = %self.spec.name, "{w}");
+                self.note_skipped(&w, Some(&known));
+                if w.is_unreadable() {
+                    // Unknown is not absent: what was published for it stays.
+                    return;
+                }
                 None
             }
         };
@@ -423,7 +442,13 @@ impl LiveFolder {
             return self.examine_path(&top, now);
         }
         match seen {
-            None => self.forget_subtree(path, now),
+            None => {
+                // Gone, or something syncd cannot carry: nothing beneath it is there any more.
+                let path_str = path.as_str();
+                self.skipped
+                    .retain(|p, _| p == path_str || !is_beneath(p, path_str));
+                self.forget_subtree(path, now);
+            }
             Some(Seen::File { key, mode: _ }) => {
                 if !matches!(self.working.manifest.get(path), Some(n) if n.file().is_some()) {
                     self.replace_subtree(path);
@@ -440,8 +465,9 @@ impl LiveFolder {
                     self.replace_subtree(path);
                 }
                 self.put(path.clone(), s.node().expect("directories have nodes"));
-                if !known_dir {
-                    // A new directory (created, or moved in with its contents): walk it.
+                if !known_dir || was_skipped {
+                    // A new directory (created, or moved in with its contents), or one that
+                    // could not be read before: walk it.
                     self.walk_under(Some(path), now);
                 }
             }
@@ -455,15 +481,25 @@ impl LiveFolder {
             .iter()
             .map(|(p, _)| p.clone())
             .collect();
-        let seen = self.walk_under(None, now);
+        let (seen, unreadable) = self.walk_under(None, now);
         for gone in before.difference(&seen) {
+            // Beneath a directory that could not be listed, or an entry that could not be
+            // looked at, nothing is known: what was published there stays.
+            if unreadable.iter().any(|u| gone.starts_with(u)) {
+                continue;
+            }
             self.forget_subtree(gone, now);
         }
     }
 
     /// Walks beneath `start`, updating directories and links and considering files. Returns
-    /// every path seen.
-    fn walk_under(&mut self, start: Option<&RelPath>, now: Instant) -> BTreeSet<RelPath> {
+    /// every path seen, and the paths that could not be read (a directory that cannot be
+    /// listed, an entry that cannot be looked at).
+    fn walk_under(
+        &mut self,
+        start: Option<&RelPath>,
+        now: Instant,
+    ) -> (BTreeSet<RelPath>, Vec<RelPath>) {
         let mut seen = Vec::new();
         let mut warnings = Vec::new();
         if let Err(e) = walk(
@@ -475,8 +511,30 @@ impl LiveFolder {
         ) {
             tracing::warn!(folder = %self.spec.name, error = %e, "cannot walk {}", start.map_or("the folder root", RelPath::as_str));
         }
-        for w in warnings {
-            tracing::warn!(folder = %self.spec.name, "{w}");
+        // What was skipped beneath `start` is found again by this walk, or is gone.
+        let known = match start {
+            None => std::mem::take(&mut self.skipped),
+            Some(start) => {
+                let under: Vec<String> = self
+                    .skipped
+                    .keys()
+                    .filter(|p| is_beneath(p, start.as_str()))
+                    .cloned()
+                    .collect();
+                under
+                    .into_iter()
+                    .filter_map(|p| self.skipped.remove_entry(&p))
+                    .collect()
+            }
+        };
+        let mut unreadable = Vec::new();
+        for w in &warnings {
+            if let Some(rel) = self.note_skipped(w, Some(&known))
+                && w.is_unreadable()
+                && let Ok(rel) = RelPath::new(rel)
+            {
+                unreadable.push(rel);
+            }
         }
         // Parents before children, so type changes clear the way for what is beneath.
         seen.sort_by(|a, b| a.0.cmp(&b.0));
@@ -504,7 +562,27 @@ impl LiveFolder {
                 }
             }
         }
-        paths
+        (paths, unreadable)
+    }
+
+    /// Notes an entry that is not synced, logging it unless `known` (what was noted before a
+    /// walk) already said the same. Returns its path in the folder.
+    fn note_skipped(
+        &mut self,
+        w: &ScanWarning,
+        known: Option<&BTreeMap<String, String>>,
+    ) -> Option<String> {
+        let abs = w.path();
+        let rel = abs.strip_prefix(&self.spec.path).ok()?;
+        let rel = rel.to_string_lossy().into_owned();
+        let reason = w.reason();
+        if known.and_then(|k| k.get(&rel)) != Some(&reason)
+            && self.skipped.get(&rel) != Some(&reason)
+        {
+            tracing::warn!(folder = %self.spec.name, path = %rel, %reason, "not synced");
+        }
+        self.skipped.insert(rel.clone(), reason);
+        Some(rel)
     }
 
     /// A file is on disk with stat `key`: unchanged, held (a writer has it open), or a candidate.
@@ -660,6 +738,7 @@ impl LiveFolder {
             .map(|(p, _)| p.clone())
             .collect();
         let mut to_hash = Vec::new();
+        let mut keys = HashMap::new();
         for path in ready {
             let c = self
                 .candidates
@@ -695,6 +774,7 @@ impl LiveFolder {
                             tiling: tiling.clone(),
                         })
                     });
+                    keys.insert(path.clone(), key);
                     to_hash.push((path.clone(), self.spec.path.join(path.as_str()), reuse));
                 }
                 Ok(Some(Seen::File { key, .. })) => {
@@ -738,6 +818,15 @@ impl LiveFolder {
                     entered += 1;
                     self.release(&path);
                     self.closed.remove(&path);
+                }
+                Err(w) if w.is_unreadable() => {
+                    // Tried again after a while, or at once when its stat key changes (a
+                    // chmod); its last published version stays published meanwhile.
+                    self.hold(&path, &w.reason());
+                    if let Some(key) = keys.remove(&path) {
+                        let ready_at = now + RECHECK_UNREADABLE;
+                        self.candidates.insert(path, Candidate { key, ready_at });
+                    }
                 }
                 Err(w) => {
                     tracing::debug!(folder = %self.spec.name, "{w}");
@@ -841,6 +930,12 @@ const TOUCHED_LIMIT: usize = 65_536;
 /// Files entering the working state at once beyond which its map is packed again.
 const COMPACT_AFTER: usize = 4096;
 
+/// Whether the path `p` (in a folder, `/`-separated) is `dir` or beneath it.
+fn is_beneath(p: &str, dir: &str) -> bool {
+    p.strip_prefix(dir)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// How long ago the file's inode last changed (data or metadata: the change time moves with
 /// both, and no one can set it back). A change time in the future (the clock went back) counts
 /// as just now.
@@ -879,6 +974,56 @@ mod tests {
             }
         }
         now
+    }
+
+    #[test]
+    fn entries_syncd_cannot_carry_are_listed_as_not_synced_until_they_are_gone() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::net::UnixListener;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(d.join("a.xml"), b"<a/>").unwrap();
+        fs::create_dir(d.join("sub")).unwrap();
+        let _sock = UnixListener::bind(d.join("sub/sock")).unwrap();
+        std::os::unix::fs::symlink("/etc", d.join("out")).unwrap();
+        fs::write(d.join(std::ffi::OsStr::from_bytes(b"b\xff")), b"x").unwrap();
+        let mut f = folder(d);
+        settle_all(&mut f);
+        let listed = |f: &LiveFolder| f.skipped.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(listed(&f), ["b\u{FFFD}", "out", "sub/sock"]);
+        assert!(f.skipped["out"].contains("absolute"), "{:?}", f.skipped);
+        assert!(f.skipped["sub/sock"].contains("not a file"));
+        assert!(f.skipped["b\u{FFFD}"].contains("not UTF-8"));
+        let m = f.publishable().unwrap();
+        assert!(m.manifest.get(&p("a.xml")).is_some() && m.manifest.get(&p("sub")).is_some());
+        assert!(m.manifest.get(&p("out")).is_none() && m.manifest.get(&p("sub/sock")).is_none());
+
+        // Gone, or replaced by something syncd carries: no longer listed.
+        fs::remove_file(d.join("sub/sock")).unwrap();
+        f.hint(p("sub/sock"), Hint::Changed);
+        fs::remove_file(d.join("out")).unwrap();
+        fs::write(d.join("out"), b"now a file").unwrap();
+        f.hint(p("out"), Hint::Written);
+        settle_all(&mut f);
+        assert_eq!(listed(&f), ["b\u{FFFD}"]);
+        assert!(f.publishable().unwrap().manifest.get(&p("out")).is_some());
+
+        // A looked-at directory keeps what is listed beneath it; a removed one does not.
+        let _sock2 = UnixListener::bind(d.join("sub/sock2")).unwrap();
+        f.hint(p("sub/sock2"), Hint::Changed);
+        settle_all(&mut f);
+        f.hint(p("sub"), Hint::Changed);
+        settle_all(&mut f);
+        assert_eq!(listed(&f), ["b\u{FFFD}", "sub/sock2"]);
+        fs::remove_dir_all(d.join("sub")).unwrap();
+        f.hint(p("sub"), Hint::Changed);
+        settle_all(&mut f);
+        assert_eq!(listed(&f), ["b\u{FFFD}"]);
+
+        // A full walk finds the same again (names that are not UTF-8 are found only by walks).
+        f.rescan();
+        settle_all(&mut f);
+        assert_eq!(listed(&f), ["b\u{FFFD}"]);
     }
 
     #[test]

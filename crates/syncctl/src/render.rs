@@ -42,7 +42,7 @@ pub fn status(s: &Status, now: u64) -> String {
         );
     }
     if !s.held_files.is_empty() {
-        let _ = writeln!(out, "not published yet (incomplete):");
+        let _ = writeln!(out, "not published yet:");
         for h in &s.held_files {
             let _ = writeln!(
                 out,
@@ -52,6 +52,19 @@ pub fn status(s: &Status, now: u64) -> String {
                 h.reason,
                 human_secs(now.saturating_sub(h.since))
             );
+        }
+    }
+    if s.skipped_total > 0 {
+        let _ = writeln!(
+            out,
+            "not synced ({} entries; workers do not get them):",
+            s.skipped_total
+        );
+        for e in &s.skipped {
+            let _ = writeln!(out, "  {}/{}: {}", e.folder, e.path, e.reason);
+        }
+        if s.skipped_total > s.skipped.len() {
+            let _ = writeln!(out, "  ... and {} more", s.skipped_total - s.skipped.len());
         }
     }
     let _ = writeln!(out);
@@ -236,6 +249,8 @@ mod tests {
             pending_total: 0,
             guarded: vec![],
             held_files: vec![],
+            skipped: vec![],
+            skipped_total: 0,
             nodes: vec![
                 node("worker-with-a-very-long-name", "paused"),
                 node("w2", "in sync"),

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncd_admin::{
     BackupView, DriftView, ErrorKind, GuardView, HeldView, HoldView, Laggard, LocalChange,
-    NodeView, PendingView, Request, Response, Status, WaitReport,
+    NodeView, PendingView, Request, Response, SkippedView, Status, WaitReport,
 };
 use syncd_agent::{AgentHandle, AgentStatus};
 use syncd_manager::{ManagerHandle, NodeState};
@@ -344,6 +344,16 @@ fn manager_status(m: &ManagerHandle) -> Status {
                 since: secs(h.since),
             })
             .collect(),
+        skipped: s
+            .skipped
+            .iter()
+            .map(|e| SkippedView {
+                folder: e.folder.clone(),
+                path: e.path.clone(),
+                reason: e.reason.clone(),
+            })
+            .collect(),
+        skipped_total: s.skipped_total,
         nodes,
     }
 }
@@ -548,6 +558,8 @@ fn agent_status(s: &AgentStatus, name: &str, manager: SocketAddr) -> Status {
         pending_total: 0,
         guarded: Vec::new(),
         held_files: Vec::new(),
+        skipped: Vec::new(),
+        skipped_total: 0,
         nodes: vec![agent_row(s, name, manager)],
     }
 }

@@ -106,6 +106,14 @@ fn manager(m: &ManagerHandle) -> String {
     let _ = writeln!(out, "syncd_incomplete_files {}", s.held.len());
     header(
         &mut out,
+        "syncd_skipped_entries",
+        "gauge",
+        "Entries in the folders that are not synced (sockets, FIFOs, devices, links out of the \
+         folder, names that are not UTF-8, entries that cannot be read).",
+    );
+    let _ = writeln!(out, "syncd_skipped_entries {}", s.skipped_total);
+    header(
+        &mut out,
         "syncd_delete_guard_engaged",
         "gauge",
         "Folders whose next generation the delete guard holds back.",

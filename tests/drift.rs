@@ -369,3 +369,75 @@ fn a_paused_worker_lists_its_hand_changes_without_reverting_them_even_cut_off() 
         Duration::from_secs(30),
     );
 }
+
+/// The agent runs as an unprivileged user (as its systemd unit does). A hand edit it may not
+/// read (a file written by root, mode 0600) is not taken as a removal and recreated over: it is
+/// left as it is, through a restart too, until the agent can read it; then it is backed up and
+/// reverted like any other. Nothing is lost.
+#[test]
+fn a_hand_edit_the_agent_cannot_read_is_left_not_overwritten_until_it_can_be_backed_up() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to run the agent as another user");
+        return;
+    }
+    let mut c = Cluster::new(&["worker-1"]);
+    fs::write(c.data(MANAGER).join("a.xml"), b"<a/>").unwrap();
+    fs::set_permissions(c.root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let status = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(c.root.path().join("worker-1"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    c.wrap(
+        "worker-1",
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+    );
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    let file = c.data("worker-1").join("a.xml");
+    assert_eq!(fs::read(&file).unwrap(), b"<a/>");
+
+    // Root replaces the file with one the agent may not read.
+    fs::remove_file(&file).unwrap();
+    fs::write(&file, b"<hand-edited by root/>").unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+    let left = |c: &Cluster| {
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            fs::read(&file).unwrap(),
+            b"<hand-edited by root/>",
+            "overwritten; see {}",
+            c.log("worker-1")
+        );
+    };
+    left(&c);
+    c.stop("worker-1");
+    c.start("worker-1");
+    left(&c);
+
+    // Readable again: backed up, then reverted.
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::read(&file).unwrap() != b"<a/>" {
+        assert!(
+            Instant::now() < deadline,
+            "not reverted; see {}",
+            c.log("worker-1")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        backed_up_files(&c)
+            .iter()
+            .any(|(name, bytes)| name == "a.xml" && bytes == b"<hand-edited by root/>"),
+        "{:?}",
+        backed_up_files(&c)
+    );
+}

@@ -556,9 +556,10 @@ fn compare_paths(
             Err(w) => warnings.push(w),
         }
     }
-    for w in warnings {
+    for w in &warnings {
         tracing::warn!(folder = %folder.name, "{w}");
     }
+    syncd_fsops::keep_unreadable(&mut after, &before, root, &warnings);
 
     let changes = syncd_manifest::diff(&before, &after);
     // The files compared have the stat keys just read; nothing else compared has one.

@@ -24,8 +24,8 @@ pub use folder::{Committer, FolderRoot, Retired, StagedFile, Staging, mtime_of, 
 pub use memory::{trim_heap, tune_allocator};
 pub use scan::{
     HashResult, LocalDelta, LocalManifest, Reuse, ScanError, ScanStats, ScanWarning, Seen, StatKey,
-    Tiling, apply_deltas, hash_file, hash_file_reusing, hash_files, hash_files_reusing, observe,
-    scan, stat_key, walk,
+    Tiling, apply_deltas, hash_file, hash_file_reusing, hash_files, hash_files_reusing,
+    keep_unreadable, observe, scan, stat_key, walk,
 };
 pub use statelog::{LoadedState, Restored, StateFile, StateLog};
 

@@ -450,8 +450,36 @@ pub fn scan(
             Err(w) => warnings.push(w),
         }
     }
+    if let Some(previous) = reusable {
+        keep_unreadable(&mut out.manifest, &previous.manifest, root, &warnings);
+    }
     out.drop_orphans();
     Ok((out, stats, warnings))
+}
+
+/// Where a look at `root` could not read (`warnings`), puts back what `previous` held there and
+/// beneath: unknown is not absent. A file or directory this node's user may not read is kept
+/// as it was known rather than taken as removed (which would recreate it over what is there).
+pub fn keep_unreadable(
+    out: &mut Manifest,
+    previous: &Manifest,
+    root: &Path,
+    warnings: &[ScanWarning],
+) {
+    for w in warnings.iter().filter(|w| w.is_unreadable()) {
+        let path = w.path();
+        let Some(rel) = path
+            .strip_prefix(root)
+            .ok()
+            .and_then(Path::to_str)
+            .and_then(|r| RelPath::new(r).ok())
+        else {
+            continue;
+        };
+        for (p, n) in previous.subtree(&rel) {
+            out.insert(p.clone(), n.clone());
+        }
+    }
 }
 
 impl LocalManifest {

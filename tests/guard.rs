@@ -330,6 +330,21 @@ fn what_the_manager_cannot_read_is_shown_kept_on_workers_and_never_taken_as_dele
     );
     assert_eq!(fs::read(worker.join("private.xml")).unwrap(), b"<v1/>");
 
+    // The directory it cannot read is left out of the watch, not the whole folder: a deploy
+    // beside it arrives at once, not at the next periodic walk (every 5 s).
+    fs::write(data.join("deployed.xml"), b"<deployed/>").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !worker.join("deployed.xml").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not sent at once; see {}",
+            c.log(MANAGER)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = fs::read_to_string(c.log(MANAGER)).unwrap();
+    assert!(!log.contains("cannot watch"), "{log}");
+
     // A file that cannot be read is tried again now and then, not in a loop: the manager is
     // idle (a loop re-hashing it cost a tenth of a core).
     let pid = c.pid(MANAGER);

@@ -3,13 +3,13 @@
 //! what settled together as one generation: persisted first, then published as an immutable
 //! snapshot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use syncd_fsops::{FolderRoot, LocalDelta, LocalManifest};
-use syncd_manifest::{ChunkParams, Chunker, ManifestDigest, diff};
+use syncd_manifest::{ChunkParams, Chunker, ManifestDigest, RelPath, diff};
 use syncd_proto::Generation;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
@@ -284,11 +284,13 @@ impl Control {
             tokio::select! {
                 msg = hints.recv() => {
                     let Some(msg) = msg else { break };
-                    let mut forced = self.take(msg, &mut degraded);
+                    let mut dirs = BTreeSet::new();
+                    let mut forced = self.take(msg, &mut dirs, &mut degraded);
                     // Drain what is queued without waking up for each hint.
                     while let Ok(msg) = hints.try_recv() {
-                        forced |= self.take(msg, &mut degraded);
+                        forced |= self.take(msg, &mut dirs, &mut degraded);
                     }
+                    forced |= self.watch_dirs(dirs, &mut watches, &mut degraded);
                     if forced {
                         status.send_modify(|s| s.forced_rescans += 1);
                     }
@@ -349,6 +351,12 @@ impl Control {
             if signal.overflowed.swap(false, Ordering::AcqRel) {
                 tracing::warn!("too many watcher events at once; rescanning every folder");
                 self.folders.iter_mut().for_each(LiveFolder::rescan);
+                // Directories created meanwhile may have gone unreported: watched now.
+                for (i, watch) in watches.iter_mut().enumerate() {
+                    if let Some(Err(reason)) = watch.as_mut().map(|w| w.add_tree(None)) {
+                        self.watch_lost(i, &reason, &mut degraded);
+                    }
+                }
                 status.send_modify(|s| s.forced_rescans += 1);
             }
         }
@@ -382,7 +390,13 @@ impl Control {
             if ino.is_none() {
                 continue;
             }
-            match crate::inotify::watch(i, &folder.spec.path, tx.clone(), signal.clone()) {
+            match crate::inotify::watch(
+                i,
+                &folder.spec.path,
+                &folder.spec.excludes,
+                tx.clone(),
+                signal.clone(),
+            ) {
                 Ok(w) => {
                     if degraded[i] {
                         tracing::info!(folder = %folder.spec.name, "folder fully watched again");
@@ -406,7 +420,12 @@ impl Control {
     }
 
     /// Takes one watcher message; returns whether it forced a full rescan.
-    fn take(&mut self, msg: WatchMsg, degraded: &mut [bool]) -> bool {
+    fn take(
+        &mut self,
+        msg: WatchMsg,
+        dirs: &mut BTreeSet<(usize, Option<RelPath>)>,
+        degraded: &mut [bool],
+    ) -> bool {
         let now = Instant::now();
         self.first_hint.get_or_insert(now);
         self.last_hint = Some(now);
@@ -415,25 +434,80 @@ impl Control {
                 self.folders[folder].hint(path, hint);
                 false
             }
+            WatchMsg::Dir { folder, path } => {
+                dirs.insert((folder, Some(path)));
+                false
+            }
             WatchMsg::Rescan { folder, reason } => {
                 tracing::warn!(folder = %self.folders[folder].spec.name, %reason, "rescanning the folder");
+                // Directories created while events were lost are watched too (once per batch
+                // of messages: a burst overflows the queue again and again).
+                dirs.insert((folder, None));
                 self.folders[folder].rescan();
                 true
             }
             WatchMsg::Lost { folder, reason } => {
-                if !degraded[folder] {
-                    tracing::error!(
-                        folder = %self.folders[folder].spec.name,
-                        %reason,
-                        every = ?UNWATCHED_RESCAN,
-                        "the watch no longer covers the whole folder; walking it periodically"
-                    );
-                }
-                degraded[folder] = true;
-                self.folders[folder].rescan();
+                self.watch_lost(folder, &reason, degraded);
                 true
             }
         }
+    }
+
+    /// Watches the directories reported new or changed in a batch of watcher messages (each
+    /// with what is beneath it, once: `cp -rp` of a tree reports every directory twice; `None`:
+    /// the whole folder, after lost events), before the folders are looked at again, so nothing
+    /// created in them from now on goes unseen; what is already there, the look finds. Returns
+    /// whether a watch was lost.
+    fn watch_dirs(
+        &mut self,
+        dirs: BTreeSet<(usize, Option<RelPath>)>,
+        watches: &mut [Option<FolderWatch>],
+        degraded: &mut [bool],
+    ) -> bool {
+        let mut last: Option<(usize, Option<RelPath>)> = None;
+        let mut lost = false;
+        for (folder, path) in dirs {
+            let covered = last.as_ref().is_some_and(|(f, p)| {
+                *f == folder
+                    && match (p, &path) {
+                        (None, _) => true,
+                        (Some(p), Some(path)) => path.starts_with(p),
+                        (Some(_), None) => false,
+                    }
+            });
+            if covered {
+                continue;
+            }
+            if let Some(path) = &path {
+                let spec = &self.folders[folder].spec;
+                let is_dir = std::fs::symlink_metadata(spec.path.join(path.as_str()))
+                    .is_ok_and(|m| m.is_dir());
+                if !is_dir || spec.excludes.is_excluded(path, true) {
+                    continue;
+                }
+            }
+            if let Some(Err(reason)) = watches[folder].as_mut().map(|w| w.add_tree(path.as_ref())) {
+                self.watch_lost(folder, &reason, degraded);
+                lost = true;
+            }
+            last = Some((folder, path));
+        }
+        lost
+    }
+
+    /// A folder's watch no longer covers it: it is walked now and periodically until it can be
+    /// watched whole again.
+    fn watch_lost(&mut self, folder: usize, reason: &str, degraded: &mut [bool]) {
+        if !degraded[folder] {
+            tracing::error!(
+                folder = %self.folders[folder].spec.name,
+                reason,
+                every = ?UNWATCHED_RESCAN,
+                "the watch no longer covers the whole folder; walking it periodically"
+            );
+        }
+        degraded[folder] = true;
+        self.folders[folder].rescan();
     }
 
     /// Looks at hinted paths and settles ready candidates, on the blocking pool.

@@ -441,3 +441,40 @@ fn a_hand_edit_the_agent_cannot_read_is_left_not_overwritten_until_it_can_be_bac
         backed_up_files(&c)
     );
 }
+
+/// Under `drift = "report"` a hand change is left in place, but a new generation that replaces
+/// the same path does not lose it: the local version is backed up (`replaced-<time>`) before
+/// the manager's overwrites it, for an edited file and for a file added by hand at a path the
+/// manager then adds too.
+#[test]
+fn a_reported_hand_change_that_a_new_generation_replaces_is_backed_up_first() {
+    let c = cluster(33, true);
+    let (m, w) = (
+        c.data(MANAGER).join("synapse-configs/default/api"),
+        c.data("worker-1").join("synapse-configs/default/api"),
+    );
+    fs::write(w.join("service-0001.xml"), b"<api name=\"hand-edited\"/>").unwrap();
+    fs::write(w.join("both-added.xml"), b"<api name=\"added by hand\"/>").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.row("worker-1").drift.len() != 2 {
+        assert!(Instant::now() < deadline, "not reported: {:?}", c.row("worker-1"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fs::write(m.join("service-0001.xml"), b"<api name=\"from the manager\"/>").unwrap();
+    fs::write(m.join("both-added.xml"), b"<api name=\"added on the manager\"/>").unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    let kept = backed_up_files(&c);
+    for (name, hand) in [
+        ("service-0001.xml", &b"<api name=\"hand-edited\"/>"[..]),
+        ("both-added.xml", &b"<api name=\"added by hand\"/>"[..]),
+    ] {
+        assert!(
+            kept.iter().any(|(n, b)| n == name && b == hand),
+            "{name} not backed up: {kept:?}; see {}",
+            c.log("worker-1")
+        );
+    }
+    let backups = c.ctl("worker-1", &["backups"]);
+    assert!(backups.contains("replaced-"), "{backups}");
+}

@@ -134,6 +134,10 @@ pub enum ApplyError {
         /// The error.
         source: io::Error,
     },
+    /// A local change the generation would replace could not be backed up; nothing was
+    /// renamed into place.
+    #[error("{0}; nothing was applied")]
+    Backup(String),
     /// A disk operation failed while renaming into place; some files of the generation may be
     /// in place (each one complete), the rest not.
     #[error("applying {path}: {source}")]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncd_fsops::LocalManifest;
-use syncd_manifest::{Change, Chunker, Node, NodeKind, diff};
+use syncd_manifest::{Change, Chunker, Node, NodeKind, RelPath, diff};
 use syncd_proto::Pause;
 
 use crate::folder::Folder;
@@ -145,9 +145,50 @@ fn copy_file(from: &Path, to: &Path, node: &Node) -> std::io::Result<()> {
     dst.sync_all()
 }
 
+/// Copies what is on disk at `paths` (files with their mode and mtime, links as links) into
+/// `backup_root/<folder>/<path>`; returns how many it kept. A path with nothing to keep (gone,
+/// a directory) is skipped.
+pub(crate) fn back_up_paths(
+    backup_root: &Path,
+    folder: &Folder,
+    paths: &[RelPath],
+) -> std::io::Result<usize> {
+    let mut kept = 0;
+    let base = backup_root.join(&folder.name);
+    for path in paths {
+        let from = folder.root.abs(path);
+        let Ok(meta) = std::fs::symlink_metadata(&from) else {
+            continue;
+        };
+        let to = base.join(path.as_str());
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if meta.file_type().is_symlink() {
+            let _ = std::fs::remove_file(&to);
+            std::os::unix::fs::symlink(std::fs::read_link(&from)?, &to)?;
+        } else if meta.is_file() {
+            use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+            let mut src = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(&from)?;
+            let mut dst = std::fs::File::create(&to)?;
+            std::io::copy(&mut src, &mut dst)?;
+            dst.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            dst.set_times(std::fs::FileTimes::new().set_modified(meta.modified()?))?;
+            dst.sync_all()?;
+        } else {
+            continue;
+        }
+        kept += 1;
+    }
+    Ok(kept)
+}
+
 /// Writes the list of changes of a backup, for whoever looks at it later.
 pub(crate) fn write_index(backup_root: &Path, changes: &[LocalChange]) -> std::io::Result<()> {
-    let mut text = String::from("# local changes found on resume, backed up beside this file\n");
+    let mut text = String::from("# local changes, backed up beside this file\n");
     for c in changes {
         text.push_str(&format!("{}\t{}/{}\n", c.kind, c.folder, c.path));
     }

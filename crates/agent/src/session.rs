@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use syncd_fsops::Seen;
 use syncd_fsops::{LocalDelta, LocalManifest};
-use syncd_manifest::{Change, Chunker, Manifest};
+use syncd_manifest::{Change, Chunker, Manifest, Node, NodeKind, RelPath};
 use syncd_proto::{
     AgentMsg, Base, Generation, HELLO_LEN, Hello, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg,
     Pause, UpdateAssembler, close,
@@ -977,19 +978,22 @@ async fn apply_generation(
     tracing::debug!(%generation, folders = updates.len(), "applying generation");
     let result = match prepare(agent, updates) {
         Ok(targets) if targets.is_empty() => Ok(Vec::new()),
-        Ok(targets) => {
-            apply::apply(
-                conn,
-                &agent.folders,
-                targets,
-                &mut stats,
-                &agent.received,
-                &agent.config.state_dir,
-                &mut agent.chunks,
-                Some(watch),
-            )
-            .await
-        }
+        Ok(targets) => match back_up_replaced(agent, generation, &targets) {
+            Err(e) => Err(e),
+            Ok(()) => {
+                apply::apply(
+                    conn,
+                    &agent.folders,
+                    targets,
+                    &mut stats,
+                    &agent.received,
+                    &agent.config.state_dir,
+                    &mut agent.chunks,
+                    Some(watch),
+                )
+                .await
+            }
+        },
         Err(e) => Err(e),
     };
     let received = agent.received.load(std::sync::atomic::Ordering::Relaxed);
@@ -1076,6 +1080,74 @@ async fn apply_generation(
 }
 
 /// Rebuilds each folder's target manifest from the update and checks it.
+/// Backs up what a generation is about to replace or remove where the folder does not hold what
+/// this node last applied: a local change left in place (policy `report`, a path left alone as
+/// flapping) or made just before the drift check could see it. The apply then overwrites it;
+/// its local version is in `backups/replaced-<time>/`. If it cannot be kept, nothing is applied.
+fn back_up_replaced(
+    agent: &Agent,
+    generation: Generation,
+    targets: &[Target],
+) -> Result<(), ApplyError> {
+    let mut backup_root = None;
+    let mut described = Vec::new();
+    for t in targets {
+        let folder = &agent.folders[t.folder];
+        let local = &folder.local;
+        let changed: Vec<RelPath> = t
+            .changes
+            .iter()
+            .map(Change::path)
+            .filter(|&path| {
+                let applied = local.manifest.get(path);
+                match syncd_fsops::observe(folder.root.path(), path) {
+                    // Nothing there, or nothing this node can read (left for the drift check).
+                    Ok(None) | Err(_) => false,
+                    Ok(Some(Seen::File { key, .. })) => local.reusable(path, &key).is_none(),
+                    Ok(Some(Seen::Dir { .. })) => !applied.is_some_and(Node::is_dir),
+                    Ok(Some(Seen::Symlink { target, .. })) => !applied
+                        .is_some_and(|n| matches!(&n.kind, NodeKind::Symlink(t) if *t == target)),
+                }
+            })
+            .cloned()
+            .collect();
+        if changed.is_empty() {
+            continue;
+        }
+        let root = backup_root
+            .get_or_insert_with(|| pause::backup_dir_named(&agent.config.state_dir, "replaced"));
+        let kept = pause::back_up_paths(root, folder, &changed).map_err(|e| {
+            ApplyError::Backup(format!(
+                "cannot back up local changes it would replace: {e}"
+            ))
+        })?;
+        for path in &changed {
+            let kind = if local.manifest.get(path).is_some() {
+                "modified"
+            } else {
+                "added"
+            };
+            tracing::warn!(folder = %folder.name, %path, %generation, change = kind, backup = %root.display(), "replacing a local change (its local version is backed up)");
+            described.push(LocalChange {
+                folder: folder.name.clone(),
+                path: path.to_string(),
+                kind,
+            });
+        }
+        tracing::debug!(folder = %folder.name, kept, "backed up local changes before applying");
+    }
+    if let Some(root) = backup_root {
+        pause::write_index(&root, &described)
+            .map_err(|e| ApplyError::Backup(format!("cannot write the backup index: {e}")))?;
+        drift::prune_backups(
+            &agent.config.state_dir,
+            agent.config.max_backups,
+            agent.config.max_backup_bytes,
+        );
+    }
+    Ok(())
+}
+
 fn prepare(
     agent: &mut Agent,
     updates: Vec<(ManagerMsg, UpdateAssembler)>,

@@ -382,22 +382,7 @@ fn a_hand_edit_the_agent_cannot_read_is_left_not_overwritten_until_it_can_be_bac
     }
     let mut c = Cluster::new(&["worker-1"]);
     fs::write(c.data(MANAGER).join("a.xml"), b"<a/>").unwrap();
-    fs::set_permissions(c.root.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let status = std::process::Command::new("chown")
-        .args(["-R", "65534:65534"])
-        .arg(c.root.path().join("worker-1"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    c.wrap(
-        "worker-1",
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-        ],
-    );
+    c.run_as_nobody("worker-1", true);
     c.start(MANAGER);
     c.start("worker-1");
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
@@ -457,11 +442,23 @@ fn a_reported_hand_change_that_a_new_generation_replaces_is_backed_up_first() {
     fs::write(w.join("both-added.xml"), b"<api name=\"added by hand\"/>").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while c.row("worker-1").drift.len() != 2 {
-        assert!(Instant::now() < deadline, "not reported: {:?}", c.row("worker-1"));
+        assert!(
+            Instant::now() < deadline,
+            "not reported: {:?}",
+            c.row("worker-1")
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    fs::write(m.join("service-0001.xml"), b"<api name=\"from the manager\"/>").unwrap();
-    fs::write(m.join("both-added.xml"), b"<api name=\"added on the manager\"/>").unwrap();
+    fs::write(
+        m.join("service-0001.xml"),
+        b"<api name=\"from the manager\"/>",
+    )
+    .unwrap();
+    fs::write(
+        m.join("both-added.xml"),
+        b"<api name=\"added on the manager\"/>",
+    )
+    .unwrap();
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
     let kept = backed_up_files(&c);

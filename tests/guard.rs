@@ -270,27 +270,7 @@ fn what_the_manager_cannot_read_is_shown_kept_on_workers_and_never_taken_as_dele
     fs::create_dir(data.join("locked")).unwrap();
     fs::write(data.join("locked/inside.xml"), b"<inside/>").unwrap();
     fs::write(data.join("private.xml"), b"<v1/>").unwrap();
-    // The manager, as `nobody`, owns its own directory (state, admin socket); the folder's
-    // entries stay root's.
-    set_mode(c.root.path(), 0o755);
-    for (recursive, path) in [(false, ""), (true, "state")] {
-        let status = Command::new("chown")
-            .args(if recursive { &["-R"][..] } else { &[] })
-            .arg("65534:65534")
-            .arg(c.root.path().join(MANAGER).join(path))
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    c.wrap(
-        MANAGER,
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-        ],
-    );
+    c.run_as_nobody(MANAGER, false);
     c.start(MANAGER);
     c.start("worker-1");
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);

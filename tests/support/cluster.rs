@@ -126,6 +126,38 @@ impl Cluster {
         self.write_configs();
     }
 
+    /// Runs `node`'s daemon as the unprivileged user `nobody`, as the systemd units run syncd
+    /// as `syncd`: it owns its directory and state; its folder's entries are `nobody`'s too when
+    /// `owns_folder` (an agent writes them), else they stay root's (a manager only reads).
+    /// Needs root.
+    pub fn run_as_nobody(&mut self, node: &str, owns_folder: bool) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = self.root.path().join(node);
+        let mut owned = vec![(false, dir.clone()), (true, dir.join("state"))];
+        if owns_folder {
+            owned.push((true, dir.join("data")));
+        }
+        for (recursive, path) in owned {
+            let status = Command::new("chown")
+                .args(if recursive { &["-R"][..] } else { &[] })
+                .arg("65534:65534")
+                .arg(path)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        self.wrap(
+            node,
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ],
+        );
+    }
+
     /// Runs `node`'s daemon under `prefix` (e.g. `["ip", "netns", "exec", "ns1"]`).
     pub fn wrap(&mut self, node: &str, prefix: &[&str]) {
         self.wrap.insert(

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncd_fsops::LocalManifest;
-use syncd_manifest::{Change, Chunker, Node, NodeKind, RelPath, diff};
+use syncd_manifest::{Change, Chunker, NodeKind, RelPath, diff};
 use syncd_proto::Pause;
 
 use crate::folder::Folder;
@@ -123,7 +123,12 @@ pub(crate) fn back_up(
                 std::os::unix::fs::symlink(target.as_str(), &to)?;
             }
             NodeKind::File(_) => {
-                copy_file(&from, &to, node)?;
+                copy_file(
+                    &from,
+                    &to,
+                    node.mode,
+                    syncd_fsops::to_system_time(node.mtime),
+                )?;
                 kept += 1;
             }
         }
@@ -131,7 +136,8 @@ pub(crate) fn back_up(
     Ok(kept)
 }
 
-fn copy_file(from: &Path, to: &Path, node: &Node) -> std::io::Result<()> {
+/// Copies a file (never through a link) with the mode and mtime given, durably.
+fn copy_file(from: &Path, to: &Path, mode: u32, mtime: SystemTime) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut src = std::fs::OpenOptions::new()
         .read(true)
@@ -140,8 +146,8 @@ fn copy_file(from: &Path, to: &Path, node: &Node) -> std::io::Result<()> {
     let mut dst = std::fs::File::create(to)?;
     std::io::copy(&mut src, &mut dst)?;
     use std::os::unix::fs::PermissionsExt;
-    dst.set_permissions(std::fs::Permissions::from_mode(node.mode & 0o7777))?;
-    dst.set_times(std::fs::FileTimes::new().set_modified(syncd_fsops::to_system_time(node.mtime)))?;
+    dst.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
+    dst.set_times(std::fs::FileTimes::new().set_modified(mtime))?;
     dst.sync_all()
 }
 
@@ -168,16 +174,8 @@ pub(crate) fn back_up_paths(
             let _ = std::fs::remove_file(&to);
             std::os::unix::fs::symlink(std::fs::read_link(&from)?, &to)?;
         } else if meta.is_file() {
-            use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-            let mut src = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                .open(&from)?;
-            let mut dst = std::fs::File::create(&to)?;
-            std::io::copy(&mut src, &mut dst)?;
-            dst.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-            dst.set_times(std::fs::FileTimes::new().set_modified(meta.modified()?))?;
-            dst.sync_all()?;
+            use std::os::unix::fs::MetadataExt;
+            copy_file(&from, &to, meta.mode(), meta.modified()?)?;
         } else {
             continue;
         }

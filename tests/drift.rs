@@ -440,8 +440,20 @@ fn a_reported_hand_change_that_a_new_generation_replaces_is_backed_up_first() {
     );
     fs::write(w.join("service-0001.xml"), b"<api name=\"hand-edited\"/>").unwrap();
     fs::write(w.join("both-added.xml"), b"<api name=\"added by hand\"/>").unwrap();
+    fs::create_dir(w.join("new-dir")).unwrap();
+    fs::write(
+        w.join("new-dir/in-both.xml"),
+        b"<api name=\"in a new dir by hand\"/>",
+    )
+    .unwrap();
+    let reported = |c: &Cluster| {
+        let drift = c.row("worker-1").drift;
+        ["service-0001.xml", "both-added.xml", "new-dir"]
+            .iter()
+            .all(|name| drift.iter().any(|d| d.path.contains(name)))
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while c.row("worker-1").drift.len() != 2 {
+    while !reported(&c) {
         assert!(
             Instant::now() < deadline,
             "not reported: {:?}",
@@ -459,12 +471,19 @@ fn a_reported_hand_change_that_a_new_generation_replaces_is_backed_up_first() {
         b"<api name=\"added on the manager\"/>",
     )
     .unwrap();
+    fs::create_dir(m.join("new-dir")).unwrap();
+    fs::write(
+        m.join("new-dir/in-both.xml"),
+        b"<api name=\"in a new dir\"/>",
+    )
+    .unwrap();
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
     let kept = backed_up_files(&c);
     for (name, hand) in [
         ("service-0001.xml", &b"<api name=\"hand-edited\"/>"[..]),
         ("both-added.xml", &b"<api name=\"added by hand\"/>"[..]),
+        ("in-both.xml", &b"<api name=\"in a new dir by hand\"/>"[..]),
     ] {
         assert!(
             kept.iter().any(|(n, b)| n == name && b == hand),

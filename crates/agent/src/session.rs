@@ -1,12 +1,13 @@
 //! The agent's side of a connection: handshake, join, then receive and apply generations;
 //! reconnect with backoff when anything fails.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use syncd_fsops::Seen;
 use syncd_fsops::{LocalDelta, LocalManifest};
-use syncd_manifest::{Change, Chunker, Manifest, Node, NodeKind, RelPath};
+use syncd_manifest::{Change, Chunker, Manifest, NodeKind, RelPath};
 use syncd_proto::{
     AgentMsg, Base, Generation, HELLO_LEN, Hello, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, ManagerMsg,
     Pause, UpdateAssembler, close,
@@ -1094,23 +1095,41 @@ fn back_up_replaced(
     for t in targets {
         let folder = &agent.folders[t.folder];
         let local = &folder.local;
-        let changed: Vec<RelPath> = t
-            .changes
-            .iter()
-            .map(Change::path)
-            .filter(|&path| {
-                let applied = local.manifest.get(path);
-                match syncd_fsops::observe(folder.root.path(), path) {
-                    // Nothing there, or nothing this node can read (left for the drift check).
-                    Ok(None) | Err(_) => false,
-                    Ok(Some(Seen::File { key, .. })) => local.reusable(path, &key).is_none(),
-                    Ok(Some(Seen::Dir { .. })) => !applied.is_some_and(Node::is_dir),
-                    Ok(Some(Seen::Symlink { target, .. })) => !applied
-                        .is_some_and(|n| matches!(&n.kind, NodeKind::Symlink(t) if *t == target)),
+        // Changes come parents first: beneath a directory found absent nothing is looked at
+        // (an initial sync into an empty folder costs a few looks, not one per file).
+        let mut absent: HashSet<&str> = HashSet::new();
+        let mut changed: Vec<RelPath> = Vec::new();
+        for path in t.changes.iter().map(Change::path) {
+            let mut up = path.as_str();
+            let mut beneath_absent = false;
+            while let Some(i) = up.rfind('/') {
+                up = &up[..i];
+                if absent.contains(up) {
+                    beneath_absent = true;
+                    break;
                 }
-            })
-            .cloned()
-            .collect();
+            }
+            if beneath_absent {
+                continue;
+            }
+            let local_change = match syncd_fsops::observe(folder.root.path(), path) {
+                Ok(None) => {
+                    absent.insert(path.as_str());
+                    false
+                }
+                // Nothing this node can read (left to the drift check); a directory holds
+                // nothing of its own (what is in it is listed path by path).
+                Err(_) | Ok(Some(Seen::Dir { .. })) => false,
+                Ok(Some(Seen::File { key, .. })) => local.reusable(path, &key).is_none(),
+                Ok(Some(Seen::Symlink { target, .. })) => !local
+                    .manifest
+                    .get(path)
+                    .is_some_and(|n| matches!(&n.kind, NodeKind::Symlink(t) if *t == target)),
+            };
+            if local_change {
+                changed.push(path.clone());
+            }
+        }
         if changed.is_empty() {
             continue;
         }

@@ -401,6 +401,15 @@ fn a_hand_edit_the_agent_cannot_read_is_left_not_overwritten_until_it_can_be_bac
             "overwritten; see {}",
             c.log("worker-1")
         );
+        // Listed where the operator looks, on the manager too.
+        let row = c.row("worker-1");
+        assert_eq!(row.state, "drifted", "{row:?}");
+        assert!(
+            row.drift
+                .iter()
+                .any(|d| d.path == "a.xml" && d.change == "unreadable" && d.action == "left"),
+            "{row:?}"
+        );
     };
     left(&c);
     c.stop("worker-1");

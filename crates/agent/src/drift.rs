@@ -260,6 +260,10 @@ pub(crate) struct Tracker {
 /// The action of a change found while the agent is paused: listed, left, never reverted.
 pub(crate) const PAUSED: &str = "paused";
 
+/// The change listed for a path the agent cannot read: what is there is unknown, so it is left
+/// as it is (it cannot be backed up) and listed, with the action `left`.
+pub(crate) const UNREADABLE: &str = "unreadable";
+
 /// What the agent may do about a local change now, whatever the folder's policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum May {
@@ -316,6 +320,9 @@ pub(crate) struct Found {
     pub changes: Vec<Change>,
     /// The paths compared.
     pub covered: Covered,
+    /// Paths it could not read (taken as unchanged: a local change there cannot be backed up,
+    /// so it is left and listed).
+    pub unreadable: Vec<RelPath>,
 }
 
 /// What a comparison read of a folder as it is now.
@@ -412,12 +419,13 @@ pub(crate) fn compare(folders: Vec<(usize, Folder, Scope)>) -> Vec<Found> {
             Scope::Nothing => continue,
             Scope::All => {
                 crate::pause::local_changes(std::slice::from_ref(&folder)).map(|mut v| {
-                    let (actual, changes) = v.pop().expect("one folder in, one out");
+                    let (actual, changes, unreadable) = v.pop().expect("one folder in, one out");
                     Found {
                         folder: i,
                         actual: Actual::Whole(actual),
                         changes,
                         covered: Covered::All,
+                        unreadable,
                     }
                 })
             }
@@ -556,10 +564,12 @@ fn compare_paths(
             Err(w) => warnings.push(w),
         }
     }
-    for w in &warnings {
+    // What cannot be read is listed by the caller (once), not logged at every comparison.
+    for w in warnings.iter().filter(|w| !w.is_unreadable()) {
         tracing::warn!(folder = %folder.name, "{w}");
     }
     syncd_fsops::keep_unreadable(&mut after, &before, root, &warnings);
+    let unreadable = syncd_fsops::unreadable_paths(root, &warnings);
 
     let changes = syncd_manifest::diff(&before, &after);
     // The files compared have the stat keys just read; nothing else compared has one.
@@ -572,6 +582,7 @@ fn compare_paths(
             deep,
             shallow: shallow.into_keys().collect(),
         },
+        unreadable,
     })
 }
 

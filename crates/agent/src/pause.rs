@@ -49,11 +49,13 @@ pub struct ResumeReport {
     pub backup: Option<PathBuf>,
 }
 
-/// Scans every folder and returns, per folder, what it holds now and how that differs from what
-/// syncd last applied.
-pub(crate) fn local_changes(
-    folders: &[Folder],
-) -> Result<Vec<(LocalManifest, Vec<Change>)>, String> {
+/// One folder as a scan found it: what it holds now, how that differs from what syncd last
+/// applied, and the paths the scan could not read (taken as unchanged: see
+/// `syncd_fsops::keep_unreadable`).
+pub(crate) type Scanned = (LocalManifest, Vec<Change>, Vec<RelPath>);
+
+/// Scans every folder (see [`Scanned`]).
+pub(crate) fn local_changes(folders: &[Folder]) -> Result<Vec<Scanned>, String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     folders
         .iter()
@@ -67,11 +69,13 @@ pub(crate) fn local_changes(
                 threads,
             )
             .map_err(|e| e.to_string())?;
-            for w in warnings {
+            // What cannot be read is listed by the caller (once), not logged at every scan.
+            for w in warnings.iter().filter(|w| !w.is_unreadable()) {
                 tracing::warn!(folder = %f.name, "{w}");
             }
+            let unreadable = syncd_fsops::unreadable_paths(f.root.path(), &warnings);
             let changes = diff(&f.local.manifest, &now.manifest);
-            Ok((now, changes))
+            Ok((now, changes, unreadable))
         })
         .collect()
 }

@@ -574,6 +574,14 @@ async fn act_on_drift(
     let mut reverted = 0u64;
     for found in found {
         let i = found.folder;
+        for path in &found.unreadable {
+            left.push(syncd_proto::DriftEntry {
+                folder: agent.folders[i].name.clone(),
+                path: path.to_string(),
+                change: drift::UNREADABLE.into(),
+                action: "left".into(),
+            });
+        }
         if found.changes.is_empty() {
             // Same content: only metadata such as ctime moved; remember the new stat keys.
             found
@@ -849,7 +857,7 @@ async fn changes(agent: &mut Agent) -> Result<Vec<LocalChange>, String> {
             folders
                 .iter()
                 .zip(&per_folder)
-                .flat_map(|(f, (_, c))| pause::describe(f, c))
+                .flat_map(|(f, (_, c, _))| pause::describe(f, c))
                 .collect()
         });
         (folders, result)
@@ -869,7 +877,7 @@ async fn resume(agent: &mut Agent, set_at: u64, why: &str) -> Result<ResumeRepor
         let result = (|| -> Result<_, String> {
             let per_folder = pause::local_changes(&folders)?;
             let mut report = ResumeReport::default();
-            for (f, (_, changes)) in folders.iter().zip(&per_folder) {
+            for (f, (_, changes, _)) in folders.iter().zip(&per_folder) {
                 report.changes.extend(pause::describe(f, changes));
                 pause::back_up(&backup_root, f, changes)
                     .map_err(|e| format!("backing up local changes: {e}"))?;
@@ -886,7 +894,7 @@ async fn resume(agent: &mut Agent, set_at: u64, why: &str) -> Result<ResumeRepor
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     let outcome = match result {
         Ok((per_folder, report)) => {
-            for (f, (now, _)) in folders.iter_mut().zip(per_folder) {
+            for (f, (now, _, _)) in folders.iter_mut().zip(per_folder) {
                 f.local = Arc::new(now);
             }
             Ok(report)

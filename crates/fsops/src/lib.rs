@@ -25,7 +25,7 @@ pub use memory::{trim_heap, tune_allocator};
 pub use scan::{
     HashResult, LocalDelta, LocalManifest, Reuse, ScanError, ScanStats, ScanWarning, Seen, StatKey,
     Tiling, apply_deltas, hash_file, hash_file_reusing, hash_files, hash_files_reusing,
-    keep_unreadable, observe, scan, stat_key, walk,
+    keep_unreadable, observe, scan, stat_key, unreadable_paths, walk,
 };
 pub use statelog::{LoadedState, Restored, StateFile, StateLog};
 

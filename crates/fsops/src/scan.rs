@@ -466,20 +466,24 @@ pub fn keep_unreadable(
     root: &Path,
     warnings: &[ScanWarning],
 ) {
-    for w in warnings.iter().filter(|w| w.is_unreadable()) {
-        let path = w.path();
-        let Some(rel) = path
-            .strip_prefix(root)
-            .ok()
-            .and_then(Path::to_str)
-            .and_then(|r| RelPath::new(r).ok())
-        else {
-            continue;
-        };
+    for rel in unreadable_paths(root, warnings) {
         for (p, n) in previous.subtree(&rel) {
             out.insert(p.clone(), n.clone());
         }
     }
+}
+
+/// The paths beneath `root` that a look could not read, among `warnings`.
+pub fn unreadable_paths(root: &Path, warnings: &[ScanWarning]) -> Vec<RelPath> {
+    warnings
+        .iter()
+        .filter(|w| w.is_unreadable())
+        .filter_map(|w| {
+            let path = w.path();
+            let rel = path.strip_prefix(root).ok()?.to_str()?;
+            RelPath::new(rel).ok()
+        })
+        .collect()
 }
 
 impl LocalManifest {

@@ -18,9 +18,6 @@ payload, and the total over the file's size. BIN=DIR takes syncd and syncctl fro
 import collections
 import os
 import random
-import shutil
-import signal
-import subprocess
 import sys
 import time
 import zipfile
@@ -31,39 +28,32 @@ def main():
         sys.exit(__doc__)
     work = sys.argv[1]
     runs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    if shutil.which("tcpdump") is None:
-        subprocess.run(["apt-get", "install", "-y", "tcpdump"], check=True,
-                       stdout=subprocess.DEVNULL)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from warrig import Rig
+    from warrig import Rig, capture, ensure_tcpdump, stop
+    ensure_tcpdump()
     cluster = os.path.join(work, "inc-syncd")
     bindir = os.path.abspath(os.environ.get("BIN", "target/release"))
     procs = Rig(work).start(bindir)
     try:
         for _ in range(runs):
             time.sleep(2)
-            cap = subprocess.Popen(
-                ["tcpdump", "-i", "lo", "-n", "-q", "-l", "-B", "262144", "udp port 17700"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            time.sleep(1)
             tmp = os.path.join(cluster, "scratch", "new.car")
             rnd = random.Random(time.time_ns())
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
                 for i in range(20):
                     z.writestr(f"lib/entry{i}.bin", rnd.randbytes(250_000))
             size = os.path.getsize(tmp)
-            name = "new%d.car" % time.time_ns()
-            t0 = time.monotonic()
-            os.rename(tmp, os.path.join(cluster, "mgr/server/carbonapps", name))
-            worker = os.path.join(cluster, "w0/server/carbonapps", name)
-            while not os.path.exists(worker) or os.path.getsize(worker) != size:
-                time.sleep(0.001)
-            took = (time.monotonic() - t0) * 1000
-            time.sleep(1)
-            cap.send_signal(signal.SIGINT)
-            out, _ = cap.communicate()
-            packets = [(l.split()[2], l.split()[4].rstrip(":"), int(l.split()[-1]))
-                       for l in out.splitlines() if l.split() and l.split()[-1].isdigit()]
+
+            def deploy():
+                name = "new%d.car" % time.time_ns()
+                t0 = time.monotonic()
+                os.rename(tmp, os.path.join(cluster, "mgr/server/carbonapps", name))
+                worker = os.path.join(cluster, "w0/server/carbonapps", name)
+                while not os.path.exists(worker) or os.path.getsize(worker) != size:
+                    time.sleep(0.001)
+                return (time.monotonic() - t0) * 1000
+
+            took, packets = capture(deploy)
             print(f"new CAR of {size} bytes: {took:.0f} ms")
             ways = collections.defaultdict(list)
             for src, dst, n in packets:
@@ -74,9 +64,7 @@ def main():
             total = sum(n + 28 for _, _, n in packets)
             print(f"  {total} bytes with IP/UDP headers, {total - size} over the file")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            p.wait()
+        stop(procs)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""What scripts/war-edit-timing.py and scripts/war-flip-ab.py share: the one-worker cluster
-bench-rsync leaves behind with `--work DIR`, its 63 MB WAR's two versions, starting the
-daemons on it, and waiting until the worker shows a deployed version.
+"""What the hand rigs share (scripts/war-edit-timing.py, war-flip-ab.py, xml-edit-packets.py,
+new-car-packets.py): the one-worker cluster bench-rsync leaves behind with `--work DIR`, its
+63 MB WAR's two versions, starting and stopping the daemons on it, waiting until the worker
+shows a deployed version, and counting the packets of one deploy on loopback.
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -67,3 +69,33 @@ class Rig:
             except FileNotFoundError:
                 pass
             time.sleep(0.001)
+
+
+def stop(procs):
+    """Stops the daemons `Rig.start` returned."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+
+
+def ensure_tcpdump():
+    if shutil.which("tcpdump") is None:
+        subprocess.run(["apt-get", "install", "-y", "tcpdump"], check=True,
+                       stdout=subprocess.DEVNULL)
+
+
+def capture(deploy, port=17700):
+    """Runs `deploy()` while tcpdump watches UDP port `port` on loopback (from a second before
+    to a second after); returns what `deploy` returned and the packets, each (source,
+    destination, UDP payload bytes)."""
+    cap = subprocess.Popen(
+        ["tcpdump", "-i", "lo", "-n", "-q", "-l", "-B", "262144", f"udp port {port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(1)
+    result = deploy()
+    time.sleep(1)
+    cap.send_signal(signal.SIGINT)
+    out, _ = cap.communicate()
+    packets = [(l.split()[2], l.split()[4].rstrip(":"), int(l.split()[-1]))
+               for l in out.splitlines() if l.split() and l.split()[-1].isdigit()]
+    return result, packets

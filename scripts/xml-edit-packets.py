@@ -16,9 +16,6 @@ BIN=DIR takes syncd and syncctl from DIR (default target/release).
 """
 import glob
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import time
 
@@ -28,11 +25,9 @@ def main():
         sys.exit(__doc__)
     work = sys.argv[1]
     runs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    if shutil.which("tcpdump") is None:
-        subprocess.run(["apt-get", "install", "-y", "tcpdump"], check=True,
-                       stdout=subprocess.DEVNULL)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from warrig import Rig
+    from warrig import Rig, capture, ensure_tcpdump, stop
+    ensure_tcpdump()
     cluster = os.path.join(work, "inc-syncd")
     bindir = os.path.abspath(os.environ.get("BIN", "target/release"))
     procs = Rig(work).start(bindir)
@@ -41,34 +36,28 @@ def main():
         rel = os.path.relpath(xml, cluster + "/mgr/server")
         for n in range(runs):
             time.sleep(2)
-            cap = subprocess.Popen(["tcpdump", "-i", "lo", "-n", "-q", "-l", "udp port 17700"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            time.sleep(1)
             data = open(xml, "rb").read()
             new = data.replace(b"</api>", b"<!-- edited %d: 0123456789 0123456789 0123456789"
                                b" 0123456789 0123456789 0123 -->\n</api>" % n, 1)
             tmp = os.path.join(cluster, "scratch", "xml.tmp")
             with open(tmp, "wb") as f:
                 f.write(new)
-            t0 = time.monotonic()
-            os.rename(tmp, xml)
-            while open(os.path.join(cluster, "w0", "server", rel), "rb").read() != new:
-                time.sleep(0.001)
-            took = (time.monotonic() - t0) * 1000
-            time.sleep(1)
-            cap.send_signal(signal.SIGINT)
-            out, _ = cap.communicate()
-            packets = [(l.split()[2], l.split()[4].rstrip(":"), int(l.split()[-1]))
-                       for l in out.splitlines() if l.split() and l.split()[-1].isdigit()]
+
+            def deploy():
+                t0 = time.monotonic()
+                os.rename(tmp, xml)
+                while open(os.path.join(cluster, "w0", "server", rel), "rb").read() != new:
+                    time.sleep(0.001)
+                return (time.monotonic() - t0) * 1000
+
+            took, packets = capture(deploy)
             print(f"edit {n}: {took:.0f} ms, +{len(new) - len(data)} bytes")
             for src, dst, size in packets:
                 print(f"  {src} > {dst}: {size}")
             total = sum(size + 28 for _, _, size in packets)
             print(f"  {len(packets)} packets, {total} bytes with IP/UDP headers")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            p.wait()
+        stop(procs)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncd_fsops::LocalManifest;
-use syncd_manifest::{Change, Chunker, NodeKind, RelPath, diff};
+use syncd_manifest::{Change, Chunker, RelPath, diff};
 use syncd_proto::Pause;
 
 use crate::folder::Folder;
@@ -102,42 +102,24 @@ pub(crate) fn describe_against(
 }
 
 /// Copies what changed locally into `backup_root/<folder>/<path>` (files with their mode and
-/// mtime, links as links, directories as directories). Removed paths have nothing to keep; the
-/// list of all changes is written beside them in `CHANGES`.
+/// mtime, links as links, directories as directories); returns how many files it kept. Removed
+/// paths have nothing to keep; the list of all changes is written beside them in `CHANGES`.
 pub(crate) fn back_up(
     backup_root: &Path,
     folder: &Folder,
     changes: &[Change],
 ) -> std::io::Result<usize> {
-    let mut kept = 0;
-    let base = backup_root.join(&folder.name);
+    let mut others = Vec::new();
     for change in changes {
-        let Change::Put(path, node) = change else {
-            continue;
-        };
-        let to = base.join(path.as_str());
-        let from = folder.root.abs(path);
-        if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        match &node.kind {
-            NodeKind::Dir => std::fs::create_dir_all(&to)?,
-            NodeKind::Symlink(target) => {
-                let _ = std::fs::remove_file(&to);
-                std::os::unix::fs::symlink(target.as_str(), &to)?;
+        match change {
+            Change::Put(path, node) if node.is_dir() => {
+                std::fs::create_dir_all(backup_root.join(&folder.name).join(path.as_str()))?;
             }
-            NodeKind::File(_) => {
-                copy_file(
-                    &from,
-                    &to,
-                    node.mode,
-                    syncd_fsops::to_system_time(node.mtime),
-                )?;
-                kept += 1;
-            }
+            Change::Put(path, _) => others.push(path.clone()),
+            Change::Remove(_) => {}
         }
     }
-    Ok(kept)
+    back_up_paths(backup_root, folder, &others)
 }
 
 /// Copies a file (never through a link) with the mode and mtime given, durably.
@@ -156,8 +138,8 @@ fn copy_file(from: &Path, to: &Path, mode: u32, mtime: SystemTime) -> std::io::R
 }
 
 /// Copies what is on disk at `paths` (files with their mode and mtime, links as links) into
-/// `backup_root/<folder>/<path>`; returns how many it kept. A path with nothing to keep (gone,
-/// a directory) is skipped.
+/// `backup_root/<folder>/<path>`; returns how many files it kept. A path with nothing to keep
+/// (gone, a directory) is skipped.
 pub(crate) fn back_up_paths(
     backup_root: &Path,
     folder: &Folder,
@@ -180,10 +162,8 @@ pub(crate) fn back_up_paths(
         } else if meta.is_file() {
             use std::os::unix::fs::MetadataExt;
             copy_file(&from, &to, meta.mode(), meta.modified()?)?;
-        } else {
-            continue;
+            kept += 1;
         }
-        kept += 1;
     }
     Ok(kept)
 }

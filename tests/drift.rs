@@ -503,3 +503,106 @@ fn a_reported_hand_change_that_a_new_generation_replaces_is_backed_up_first() {
     let backups = c.ctl("worker-1", &["backups"]);
     assert!(backups.contains("replaced-"), "{backups}");
 }
+
+/// Waits until the manager's row of worker-1 lists every one of `names` as drift.
+fn wait_reported(c: &Cluster, names: &[&str]) {
+    c.wait_row("worker-1", Duration::from_secs(10), |row| {
+        names
+            .iter()
+            .all(|name| row.drift.iter().any(|d| d.path.ends_with(name)))
+    });
+}
+
+/// Under `report`, files added by hand inside a directory that the manager then replaces with
+/// a file are backed up before the directory goes (they used to fail the apply, and the retry,
+/// which had taken them for applied, removed them without a backup).
+#[test]
+fn a_directory_the_manager_turns_into_a_file_keeps_what_was_added_in_it_by_hand() {
+    let c = cluster(34, true);
+    let (m, w) = (
+        c.data(MANAGER).join("synapse-configs/default"),
+        c.data("worker-1").join("synapse-configs/default"),
+    );
+    fs::create_dir(m.join("bundle")).unwrap();
+    fs::write(m.join("bundle/first.xml"), b"<api name=\"first\"/>").unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    fs::write(w.join("bundle/by-hand.xml"), b"<api name=\"by hand\"/>").unwrap();
+    fs::create_dir(w.join("bundle/hand-dir")).unwrap();
+    fs::write(w.join("bundle/hand-dir/deep.xml"), b"<api name=\"deep\"/>").unwrap();
+    wait_reported(&c, &["bundle/by-hand.xml", "bundle/hand-dir/deep.xml"]);
+
+    fs::remove_dir_all(m.join("bundle")).unwrap();
+    fs::write(m.join("bundle"), b"now a file").unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    let kept = backed_up_files(&c);
+    for (name, hand) in [
+        ("by-hand.xml", &b"<api name=\"by hand\"/>"[..]),
+        ("deep.xml", &b"<api name=\"deep\"/>"[..]),
+    ] {
+        assert!(
+            kept.iter().any(|(n, b)| n == name && b == hand),
+            "{name} not backed up: {kept:?}; see {}",
+            c.log("worker-1")
+        );
+    }
+    c.wait_row("worker-1", Duration::from_secs(10), |row| {
+        row.drift.is_empty() && row.last_error.is_none()
+    });
+}
+
+/// A generation that fails part-way through its renames (here: a directory the manager turned
+/// into a file still holds a file the worker excludes, which syncd never touches) makes the
+/// agent look at its folder again. What it finds there that it did not put is a local change,
+/// not something applied: under `report` it stays listed, and it is backed up before a later
+/// generation replaces it.
+#[test]
+fn a_failed_apply_does_not_take_hand_changes_for_applied_ones() {
+    let c = cluster(35, true);
+    let (m, w) = (
+        c.data(MANAGER).join("synapse-configs/default"),
+        c.data("worker-1").join("synapse-configs/default"),
+    );
+    fs::create_dir(m.join("bundle")).unwrap();
+    fs::write(m.join("bundle/first.xml"), b"<api name=\"first\"/>").unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    fs::write(
+        w.join("api/service-0001.xml"),
+        b"<api name=\"hand-edited\"/>",
+    )
+    .unwrap();
+    // Excluded by default (`**/*.back`): neither side ever touches it.
+    fs::write(w.join("bundle/first.xml.back"), b"written by the server").unwrap();
+    wait_reported(&c, &["api/service-0001.xml"]);
+
+    fs::remove_dir_all(m.join("bundle")).unwrap();
+    fs::write(m.join("bundle"), b"now a file").unwrap();
+    c.wait_row("worker-1", Duration::from_secs(20), |row| {
+        row.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("bundle"))
+    });
+    let error = c.row("worker-1").last_error.unwrap();
+    assert!(error.contains("first.xml.back"), "{error}");
+    // The failed apply left the hand edit listed.
+    std::thread::sleep(Duration::from_secs(2));
+    wait_reported(&c, &["api/service-0001.xml"]);
+
+    // The operator clears the way; the next attempt applies the generation and a later one
+    // replaces the hand-edited file, whose hand version must be kept.
+    fs::remove_file(w.join("bundle/first.xml.back")).unwrap();
+    fs::write(
+        m.join("api/service-0001.xml"),
+        b"<api name=\"from the manager\"/>",
+    )
+    .unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    let kept = backed_up_files(&c);
+    assert!(
+        kept.iter()
+            .any(|(n, b)| n == "service-0001.xml" && b == b"<api name=\"hand-edited\"/>"),
+        "the hand edit was not backed up: {kept:?}; see {}",
+        c.log("worker-1")
+    );
+}

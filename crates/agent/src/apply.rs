@@ -163,6 +163,11 @@ pub(crate) struct Target {
     /// Small files' chunks pushed inside the update, still encoded (decoded and checked when
     /// staging; one that cannot be is fetched).
     pub pushed: Vec<PushedChunk>,
+    /// What the folder holds at and beneath a directory that a change replaces with a file or
+    /// link, beyond what this node put there (added by hand), already backed up: removed with
+    /// that directory's applied entries, deepest first. Anything else left in the directory
+    /// (an excluded path, which syncd never touches) fails the commit with its name.
+    pub clear: Vec<RelPath>,
 }
 
 /// What an apply did to one folder: what it holds now, the changes that led there from what it
@@ -382,8 +387,16 @@ pub(crate) async fn apply(
             .map(|((_, p), n)| (p.clone(), n.clone()))
             .collect();
         let old = Arc::clone(&folder.local);
+        let clear = target.clear;
         let (applied, commit_stats) = blocking(move || {
-            commit_folder(&root, staging.as_deref(), &old.manifest, changes, &names)
+            commit_folder(
+                &root,
+                staging.as_deref(),
+                &old.manifest,
+                changes,
+                &clear,
+                &names,
+            )
         })
         .await?;
         stats.files_written += commit_stats.files_written;
@@ -1554,12 +1567,39 @@ struct CommitStats {
     retired: Retired,
 }
 
+/// Why the directory at `dir`, which the manager replaced with `node`, cannot be removed: what
+/// is left in it after everything syncd may remove is gone.
+fn still_holds(root: &FolderRoot, dir: &RelPath, node: &Node) -> io::Error {
+    let mut names: Vec<String> = std::fs::read_dir(root.abs(dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort_unstable();
+    let more = names.len().saturating_sub(5);
+    names.truncate(5);
+    let mut listed = names.join(", ");
+    if more > 0 {
+        listed.push_str(&format!(" and {more} more"));
+    }
+    let kind = match node.kind {
+        NodeKind::Symlink(_) => "symbolic link",
+        _ => "file",
+    };
+    io::Error::other(format!(
+        "the manager replaced this directory with a {kind}, but it still holds what syncd never \
+         removes here (excluded, or not readable): {listed}; move that out of the folder"
+    ))
+}
+
 /// Renames staged files into place and makes the rest of the folder match `target`.
 fn commit_folder(
     root: &FolderRoot,
     staging: Option<&Staging>,
     local: &Manifest,
     owned: Vec<Change>,
+    clear: &[RelPath],
     staged: &HashMap<RelPath, String>,
 ) -> Result<(Applied, CommitStats), ApplyError> {
     let changes = owned.as_slice();
@@ -1569,16 +1609,27 @@ fn commit_folder(
     };
     let mut stats = CommitStats::default();
 
-    // 1. A directory replaced by a file or link is emptied of what it held, deepest first.
+    // 1. A directory replaced by a file or link is emptied of what it held, deepest first:
+    // what was applied there and what was added by hand (backed up before the apply).
     for change in changes {
-        if let Change::Put(path, node) = change
-            && !node.is_dir()
-            && local.get(path).is_some_and(Node::is_dir)
-        {
-            let inside: Vec<RelPath> = local.subtree(path).map(|(p, _)| p.clone()).collect();
-            for p in inside.iter().rev() {
-                root.remove_entry_retiring(p, &mut stats.retired)
-                    .map_err(err(p))?;
+        let Change::Put(path, node) = change else {
+            continue;
+        };
+        if node.is_dir() {
+            continue;
+        }
+        let mut inside: Vec<&RelPath> = clear.iter().filter(|p| p.starts_with(path)).collect();
+        if local.get(path).is_some_and(Node::is_dir) {
+            inside.extend(local.subtree(path).map(|(p, _)| p));
+        }
+        inside.sort_unstable();
+        inside.dedup();
+        for p in inside.into_iter().rev() {
+            match root.remove_entry_retiring(p, &mut stats.retired) {
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTEMPTY.raw_os_error()) => {
+                    return Err(err(p)(still_holds(root, p, node)));
+                }
+                r => r.map_err(err(p))?,
             }
         }
     }

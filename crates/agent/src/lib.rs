@@ -221,17 +221,28 @@ pub enum AgentError {
     Transport(#[from] syncd_transport::TransportError),
 }
 
-/// What changed in a folder while the agent was not running (or was cut off in the middle of an
-/// apply) is backed up first, so nothing is lost. Changes the apply journal planned are the
-/// agent's own unfinished work, not edits: they are taken as they are. Under `revert`, the folder
-/// is then taken as it is, and the manager's difference brings it back; under `report`, what was
-/// applied (plus the agent's own work) stays the reference, so edits stay reported instead of
-/// being undone.
-fn adopt_changes_made_while_down(
+/// When a folder is found to differ from what this node applied there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Found {
+    /// At start: the agent was not running, or was cut off in the middle of an apply.
+    AtStart,
+    /// After an apply that failed part-way through its renames.
+    AfterFailedApply,
+}
+
+/// `folder.local` has just been scanned from disk; `applied` is what this node had applied there.
+/// What changed meanwhile is backed up first, so nothing is lost. Changes the apply journal
+/// planned are the agent's own unfinished work, not edits: they are taken as they are. Under
+/// `revert`, the folder is then taken as it is, and the manager's difference brings it back;
+/// under `report`, what was applied (plus the agent's own work) stays the reference, so edits
+/// stay reported instead of being undone (or, after a failed apply, taken for applied and later
+/// replaced without a backup).
+pub(crate) fn adopt_local_changes(
     config: &AgentConfig,
     folder: &mut Folder,
     applied: &syncd_fsops::LocalManifest,
     journal: Option<&Journal>,
+    found: Found,
 ) {
     let (own, changes): (Vec<_>, Vec<_>) =
         syncd_manifest::diff(&applied.manifest, &folder.local.manifest)
@@ -249,17 +260,30 @@ fn adopt_changes_made_while_down(
     if changes.is_empty() {
         return;
     }
-    let root = pause::backup_dir_named(&config.state_dir, "start");
+    let root = pause::backup_dir_named(
+        &config.state_dir,
+        match found {
+            Found::AtStart => "start",
+            Found::AfterFailedApply => "failed-apply",
+        },
+    );
     let described = pause::describe_against(&folder.name, &applied.manifest, &changes);
     let kept = pause::back_up(&root, folder, &changes)
         .and_then(|kept| pause::write_index(&root, &described).map(|()| kept));
     match kept {
-        Ok(kept) => tracing::warn!(
+        Ok(kept) if found == Found::AtStart => tracing::warn!(
             folder = %folder.name,
             changes = changes.len(),
             backed_up = kept,
             backup = %root.display(),
             "found local changes made while the agent was not running; backed up"
+        ),
+        Ok(kept) => tracing::warn!(
+            folder = %folder.name,
+            changes = changes.len(),
+            backed_up = kept,
+            backup = %root.display(),
+            "found local changes beside the failed apply; backed up"
         ),
         Err(e) => {
             tracing::error!(folder = %folder.name, error = %e, "cannot back up local changes found at start")
@@ -332,7 +356,13 @@ impl Agent {
             if let Some(previous) = previous
                 && previous.manifest.params == folder.local.manifest.params
             {
-                adopt_changes_made_while_down(&config, &mut folder, previous, journal.as_ref());
+                adopt_local_changes(
+                    &config,
+                    &mut folder,
+                    previous,
+                    journal.as_ref(),
+                    Found::AtStart,
+                );
             }
             folders.push(folder);
         }

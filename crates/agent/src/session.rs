@@ -635,6 +635,7 @@ async fn act_on_drift(
             changes,
             inline: Vec::new(),
             pushed: Vec::new(),
+            clear: Vec::new(),
         };
         // The watch stays on: a revert is small, and is what the watch is for.
         let result = apply::apply(
@@ -987,7 +988,7 @@ async fn apply_generation(
     tracing::debug!(%generation, folders = updates.len(), "applying generation");
     let result = match prepare(agent, updates) {
         Ok(targets) if targets.is_empty() => Ok(Vec::new()),
-        Ok(targets) => match back_up_replaced(agent, generation, &targets) {
+        Ok(mut targets) => match back_up_replaced(agent, generation, &mut targets) {
             Err(e) => Err(e),
             Ok(()) => {
                 apply::apply(
@@ -1064,12 +1065,25 @@ async fn apply_generation(
         Err(e) => {
             tracing::error!(%generation, error = %e, "could not apply generation");
             if matches!(e, ApplyError::Commit { .. }) {
-                // Part of the generation may be in place: learn what the folders hold now.
+                // Part of the generation may be in place: learn what the folders hold now. The
+                // journal (written before the first rename) tells this apply's work from local
+                // changes, which stay local changes.
+                let journal = Journal::load(&agent.config.state_dir);
                 for f in &mut agent.folders {
                     let chunker = Chunker::new(f.local.manifest.params)
                         .expect("params of a held manifest are valid");
-                    if let Err(e) = f.rescan(&chunker) {
-                        tracing::error!(folder = %f.name, error = %e, "rescan after a failed apply failed");
+                    let applied = Arc::clone(&f.local);
+                    match f.rescan(&chunker) {
+                        Ok(()) => crate::adopt_local_changes(
+                            &agent.config,
+                            f,
+                            &applied,
+                            journal.as_ref(),
+                            crate::Found::AfterFailedApply,
+                        ),
+                        Err(e) => {
+                            tracing::error!(folder = %f.name, error = %e, "rescan after a failed apply failed");
+                        }
                     }
                 }
             }
@@ -1093,10 +1107,13 @@ async fn apply_generation(
 /// this node last applied: a local change left in place (policy `report`, a path left alone as
 /// flapping) or made just before the drift check could see it. The apply then overwrites it;
 /// its local version is in `backups/replaced-<time>/`. If it cannot be kept, nothing is applied.
+///
+/// A directory that becomes a file or link is looked into: what was added in it by hand is
+/// backed up too, and listed in the target's `clear` for the commit to remove.
 fn back_up_replaced(
     agent: &Agent,
     generation: Generation,
-    targets: &[Target],
+    targets: &mut [Target],
 ) -> Result<(), ApplyError> {
     let mut backup_root = None;
     let mut described = Vec::new();
@@ -1107,7 +1124,9 @@ fn back_up_replaced(
         // (an initial sync into an empty folder costs a few looks, not one per file).
         let mut absent: HashSet<&str> = HashSet::new();
         let mut changed: Vec<RelPath> = Vec::new();
-        for path in t.changes.iter().map(Change::path) {
+        let mut clear: Vec<RelPath> = Vec::new();
+        for change in &t.changes {
+            let path = change.path();
             let mut up = path.as_str();
             let mut beneath_absent = false;
             while let Some(i) = up.rfind('/') {
@@ -1120,24 +1139,36 @@ fn back_up_replaced(
             if beneath_absent {
                 continue;
             }
-            let local_change = match syncd_fsops::observe(folder.root.path(), path) {
+            let seen = match syncd_fsops::observe(folder.root.path(), path) {
                 Ok(None) => {
                     absent.insert(path.as_str());
-                    false
+                    continue;
                 }
-                // Nothing this node can read (left to the drift check); a directory holds
-                // nothing of its own (what is in it is listed path by path).
-                Err(_) | Ok(Some(Seen::Dir { .. })) => false,
-                Ok(Some(Seen::File { key, .. })) => local.reusable(path, &key).is_none(),
-                Ok(Some(Seen::Symlink { target, .. })) => !local
-                    .manifest
-                    .get(path)
-                    .is_some_and(|n| matches!(&n.kind, NodeKind::Symlink(t) if *t == target)),
+                // Nothing this node can read: left to the drift check.
+                Err(_) => continue,
+                Ok(Some(seen)) => seen,
             };
-            if local_change {
+            let becomes_dir = matches!(change, Change::Put(_, node) if node.is_dir());
+            if matches!(seen, Seen::Dir { .. }) && !becomes_dir {
+                // A directory holds nothing of its own (what is in it is listed path by path),
+                // unless it goes: then whatever the manager did not put there goes with it.
+                if !local.manifest.get(path).is_some_and(|n| n.is_dir()) {
+                    clear.push(path.clone());
+                }
+                let added = added_beneath(folder, path).map_err(ApplyError::Backup)?;
+                for (p, seen) in added {
+                    if !matches!(seen, Seen::Dir { .. }) {
+                        changed.push(p.clone());
+                    }
+                    clear.push(p);
+                }
+            } else if !as_applied(local, path, &seen) {
                 changed.push(path.clone());
             }
         }
+        t.clear = clear;
+        changed.sort_unstable();
+        changed.dedup();
         if changed.is_empty() {
             continue;
         }
@@ -1173,6 +1204,46 @@ fn back_up_replaced(
         );
     }
     Ok(())
+}
+
+/// Whether what is at `path` is what this node last put there.
+fn as_applied(local: &LocalManifest, path: &RelPath, seen: &Seen) -> bool {
+    match seen {
+        Seen::File { key, .. } => local.reusable(path, key).is_some(),
+        Seen::Symlink { target, .. } => local
+            .manifest
+            .get(path)
+            .is_some_and(|n| matches!(&n.kind, NodeKind::Symlink(t) if t == target)),
+        Seen::Dir { .. } => local.manifest.get(path).is_some_and(|n| n.is_dir()),
+    }
+}
+
+/// What the folder holds beneath the directory `dir` that this node did not put there,
+/// in path order. Fails if part of it cannot be read: what cannot be seen cannot be kept.
+fn added_beneath(
+    folder: &crate::folder::Folder,
+    dir: &RelPath,
+) -> Result<Vec<(RelPath, Seen)>, String> {
+    let mut seen = Vec::new();
+    let mut warnings = Vec::new();
+    syncd_fsops::walk(
+        folder.root.path(),
+        Some(dir),
+        &folder.excludes,
+        &mut seen,
+        &mut warnings,
+    )
+    .map_err(|e| format!("cannot look into {}: {e}", folder.root.abs(dir).display()))?;
+    if let Some(w) = warnings.iter().find(|w| w.is_unreadable()) {
+        return Err(format!(
+            "cannot back up what {} holds: {}",
+            folder.root.abs(dir).display(),
+            w.reason()
+        ));
+    }
+    seen.retain(|(p, s)| !as_applied(&folder.local, p, s));
+    seen.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(seen)
 }
 
 fn prepare(
@@ -1265,6 +1336,7 @@ fn prepare(
             changes,
             inline,
             pushed,
+            clear: Vec::new(),
         });
     }
     Ok(targets)

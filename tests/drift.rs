@@ -6,6 +6,8 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use support::cluster::{Cluster, MANAGER};
@@ -605,4 +607,73 @@ fn a_failed_apply_does_not_take_hand_changes_for_applied_ones() {
         "the hand edit was not backed up: {kept:?}; see {}",
         c.log("worker-1")
     );
+}
+
+/// A socket, FIFO or device, or a link that is absolute or leaves the folder, can never have
+/// come from the manager: on a worker it is a local change. Under `revert` it is removed (a
+/// link backed up as a link); under `report` it is listed and left. It used to be only logged,
+/// at every comparison, while the worker showed `in sync`.
+#[test]
+fn entries_syncd_never_carries_are_local_changes_on_a_worker() {
+    for report in [false, true] {
+        let c = cluster(36, report);
+        let w = c.data("worker-1").join("synapse-configs/default/api");
+        std::os::unix::fs::symlink("/etc", w.join("etc-link")).unwrap();
+        std::os::unix::fs::symlink("../../../..", w.join("up-link")).unwrap();
+        let fifo = w.join("fifo");
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let names = ["api/etc-link", "api/up-link", "api/fifo"];
+        if report {
+            c.wait_row("worker-1", Duration::from_secs(10), |row| {
+                row.state == "drifted"
+                    && names.iter().all(|n| {
+                        row.drift
+                            .iter()
+                            .any(|d| d.path.ends_with(n) && d.change == "added")
+                    })
+            });
+            assert!(fs::symlink_metadata(w.join("etc-link")).is_ok());
+            assert!(fs::symlink_metadata(&fifo).is_ok());
+            let listed = c.ctl("worker-1", &["changes"]);
+            assert!(listed.contains("etc-link"), "{listed}");
+            continue;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while names
+            .iter()
+            .any(|n| fs::symlink_metadata(w.join(&n[4..])).is_ok())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "not removed; see {}",
+                c.log("worker-1")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+        // The links are kept, as links.
+        let mut links = Vec::new();
+        let mut stack = vec![c.dir("worker-1", "state/backups")];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let meta = fs::symlink_metadata(e.path()).unwrap();
+                if meta.is_dir() {
+                    stack.push(e.path());
+                } else if meta.file_type().is_symlink() {
+                    links.push(fs::read_link(e.path()).unwrap());
+                }
+            }
+        }
+        links.sort();
+        assert_eq!(
+            links,
+            [PathBuf::from("/etc"), PathBuf::from("../../../..")],
+            "see {}",
+            c.log("worker-1")
+        );
+        c.wait_row("worker-1", Duration::from_secs(10), |row| {
+            row.state == "in sync" && row.drift.is_empty()
+        });
+    }
 }

@@ -1589,7 +1589,8 @@ fn still_holds(root: &FolderRoot, dir: &RelPath, node: &Node) -> io::Error {
     };
     io::Error::other(format!(
         "the manager replaced this directory with a {kind}, but it still holds what syncd never \
-         removes here (excluded, or not readable): {listed}; move that out of the folder"
+         removes here (excluded, or with a name it cannot use): {listed}; move that out of the \
+         folder"
     ))
 }
 

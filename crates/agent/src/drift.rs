@@ -320,9 +320,10 @@ pub(crate) struct Found {
     pub changes: Vec<Change>,
     /// The paths compared.
     pub covered: Covered,
-    /// Paths it could not read (taken as unchanged: a local change there cannot be backed up,
-    /// so it is left and listed).
-    pub unreadable: Vec<RelPath>,
+    /// What it skipped: paths it could not read (taken as unchanged: a local change there
+    /// cannot be backed up, so it is left and listed) and entries syncd never carries (none
+    /// can have come from the manager: each is a local change).
+    pub skipped: syncd_fsops::Skipped,
 }
 
 /// What a comparison read of a folder as it is now.
@@ -419,13 +420,13 @@ pub(crate) fn compare(folders: Vec<(usize, Folder, Scope)>) -> Vec<Found> {
             Scope::Nothing => continue,
             Scope::All => {
                 crate::pause::local_changes(std::slice::from_ref(&folder)).map(|mut v| {
-                    let (actual, changes, unreadable) = v.pop().expect("one folder in, one out");
+                    let (actual, changes, skipped) = v.pop().expect("one folder in, one out");
                     Found {
                         folder: i,
                         actual: Actual::Whole(actual),
                         changes,
                         covered: Covered::All,
-                        unreadable,
+                        skipped,
                     }
                 })
             }
@@ -564,12 +565,8 @@ fn compare_paths(
             Err(w) => warnings.push(w),
         }
     }
-    // What cannot be read is listed by the caller (once), not logged at every comparison.
-    for w in warnings.iter().filter(|w| !w.is_unreadable()) {
-        tracing::warn!(folder = %folder.name, "{w}");
-    }
-    syncd_fsops::keep_unreadable(&mut after, &before, root, &warnings);
-    let unreadable = syncd_fsops::unreadable_paths(root, &warnings);
+    let skipped = crate::pause::skipped(&folder, warnings);
+    syncd_fsops::keep_unreadable(&mut after, &before, &skipped.unreadable);
 
     let changes = syncd_manifest::diff(&before, &after);
     // The files compared have the stat keys just read; nothing else compared has one.
@@ -582,7 +579,7 @@ fn compare_paths(
             deep,
             shallow: shallow.into_keys().collect(),
         },
-        unreadable,
+        skipped,
     })
 }
 
@@ -636,19 +633,8 @@ pub(crate) fn plan(
             }
             continue;
         }
-        let action = if may == May::List {
-            Some(PAUSED)
-        } else if folder.policy == DriftPolicy::Report {
-            Some("reported")
-        } else if tracker.flapping(&folder.name, path) {
-            Some("flapping")
-        } else if may == May::Wait {
-            Some("waiting")
-        } else {
-            None
-        };
         let local_kind = kind(expected, change);
-        match action {
+        match leave_as(folder, tracker, may, path) {
             Some(action) => left.push(DriftEntry {
                 folder: folder.name.clone(),
                 path: path.to_string(),
@@ -664,15 +650,7 @@ pub(crate) fn plan(
                         target.remove(path);
                     }
                 }
-                if tracker.reverted(&folder.name, path, now) {
-                    tracing::warn!(
-                        folder = %folder.name,
-                        %path,
-                        limit = FLAP_LIMIT,
-                        window = ?FLAP_WINDOW,
-                        "this path keeps changing back (the runtime rewriting it?); reverted for the last time, left alone from now on"
-                    );
-                }
+                note_revert(folder, tracker, path, now);
                 revert.push(change.clone());
             }
         }
@@ -681,6 +659,64 @@ pub(crate) fn plan(
     // directory removes what was added inside it too (it is all in `revert`).
     target = tree_closed(target, expected);
     Plan { revert, target }
+}
+
+/// Splits entries syncd never carries (`Skipped::foreign`: none can have come from the manager)
+/// like [`plan`] splits changes: returns those to remove now, and records the rest in `left` as
+/// added.
+pub(crate) fn plan_foreign(
+    folder: &Folder,
+    foreign: &[RelPath],
+    tracker: &mut Tracker,
+    may: May,
+    now: Instant,
+    left: &mut Vec<DriftEntry>,
+) -> Vec<RelPath> {
+    let mut remove = Vec::new();
+    for path in foreign {
+        match leave_as(folder, tracker, may, path) {
+            Some(action) => left.push(DriftEntry {
+                folder: folder.name.clone(),
+                path: path.to_string(),
+                change: "added".into(),
+                action: action.into(),
+            }),
+            None => {
+                note_revert(folder, tracker, path, now);
+                remove.push(path.clone());
+            }
+        }
+    }
+    remove
+}
+
+/// Why a local change at `path` is left in place (the action shown), or `None` if it is to be
+/// reverted now.
+fn leave_as(folder: &Folder, tracker: &Tracker, may: May, path: &RelPath) -> Option<&'static str> {
+    if may == May::List {
+        Some(PAUSED)
+    } else if folder.policy == DriftPolicy::Report {
+        Some("reported")
+    } else if tracker.flapping(&folder.name, path) {
+        Some("flapping")
+    } else if may == May::Wait {
+        Some("waiting")
+    } else {
+        None
+    }
+}
+
+/// Counts a revert of `path`, saying so when it is the last before the path is left alone.
+fn note_revert(folder: &Folder, tracker: &mut Tracker, path: &RelPath, now: Instant) {
+    if tracker.reverted(&folder.name, path, now) {
+        tracing::warn!(
+            folder = %folder.name,
+            %path,
+            limit = FLAP_LIMIT,
+            window = ?FLAP_WINDOW,
+            "this path keeps changing back (the runtime rewriting it?); reverted for the last time, left alone from now on"
+        );
+    }
 }
 
 /// Makes `target` a tree again: restores parents from `expected` where a child was restored,

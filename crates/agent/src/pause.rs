@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use syncd_fsops::LocalManifest;
+use syncd_fsops::{LocalManifest, Skipped};
 use syncd_manifest::{Change, Chunker, RelPath, diff};
 use syncd_proto::Pause;
 
@@ -50,9 +50,9 @@ pub struct ResumeReport {
 }
 
 /// One folder as a scan found it: what it holds now, how that differs from what syncd last
-/// applied, and the paths the scan could not read (taken as unchanged: see
-/// `syncd_fsops::keep_unreadable`).
-pub(crate) type Scanned = (LocalManifest, Vec<Change>, Vec<RelPath>);
+/// applied, and what the scan skipped (paths it could not read are taken as unchanged: see
+/// `syncd_fsops::keep_unreadable`; the rest of what it skipped has been logged).
+pub(crate) type Scanned = (LocalManifest, Vec<Change>, Skipped);
 
 /// Scans every folder (see [`Scanned`]).
 pub(crate) fn local_changes(folders: &[Folder]) -> Result<Vec<Scanned>, String> {
@@ -69,15 +69,21 @@ pub(crate) fn local_changes(folders: &[Folder]) -> Result<Vec<Scanned>, String> 
                 threads,
             )
             .map_err(|e| e.to_string())?;
-            // What cannot be read is listed by the caller (once), not logged at every scan.
-            for w in warnings.iter().filter(|w| !w.is_unreadable()) {
-                tracing::warn!(folder = %f.name, "{w}");
-            }
-            let unreadable = syncd_fsops::unreadable_paths(f.root.path(), &warnings);
+            let skipped = skipped(f, warnings);
             let changes = diff(&f.local.manifest, &now.manifest);
-            Ok((now, changes, unreadable))
+            Ok((now, changes, skipped))
         })
         .collect()
+}
+
+/// Sorts what a look at `folder` skipped and logs what the caller does not list: what cannot
+/// be read and what syncd never carries are listed (once), not logged at every comparison.
+pub(crate) fn skipped(folder: &Folder, warnings: Vec<syncd_fsops::ScanWarning>) -> Skipped {
+    let skipped = Skipped::sort(folder.root.path(), warnings);
+    for w in &skipped.other {
+        tracing::warn!(folder = %folder.name, "{w}");
+    }
+    skipped
 }
 
 /// Describes changes for an operator.

@@ -572,15 +572,33 @@ async fn act_on_drift(
         .cloned()
         .collect();
     let mut reverted = 0u64;
+    let may = if agent.state.pause.is_some() {
+        drift::May::List
+    } else if conn.is_some() {
+        drift::May::Revert
+    } else {
+        drift::May::Wait
+    };
     for found in found {
         let i = found.folder;
-        for path in &found.unreadable {
+        for path in &found.skipped.unreadable {
             left.push(syncd_proto::DriftEntry {
                 folder: agent.folders[i].name.clone(),
                 path: path.to_string(),
                 change: drift::UNREADABLE.into(),
                 action: "left".into(),
             });
+        }
+        let remove = drift::plan_foreign(
+            &agent.folders[i],
+            &found.skipped.foreign,
+            &mut agent.drift,
+            may,
+            now,
+            &mut left,
+        );
+        if !remove.is_empty() {
+            reverted += remove_foreign(agent, i, &remove, &mut left);
         }
         if found.changes.is_empty() {
             // Same content: only metadata such as ctime moved; remember the new stat keys.
@@ -597,13 +615,7 @@ async fn act_on_drift(
             &actual.manifest,
             &found.changes,
             &mut agent.drift,
-            if agent.state.pause.is_some() {
-                drift::May::List
-            } else if conn.is_some() {
-                drift::May::Revert
-            } else {
-                drift::May::Wait
-            },
+            may,
             now,
             &mut left,
         );
@@ -709,6 +721,67 @@ async fn act_on_drift(
         }
     }
     Ok(())
+}
+
+/// Removes entries syncd never carries (a socket, a FIFO, a link that is absolute or leaves the
+/// folder) from folder `i`, links backed up first; returns how many went. What cannot be
+/// backed up or removed is left, listed in `left`.
+fn remove_foreign(
+    agent: &Agent,
+    i: usize,
+    paths: &[RelPath],
+    left: &mut Vec<syncd_proto::DriftEntry>,
+) -> u64 {
+    let folder = &agent.folders[i];
+    let described: Vec<LocalChange> = paths
+        .iter()
+        .map(|p| LocalChange {
+            folder: folder.name.clone(),
+            path: p.to_string(),
+            kind: "added",
+        })
+        .collect();
+    let backup_root = pause::backup_dir_named(&agent.config.state_dir, "drift");
+    let kept = pause::back_up_paths(&backup_root, folder, paths)
+        .and_then(|_| pause::write_index(&backup_root, &described));
+    let mut removed = 0;
+    for (path, c) in paths.iter().zip(described) {
+        let outcome = match &kept {
+            Ok(()) => folder.root.remove_entry(path).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("cannot back it up: {e}")),
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::warn!(folder = %folder.name, %path, backup = %backup_root.display(), "removed an entry syncd never carries (a socket, FIFO, device, or a link that is absolute or leaves the folder); a link is backed up");
+                removed += 1;
+            }
+            Err(e) => {
+                tracing::error!(folder = %folder.name, %path, error = %e, "cannot remove an entry syncd never carries; will try again");
+                left.push(syncd_proto::DriftEntry {
+                    folder: c.folder,
+                    path: c.path,
+                    change: c.kind.into(),
+                    action: "waiting".into(),
+                });
+            }
+        }
+    }
+    // Their directories get back the mtimes that were applied.
+    let mut dirs: Vec<RelPath> = paths.iter().filter_map(RelPath::parent).collect();
+    dirs.dedup();
+    for dir in dirs {
+        if let Some(node) = folder.local.manifest.get(&dir).filter(|n| n.is_dir())
+            && let Err(e) = folder.root.set_dir_meta(&dir, node.mode, node.mtime)
+        {
+            tracing::warn!(folder = %folder.name, path = %dir, error = %e, "cannot restore a directory's mtime");
+        }
+    }
+    drift::prune_backups(
+        &agent.config.state_dir,
+        agent.config.max_backups,
+        agent.config.max_backup_bytes,
+    );
+    removed
 }
 
 async fn send_pause_state(agent: &Agent, tx: &mut SendStream) -> Result<(), TransportError> {
@@ -858,7 +931,14 @@ async fn changes(agent: &mut Agent) -> Result<Vec<LocalChange>, String> {
             folders
                 .iter()
                 .zip(&per_folder)
-                .flat_map(|(f, (_, c, _))| pause::describe(f, c))
+                .flat_map(|(f, (_, c, skipped))| {
+                    let foreign = skipped.foreign.iter().map(|p| LocalChange {
+                        folder: f.name.clone(),
+                        path: p.to_string(),
+                        kind: "added",
+                    });
+                    pause::describe(f, c).into_iter().chain(foreign)
+                })
                 .collect()
         });
         (folders, result)
@@ -1156,8 +1236,8 @@ fn back_up_replaced(
                     clear.push(path.clone());
                 }
                 let added = added_beneath(folder, path).map_err(ApplyError::Backup)?;
-                for (p, seen) in added {
-                    if !matches!(seen, Seen::Dir { .. }) {
+                for (p, is_dir) in added {
+                    if !is_dir {
                         changed.push(p.clone());
                     }
                     clear.push(p);
@@ -1218,12 +1298,13 @@ fn as_applied(local: &LocalManifest, path: &RelPath, seen: &Seen) -> bool {
     }
 }
 
-/// What the folder holds beneath the directory `dir` that this node did not put there,
-/// in path order. Fails if part of it cannot be read: what cannot be seen cannot be kept.
+/// What the folder holds beneath the directory `dir` that this node did not put there, in path
+/// order, each with whether it is a directory. Fails if part of it cannot be read: what cannot
+/// be seen cannot be kept.
 fn added_beneath(
     folder: &crate::folder::Folder,
     dir: &RelPath,
-) -> Result<Vec<(RelPath, Seen)>, String> {
+) -> Result<Vec<(RelPath, bool)>, String> {
     let mut seen = Vec::new();
     let mut warnings = Vec::new();
     syncd_fsops::walk(
@@ -1241,9 +1322,17 @@ fn added_beneath(
             w.reason()
         ));
     }
-    seen.retain(|(p, s)| !as_applied(&folder.local, p, s));
-    seen.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    Ok(seen)
+    // Entries syncd never carries (a FIFO, a link out of the folder) go too; the rest of what
+    // the walk skipped stays, and stops the commit with its name.
+    let foreign = pause::skipped(folder, warnings).foreign;
+    let mut added: Vec<(RelPath, bool)> = seen
+        .into_iter()
+        .filter(|(p, s)| !as_applied(&folder.local, p, s))
+        .map(|(p, s)| (p, matches!(s, Seen::Dir { .. })))
+        .chain(foreign.into_iter().map(|p| (p, false)))
+        .collect();
+    added.sort_unstable();
+    Ok(added)
 }
 
 fn prepare(

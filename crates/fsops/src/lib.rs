@@ -23,9 +23,9 @@ pub use excludes::{ExcludeError, Excludes, STAGING_DIR, WSO2_DEFAULT_EXCLUDES};
 pub use folder::{Committer, FolderRoot, Retired, StagedFile, Staging, mtime_of, to_system_time};
 pub use memory::{trim_heap, tune_allocator};
 pub use scan::{
-    HashResult, LocalDelta, LocalManifest, Reuse, ScanError, ScanStats, ScanWarning, Seen, StatKey,
-    Tiling, apply_deltas, hash_file, hash_file_reusing, hash_files, hash_files_reusing,
-    keep_unreadable, observe, scan, stat_key, unreadable_paths, walk,
+    HashResult, LocalDelta, LocalManifest, Reuse, ScanError, ScanStats, ScanWarning, Seen, Skipped,
+    StatKey, Tiling, apply_deltas, hash_file, hash_file_reusing, hash_files, hash_files_reusing,
+    keep_unreadable, observe, scan, stat_key, walk,
 };
 pub use statelog::{LoadedState, Restored, StateFile, StateLog};
 

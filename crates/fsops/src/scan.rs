@@ -451,7 +451,12 @@ pub fn scan(
         }
     }
     if let Some(previous) = reusable {
-        keep_unreadable(&mut out.manifest, &previous.manifest, root, &warnings);
+        let unreadable: Vec<RelPath> = warnings
+            .iter()
+            .filter(|w| w.is_unreadable())
+            .filter_map(|w| rel_of(root, &w.path()))
+            .collect();
+        keep_unreadable(&mut out.manifest, &previous.manifest, &unreadable);
     }
     out.drop_orphans();
     Ok((out, stats, warnings))
@@ -460,30 +465,49 @@ pub fn scan(
 /// Where a look at `root` could not read (`warnings`), puts back what `previous` held there and
 /// beneath: unknown is not absent. A file or directory this node's user may not read is kept
 /// as it was known rather than taken as removed (which would recreate it over what is there).
-pub fn keep_unreadable(
-    out: &mut Manifest,
-    previous: &Manifest,
-    root: &Path,
-    warnings: &[ScanWarning],
-) {
-    for rel in unreadable_paths(root, warnings) {
-        for (p, n) in previous.subtree(&rel) {
+pub fn keep_unreadable(out: &mut Manifest, previous: &Manifest, unreadable: &[RelPath]) {
+    for rel in unreadable {
+        for (p, n) in previous.subtree(rel) {
             out.insert(p.clone(), n.clone());
         }
     }
 }
 
-/// The paths beneath `root` that a look could not read, among `warnings`.
-pub fn unreadable_paths(root: &Path, warnings: &[ScanWarning]) -> Vec<RelPath> {
-    warnings
-        .iter()
-        .filter(|w| w.is_unreadable())
-        .filter_map(|w| {
-            let path = w.path();
-            let rel = path.strip_prefix(root).ok()?.to_str()?;
-            RelPath::new(rel).ok()
-        })
-        .collect()
+/// `path` relative to `root`, if it is a path syncd can name.
+fn rel_of(root: &Path, path: &Path) -> Option<RelPath> {
+    let rel = path.strip_prefix(root).ok()?.to_str()?;
+    RelPath::new(rel).ok()
+}
+
+/// What a look at a folder skipped, sorted by what the folder's holder does about it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Paths it could not read: what they hold is unknown, not absent (see
+    /// [`keep_unreadable`]).
+    pub unreadable: Vec<RelPath>,
+    /// Entries syncd never carries (sockets, FIFOs, devices, links that are absolute or leave
+    /// the folder): on a worker, none can have come from the manager.
+    pub foreign: Vec<RelPath>,
+    /// The rest, each with its reason: names that are not UTF-8 or not valid paths, files that
+    /// kept changing while read.
+    pub other: Vec<ScanWarning>,
+}
+
+impl Skipped {
+    /// Sorts the `warnings` of a look at `root`.
+    pub fn sort(root: &Path, warnings: Vec<ScanWarning>) -> Skipped {
+        let mut out = Skipped::default();
+        for w in warnings {
+            match (rel_of(root, &w.path()), &w) {
+                (Some(rel), ScanWarning::Unreadable { .. }) => out.unreadable.push(rel),
+                (Some(rel), ScanWarning::Special(_) | ScanWarning::Symlink { .. }) => {
+                    out.foreign.push(rel)
+                }
+                _ => out.other.push(w),
+            }
+        }
+        out
+    }
 }
 
 impl LocalManifest {

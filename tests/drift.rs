@@ -677,3 +677,40 @@ fn entries_syncd_never_carries_are_local_changes_on_a_worker() {
         });
     }
 }
+
+/// An operator moves a worker's folder away and puts a new directory at its path (or removes
+/// it): the agent used to go on writing into the directory it held open, while the path
+/// showed a folder it never filled. It follows the path: the new directory is filled (what
+/// was in it backed up), nothing more lands in the old one, and a folder removed outright is
+/// made again.
+#[test]
+fn a_worker_folder_moved_away_or_removed_is_filled_again_at_its_path() {
+    let c = cluster(37, false);
+    let w = c.data("worker-1");
+    let old = w.with_extension("old");
+    fs::rename(&w, &old).unwrap();
+    fs::create_dir(&w).unwrap();
+    fs::write(w.join("restored-by-hand.xml"), b"<api name=\"restored\"/>").unwrap();
+    let api = c.data(MANAGER).join("synapse-configs/default/api");
+    fs::write(api.join("after-the-move.xml"), b"<api name=\"after\"/>").unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    converge_blocking(&c.data(MANAGER), &w, Duration::from_secs(10));
+    assert!(
+        !old.join("synapse-configs/default/api/after-the-move.xml")
+            .exists(),
+        "a generation still went into the old directory"
+    );
+    assert!(
+        backed_up_files(&c)
+            .iter()
+            .any(|(n, b)| n == "restored-by-hand.xml" && b == b"<api name=\"restored\"/>"),
+        "see {}",
+        c.log("worker-1")
+    );
+
+    fs::remove_dir_all(&w).unwrap();
+    converge_blocking(&c.data(MANAGER), &w, Duration::from_secs(10));
+    c.wait_row("worker-1", Duration::from_secs(10), |row| {
+        row.state == "in sync" && row.drift.is_empty()
+    });
+}

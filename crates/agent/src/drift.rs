@@ -195,6 +195,16 @@ impl Watch {
         PausedWatch(self)
     }
 
+    /// Watches folder `i` afresh at its path (its directory was replaced), and has it compared
+    /// in full.
+    pub(crate) fn rewatch(&mut self, i: usize) {
+        let w = &mut self.watchers[i];
+        w.watcher = None;
+        *w.reported.lock().expect("no panic while holding the lock") = Scope::All;
+        w.watcher = start(&w.path, &self.changed, &w.reported);
+        self.changed.notify_one();
+    }
+
     /// What each folder's watch reported since the last call (what to compare now).
     pub(crate) fn take(&self) -> Vec<Scope> {
         self.watchers

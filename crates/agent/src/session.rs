@@ -141,7 +141,7 @@ pub(crate) async fn run(
                 _ = drift.verify.tick() => drift.now(),
                 _ = check => {
                     drift.due = None;
-                    let _ = check_drift(&mut agent, &drift.watch, None, None).await;
+                    let _ = check_drift(&mut agent, &mut drift.watch, None, None).await;
                 }
             }
         }
@@ -287,7 +287,7 @@ async fn session(
                     // Something changed during the walk under way: look again after it.
                     walk_again = true;
                 } else {
-                    walk = Some(DriftWalk::start(agent, &drift.watch));
+                    walk = Some(DriftWalk::start(agent, &mut drift.watch));
                 }
                 continue;
             }
@@ -361,6 +361,7 @@ async fn session(
                     continue;
                 }
                 agent.status.send_modify(|s| s.syncing = true);
+                follow_moved_folders(agent, &mut drift.watch);
                 let (reply, changed) =
                     apply_generation(agent, &conn, generation, updates, &mut drift.watch).await;
                 agent.status.send_modify(|s| s.syncing = false);
@@ -477,12 +478,43 @@ async fn send_drift(agent: &Agent, tx: &mut SendStream) -> Result<(), TransportE
     .await
 }
 
+/// Follows each folder's path to the directory now there, if its directory was moved away or
+/// replaced (`mv server server.old; mkdir server`, a restore): writes through the old one would
+/// land where the operator no longer looks. What applied there is then compared in full with
+/// what the new directory holds, and reverted or reported like any local change. A path with
+/// nothing at it is created, as at start.
+fn follow_moved_folders(agent: &mut Agent, watch: &mut drift::Watch) {
+    for (i, folder) in agent.folders.iter_mut().enumerate() {
+        match folder.root.still_at_path() {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(folder = %folder.name, path = %folder.root.path().display(), error = %e, "cannot tell whether the folder is still at its path");
+                continue;
+            }
+        }
+        let path = folder.root.path().to_owned();
+        let reopened =
+            std::fs::create_dir_all(&path).and_then(|()| syncd_fsops::FolderRoot::open(&path));
+        match reopened {
+            Ok(root) => {
+                tracing::warn!(folder = %folder.name, path = %path.display(), "the folder's directory was moved away or replaced; following its path: what the directory there holds is compared with what was applied");
+                folder.root = Arc::new(root);
+                watch.rewatch(i);
+            }
+            Err(e) => {
+                tracing::error!(folder = %folder.name, path = %path.display(), error = %e, "the folder's directory was moved away or replaced, and the path cannot be opened");
+            }
+        }
+    }
+}
+
 /// Compares the folders with what was applied; reverts or reports what differs (see
 /// `drift.rs`). Nothing happens while paused. Without a connection, changes are only reported
 /// (as waiting for the manager).
 async fn check_drift(
     agent: &mut Agent,
-    watch: &drift::Watch,
+    watch: &mut drift::Watch,
     conn: Option<&Conn>,
     tx: Option<&mut SendStream>,
 ) -> Result<(), TransportError> {
@@ -510,7 +542,8 @@ struct DriftWalk {
 }
 
 impl DriftWalk {
-    fn start(agent: &mut Agent, watch: &drift::Watch) -> DriftWalk {
+    fn start(agent: &mut Agent, watch: &mut drift::Watch) -> DriftWalk {
+        follow_moved_folders(agent, watch);
         let mut scopes = watch.take();
         if std::mem::take(&mut agent.drift.recheck_all) {
             scopes = vec![drift::Scope::All; scopes.len()];

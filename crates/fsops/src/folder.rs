@@ -44,6 +44,18 @@ impl FolderRoot {
         })
     }
 
+    /// Whether the folder's path still leads to the directory this holds open: `false` once it
+    /// was moved away or replaced (a new directory, or nothing, at the path), when every write
+    /// through this would land in a directory the operator no longer looks at.
+    pub fn still_at_path(&self) -> io::Result<bool> {
+        let held = rustix::fs::fstat(&self.fd)?;
+        match rustix::fs::stat(&self.path) {
+            Ok(now) => Ok(now.st_dev == held.st_dev && now.st_ino == held.st_ino),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The folder's path as configured.
     pub fn path(&self) -> &Path {
         &self.path

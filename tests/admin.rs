@@ -5,10 +5,10 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::cluster::{Cluster, MANAGER, SYNCCTL};
+use support::cluster::{Cluster, MANAGER, SYNCCTL, SYNCD};
 use support::{assert_same_tree, snapshot};
 use syncd_devtools::{Scale, generate};
 
@@ -255,4 +255,70 @@ fn an_offline_agent_is_paused_when_it_connects_and_is_sent_nothing_meanwhile() {
     c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
     assert_eq!(c.row("worker-1").state, "in sync");
+}
+
+/// A worker cloned with its state directory (a copied VM) connects with the identity of the
+/// node it was copied from. The two used to replace each other's connection several times a
+/// second, forever, while `status` showed the node in sync. Now the manager keeps the
+/// connection it has once they took turns a few times, refuses the other with the reason, and
+/// shows it on the node's row.
+#[test]
+fn two_nodes_sharing_one_identity_do_not_take_turns_forever() {
+    let mut c = Cluster::new(&["worker-1", "clone"]);
+    // The clone holds worker-1's identity (the one `syncd init` made for it is never used).
+    std::fs::remove_dir_all(c.dir("clone", "state")).unwrap();
+    support::cluster::copy_tree(&c.dir("worker-1", "state"), &c.dir("clone", "state"));
+    // A copied machine has the same config too: it calls itself worker-1.
+    let config = c.root.path().join("clone.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("name = \"clone\"", "name = \"worker-1\""),
+    )
+    .unwrap();
+    std::fs::write(c.data(MANAGER).join("a.xml"), "<a/>").unwrap();
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    let clone_log = c.dir("clone", "agent.log");
+    let mut clone = Command::new(SYNCD)
+        .arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .env("SYNCD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&clone_log).unwrap())
+        .spawn()
+        .unwrap();
+    c.wait_row("worker-1", Duration::from_secs(20), |row| {
+        row.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("share one identity"))
+    });
+    let replaced = |c: &Cluster| {
+        std::fs::read_to_string(c.log(MANAGER))
+            .unwrap()
+            .matches("replaced by a newer connection")
+            .count()
+    };
+    let before = replaced(&c);
+    std::thread::sleep(Duration::from_secs(5));
+    let after = replaced(&c);
+    assert!(
+        after <= before + 1,
+        "the connections still take turns: {before} -> {after} replacements in 5 s; see {}",
+        c.log(MANAGER)
+    );
+    // The node is still served: a deploy reaches whichever of the two holds the connection.
+    std::fs::write(c.data(MANAGER).join("b.xml"), "<b/>").unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    assert!(c.data("worker-1").join("b.xml").exists() || c.data("clone").join("b.xml").exists());
+    let _ = clone.kill();
+    let _ = clone.wait();
+    let said = std::fs::read_to_string(&clone_log).unwrap();
+    let held = std::fs::read_to_string(c.log("worker-1")).unwrap();
+    assert!(
+        said.contains("share one identity") || held.contains("share one identity"),
+        "neither agent was told why: {said}"
+    );
 }

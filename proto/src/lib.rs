@@ -46,4 +46,7 @@ pub mod close {
     pub const PROTOCOL_ERROR: u32 = 3;
     /// Another connection from the same agent replaced this one.
     pub const REPLACED: u32 = 4;
+    /// Another live connection already uses this agent's identity, and the two kept replacing
+    /// each other: two nodes share one identity.
+    pub const IDENTITY_IN_USE: u32 = 5;
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use syncd_manifest::{Change, ChunkHash, ChunkRef, ManifestDigest, RelPath};
@@ -41,8 +41,11 @@ pub(crate) struct Ctx {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     status: Arc<watch::Sender<ManagerStatus>>,
     commands: mpsc::Sender<Command>,
-    /// The live connection of each agent, so a reconnecting agent replaces its old one.
+    /// The live connection of each agent, so a reconnecting agent replaces its old one, and
+    /// when its connections lately replaced one another or were refused for that (two nodes
+    /// sharing one identity take turns without end).
     live: std::sync::Mutex<HashMap<NodeId, (u64, Conn)>>,
+    turns: std::sync::Mutex<HashMap<NodeId, std::collections::VecDeque<Instant>>>,
     /// Each agent's pause.
     pub(crate) pauses: Arc<Pauses>,
     serial: AtomicU64,
@@ -68,10 +71,28 @@ impl Ctx {
             commands,
             pauses,
             live: Default::default(),
+            turns: Default::default(),
             serial: AtomicU64::new(0),
             cache: Arc::new(ChunkCache::new(crate::cache::CACHE_BYTES)),
             wire: Arc::new(WireCache::new(crate::wire::WIRE_BYTES)),
         })
+    }
+
+    /// Notes that a connection of agent `id` is about to replace (or be refused beside) a live
+    /// one; returns whether its connections have taken turns [`TURNS_LIMIT`] times within
+    /// [`TURNS_WINDOW`]. An agent that restarts or reconnects replaces its old connection once
+    /// (the manager may not have seen it go); only two live nodes with one identity keep at it.
+    /// Refusals count as turns, so a refused clone retrying keeps being refused while the
+    /// connection held lives; once it is gone, the next one is let in.
+    fn took_turns(&self, id: NodeId) -> bool {
+        let now = Instant::now();
+        let mut turns = self.turns.lock().expect("the turns map is never poisoned");
+        let times = turns.entry(id).or_default();
+        while times.front().is_some_and(|t| now - *t > TURNS_WINDOW) {
+            times.pop_front();
+        }
+        times.push_back(now);
+        times.len() > TURNS_LIMIT
     }
 
     /// Counts `bytes` of chunks sent to agent `name` (fetched, or pushed inside an update).
@@ -123,6 +144,11 @@ pub(crate) async fn accept_loop(
         .await
         .ok();
 }
+
+/// How many times within [`TURNS_WINDOW`] an agent's connections may replace one another before
+/// the manager takes them for two nodes sharing one identity and keeps the one it has.
+const TURNS_LIMIT: usize = 3;
+const TURNS_WINDOW: Duration = Duration::from_secs(30);
 
 /// Why an agent's session ended.
 #[derive(Debug, thiserror::Error)]
@@ -206,16 +232,28 @@ async fn session(ctx: &Arc<Ctx>, conn: &Conn, name: &str, serial: u64) -> Result
     else {
         unreachable!("handshake returns a Join")
     };
-    if let Some((_, old)) = ctx
-        .live
-        .lock()
-        .expect("the live map is never poisoned")
-        .insert(conn.peer_id(), (serial, conn.clone()))
     {
-        old.close(
-            close::REPLACED,
-            "replaced by a newer connection from the same agent",
-        );
+        let mut live = ctx.live.lock().expect("the live map is never poisoned");
+        if let Some((_, old)) = live.get(&conn.peer_id()) {
+            if ctx.took_turns(conn.peer_id()) {
+                let reason = format!(
+                    "two nodes share one identity: this node's connection from {} is live, \
+                     and connections from it and {} kept replacing each other; refusing the \
+                     newer one (a copied state directory? give one of them its own identity \
+                     with `syncd init` and configure its new ID)",
+                    old.remote_addr(),
+                    conn.remote_addr()
+                );
+                drop(live);
+                conn.close(close::IDENTITY_IN_USE, &reason);
+                return Err(SessionError::Refused(reason));
+            }
+            old.close(
+                close::REPLACED,
+                "replaced by a newer connection from the same agent",
+            );
+        }
+        live.insert(conn.peer_id(), (serial, conn.clone()));
     }
     let snapshot = ctx.snapshots.borrow().clone();
     tx.send(

@@ -322,3 +322,37 @@ fn two_nodes_sharing_one_identity_do_not_take_turns_forever() {
         "neither agent was told why: {said}"
     );
 }
+
+/// `last seen` of a connected worker is now, however long the cluster has been quiet (it showed
+/// the time of the worker's last message, which read as a node gone stale); of a worker that
+/// left, when it left.
+#[test]
+fn a_quiet_connected_worker_is_seen_now_and_one_that_left_when_it_left() {
+    let mut c = Cluster::new(&["worker-1"]);
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    let seen = c.row("worker-1").last_seen.unwrap();
+    assert!(
+        now() - seen <= 1,
+        "connected, but last seen {}s ago",
+        now() - seen
+    );
+    c.stop("worker-1");
+    let left = now();
+    std::thread::sleep(Duration::from_secs(3));
+    let row = c.row("worker-1");
+    assert!(!row.connected);
+    let seen = row.last_seen.unwrap();
+    assert!(
+        seen >= left - 1 && seen <= left + 1,
+        "left at {left}, last seen {seen}"
+    );
+}

@@ -357,3 +357,24 @@ fn what_the_manager_cannot_read_is_shown_kept_on_workers_and_never_taken_as_dele
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
     assert_same_tree(&data, &worker);
 }
+
+/// Most of a folder's files moved (a directory renamed, or a tree moved under another name)
+/// are not deleted: the guard lets it through, while deleting the same files is held.
+#[test]
+fn most_files_moved_is_not_a_mass_deletion() {
+    let c = cluster(14);
+    let m = c.data(MANAGER);
+    // Everything under synapse-configs and webapps moves under new names: well over half of
+    // the folder's files leave their paths, with the same contents.
+    fs::create_dir(m.join("moved")).unwrap();
+    for dir in ["synapse-configs", "webapps"] {
+        fs::rename(m.join(dir), m.join("moved").join(dir)).unwrap();
+    }
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&m, &c.data("worker-1"));
+    assert!(c.status(MANAGER).guarded.is_empty());
+
+    // Deleting them is still held.
+    fs::remove_dir_all(m.join("moved")).unwrap();
+    assert!(wait_guarded(&c).starts_with("would delete"));
+}

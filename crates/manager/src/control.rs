@@ -599,10 +599,7 @@ impl Control {
                 "changes of {}",
                 f.spec.name
             );
-            let removed = changes
-                .iter()
-                .filter(|c| matches!(c, syncd_manifest::Change::Remove(p) if old.get(p).is_some_and(|n| n.file().is_some())))
-                .count();
+            let removed = removed_files(old, &changes);
             let mut confirmed = false;
             if let Some(share) = f.spec.delete_guard {
                 // Removals published moments ago count too, against the folder as it was
@@ -948,4 +945,30 @@ fn log_changes(folder: &str, changes: &[syncd_manifest::Change]) {
             Change::Remove(p) => tracing::debug!(%folder, path = %p, "remove"),
         }
     }
+}
+
+/// Files that `changes` remove from `old` and do not put elsewhere: a directory renamed, or
+/// removed and unpacked again, moves its files rather than deleting them, and the delete
+/// guard counts only what a folder would lose.
+fn removed_files(old: &syncd_manifest::Manifest, changes: &[syncd_manifest::Change]) -> usize {
+    use syncd_manifest::Change;
+    let gone = |c: &&Change| matches!(c, Change::Remove(p) if old.get(p).is_some_and(|n| n.file().is_some()));
+    if !changes.iter().any(|c| gone(&c)) {
+        return 0;
+    }
+    let put: std::collections::HashSet<_> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Put(_, n) => n.file().map(|f| f.hash),
+            Change::Remove(_) => None,
+        })
+        .collect();
+    changes
+        .iter()
+        .filter(gone)
+        .filter(|c| {
+            let hash = old.get(c.path()).and_then(|n| n.file()).map(|f| f.hash);
+            !hash.is_some_and(|h| put.contains(&h))
+        })
+        .count()
 }

@@ -196,6 +196,7 @@ async fn serve_agent(ctx: Arc<Ctx>, incoming: Incoming, mut shutdown: watch::Rec
             v.connected = false;
             v.syncing = false;
             v.addr = None;
+            v.last_seen = Some(SystemTime::now());
         });
     }
     match result {

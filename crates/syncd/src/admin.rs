@@ -295,7 +295,14 @@ fn manager_status(m: &ManagerHandle) -> Status {
                 applied: v.applied.0,
                 behind_generations,
                 behind_bytes,
-                last_seen: v.last_seen.map(secs),
+                // A connected agent is seen now: QUIC keep-alives every 4 s, and a connection
+                // silent for 15 s is closed. (Its last message may be hours old on a quiet
+                // cluster, which read as a node gone stale.)
+                last_seen: if v.connected {
+                    Some(secs(SystemTime::now()))
+                } else {
+                    v.last_seen.map(secs)
+                },
                 last_error: v.last_error.clone(),
                 paused_until: v.paused.as_ref().and_then(|p| p.until),
                 paused_by: v.paused.as_ref().map(|p| p.by.clone()),

@@ -356,3 +356,37 @@ fn a_quiet_connected_worker_is_seen_now_and_one_that_left_when_it_left() {
         "left at {left}, last seen {seen}"
     );
 }
+
+/// `syncctl wait` while a file is still being written waits for it to be closed and published:
+/// the watch's events trail the admin socket (after a copy of gigabytes, by seconds), and a
+/// wait used to answer as soon as a late event marked the file as still open.
+#[test]
+fn a_wait_while_a_file_is_being_written_waits_for_that_file() {
+    use std::io::Write;
+    let mut c = Cluster::new(&["worker-1"]);
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    let path = c.data(MANAGER).join("being-written.bin");
+    let writer = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let mut f = fs::File::create(&path).unwrap();
+            let block = vec![7u8; 64 * 1024];
+            let until = std::time::Instant::now() + Duration::from_millis(1500);
+            while std::time::Instant::now() < until {
+                f.write_all(&block).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    writer.join().unwrap();
+    let on_worker = fs::metadata(c.data("worker-1").join("being-written.bin")).map(|m| m.len());
+    assert_eq!(
+        on_worker.ok(),
+        Some(fs::metadata(&path).unwrap().len()),
+        "wait returned before the file was on the worker"
+    );
+}

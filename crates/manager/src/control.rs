@@ -63,6 +63,8 @@ const IMMINENT: Duration = Duration::from_millis(10);
 /// A generation with at least this many changes leaves enough freed memory behind (its lists,
 /// encodings and the copies compared) to be worth handing back (see `syncd_fsops::trim_heap`).
 const TRIM_AFTER_CHANGES: usize = 4096;
+/// How often a `syncctl wait` that waits on files being written looks at them again.
+const WRITERS_POLL: Duration = Duration::from_millis(100);
 /// How long after such a generation the heap is trimmed: by then its transient buffers (the
 /// previous snapshot, the first agents' update pages) are freed too.
 const TRIM_DELAY: Duration = Duration::from_secs(1);
@@ -246,10 +248,17 @@ impl Control {
 
     /// When the loop must act next without new input.
     fn deadline(&self) -> Option<Instant> {
-        [self.dirty_due(), self.next_ready()]
+        [self.dirty_due(), self.next_ready(), self.writers_due()]
             .into_iter()
             .flatten()
             .min()
+    }
+
+    /// While a `syncctl wait` waits on files being written (see `LiveFolder::written_lately`),
+    /// when to look again whether they were closed or went quiet.
+    fn writers_due(&self) -> Option<Instant> {
+        (!self.waiting.is_empty() && self.folders.iter().any(LiveFolder::written_lately))
+            .then(|| Instant::now() + WRITERS_POLL)
     }
 
     /// Handles hints and commands until shutdown.
@@ -298,7 +307,7 @@ impl Control {
                 _ = signal.wake.notified() => {}
                 cmd = commands.recv() => match cmd {
                     Some(Command::Rescan(reply)) => {
-                        self.folders.iter_mut().for_each(LiveFolder::rescan);
+                        self.folders.iter_mut().for_each(LiveFolder::look_again);
                         self.waiting.extend(reply);
                     }
                     Some(Command::Hold { until, reply }) => {
@@ -335,7 +344,11 @@ impl Control {
                         tracing::error!(error = %e, "cannot record a new generation; it is not published");
                     }
                     self.report(&status);
-                    if !self.folders.iter().any(LiveFolder::settling) {
+                    if !self
+                        .folders
+                        .iter()
+                        .any(|f| f.settling() || f.written_lately())
+                    {
                         for reply in self.waiting.drain(..) {
                             let _ = reply.send(self.generation);
                         }

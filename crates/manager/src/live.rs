@@ -33,6 +33,10 @@ pub(crate) const RECHECK_ARCHIVE: Duration = Duration::from_secs(1);
 /// readable changes its stat key and is looked at at once).
 pub(crate) const RECHECK_UNREADABLE: Duration = Duration::from_secs(5);
 
+/// How lately a file still open for writing must have been written to for `syncctl wait` to
+/// wait for it (see [`LiveFolder::written_lately`]).
+pub(crate) const WRITTEN_LATELY: Duration = Duration::from_secs(2);
+
 /// What the watcher said about a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Hint {
@@ -278,12 +282,22 @@ impl LiveFolder {
                 self.closed.remove(&path);
             }
             Hint::Written => {
-                self.writing.remove(&path);
+                // No longer held for being written: until it is published (or held again for
+                // another reason), it is settling, and a `syncctl wait` waits for it.
+                if self.writing.remove(&path) {
+                    self.held.remove(&path);
+                }
                 self.closed.insert(path.clone());
             }
             Hint::Changed => {}
         }
         self.dirty.insert(path);
+    }
+
+    /// Asks for a full walk, for a `syncctl wait`: no event was lost, so what is known about
+    /// writers stays (a file a writer still has open stays held; see `written_lately`).
+    pub(crate) fn look_again(&mut self) {
+        self.rescan_all = true;
     }
 
     /// Asks for a full walk (the watcher lost events, or a periodic check).
@@ -344,6 +358,19 @@ impl LiveFolder {
 
     /// Whether changes are still settling (candidates waiting, removals not yet quiet; held
     /// files do not count).
+    /// Whether a file a writer has open was written to within [`WRITTEN_LATELY`]. Its close
+    /// may simply not have reached this process yet: a `syncctl wait` right after a large copy
+    /// travels the admin socket faster than the copy's tens of thousands of watch events, and
+    /// used to answer before the file was even looked at. A file a writer merely keeps open,
+    /// quiet, is not waited for.
+    pub(crate) fn written_lately(&self) -> bool {
+        self.writing.iter().any(|p| {
+            std::fs::symlink_metadata(self.spec.path.join(p.as_str()))
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < WRITTEN_LATELY))
+        })
+    }
+
     pub(crate) fn settling(&self) -> bool {
         self.has_dirty()
             || self.pending_removals.is_some()

@@ -257,6 +257,16 @@ fn an_offline_agent_is_paused_when_it_connects_and_is_sent_nothing_meanwhile() {
     assert_eq!(c.row("worker-1").state, "in sync");
 }
 
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A worker cloned with its state directory (a copied VM) connects with the identity of the
 /// node it was copied from. The two used to replace each other's connection several times a
 /// second, forever, while `status` showed the node in sync. Now the manager keeps the
@@ -281,7 +291,7 @@ fn two_nodes_sharing_one_identity_do_not_take_turns_forever() {
     c.start("worker-1");
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
     let clone_log = c.dir("clone", "agent.log");
-    let mut clone = Command::new(SYNCD)
+    let clone = Command::new(SYNCD)
         .arg("agent")
         .arg("--config")
         .arg(&config)
@@ -290,6 +300,8 @@ fn two_nodes_sharing_one_identity_do_not_take_turns_forever() {
         .stderr(std::fs::File::create(&clone_log).unwrap())
         .spawn()
         .unwrap();
+    // Killed however the test ends: a panic must not leave it running.
+    let clone = KillOnDrop(clone);
     c.wait_row("worker-1", Duration::from_secs(20), |row| {
         row.last_error
             .as_deref()
@@ -313,8 +325,7 @@ fn two_nodes_sharing_one_identity_do_not_take_turns_forever() {
     std::fs::write(c.data(MANAGER).join("b.xml"), "<b/>").unwrap();
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
     assert!(c.data("worker-1").join("b.xml").exists() || c.data("clone").join("b.xml").exists());
-    let _ = clone.kill();
-    let _ = clone.wait();
+    drop(clone);
     let said = std::fs::read_to_string(&clone_log).unwrap();
     let held = std::fs::read_to_string(c.log("worker-1")).unwrap();
     assert!(

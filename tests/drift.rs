@@ -65,6 +65,18 @@ fn backed_up_files(c: &Cluster) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Asserts that each `(file name, contents)` is among worker-1's backups.
+fn assert_backed_up(c: &Cluster, files: &[(&str, &[u8])]) {
+    let kept = backed_up_files(c);
+    for (name, hand) in files {
+        assert!(
+            kept.iter().any(|(n, b)| n == name && b == hand),
+            "{name} not backed up: {kept:?}; see {}",
+            c.log("worker-1")
+        );
+    }
+}
+
 #[test]
 fn hand_changes_are_reverted_within_seconds_and_kept_in_backups() {
     let c = cluster(31, false);
@@ -490,18 +502,14 @@ fn a_reported_hand_change_that_a_new_generation_replaces_is_backed_up_first() {
     .unwrap();
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
-    let kept = backed_up_files(&c);
-    for (name, hand) in [
-        ("service-0001.xml", &b"<api name=\"hand-edited\"/>"[..]),
-        ("both-added.xml", &b"<api name=\"added by hand\"/>"[..]),
-        ("in-both.xml", &b"<api name=\"in a new dir by hand\"/>"[..]),
-    ] {
-        assert!(
-            kept.iter().any(|(n, b)| n == name && b == hand),
-            "{name} not backed up: {kept:?}; see {}",
-            c.log("worker-1")
-        );
-    }
+    assert_backed_up(
+        &c,
+        &[
+            ("service-0001.xml", b"<api name=\"hand-edited\"/>"),
+            ("both-added.xml", b"<api name=\"added by hand\"/>"),
+            ("in-both.xml", b"<api name=\"in a new dir by hand\"/>"),
+        ],
+    );
     let backups = c.ctl("worker-1", &["backups"]);
     assert!(backups.contains("replaced-"), "{backups}");
 }
@@ -537,17 +545,13 @@ fn a_directory_the_manager_turns_into_a_file_keeps_what_was_added_in_it_by_hand(
     fs::write(m.join("bundle"), b"now a file").unwrap();
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
-    let kept = backed_up_files(&c);
-    for (name, hand) in [
-        ("by-hand.xml", &b"<api name=\"by hand\"/>"[..]),
-        ("deep.xml", &b"<api name=\"deep\"/>"[..]),
-    ] {
-        assert!(
-            kept.iter().any(|(n, b)| n == name && b == hand),
-            "{name} not backed up: {kept:?}; see {}",
-            c.log("worker-1")
-        );
-    }
+    assert_backed_up(
+        &c,
+        &[
+            ("by-hand.xml", b"<api name=\"by hand\"/>"),
+            ("deep.xml", b"<api name=\"deep\"/>"),
+        ],
+    );
     c.wait_row("worker-1", Duration::from_secs(10), |row| {
         row.drift.is_empty() && row.last_error.is_none()
     });
@@ -600,13 +604,7 @@ fn a_failed_apply_does_not_take_hand_changes_for_applied_ones() {
     .unwrap();
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
-    let kept = backed_up_files(&c);
-    assert!(
-        kept.iter()
-            .any(|(n, b)| n == "service-0001.xml" && b == b"<api name=\"hand-edited\"/>"),
-        "the hand edit was not backed up: {kept:?}; see {}",
-        c.log("worker-1")
-    );
+    assert_backed_up(&c, &[("service-0001.xml", b"<api name=\"hand-edited\"/>")]);
 }
 
 /// A socket, FIFO or device, or a link that is absolute or leaves the folder, can never have
@@ -700,13 +698,7 @@ fn a_worker_folder_moved_away_or_removed_is_filled_again_at_its_path() {
             .exists(),
         "a generation still went into the old directory"
     );
-    assert!(
-        backed_up_files(&c)
-            .iter()
-            .any(|(n, b)| n == "restored-by-hand.xml" && b == b"<api name=\"restored\"/>"),
-        "see {}",
-        c.log("worker-1")
-    );
+    assert_backed_up(&c, &[("restored-by-hand.xml", b"<api name=\"restored\"/>")]);
 
     fs::remove_dir_all(&w).unwrap();
     converge_blocking(&c.data(MANAGER), &w, Duration::from_secs(10));

@@ -523,12 +523,10 @@ fn wait_reported(c: &Cluster, names: &[&str]) {
     });
 }
 
-/// Under `report`, files added by hand inside a directory that the manager then replaces with
-/// a file are backed up before the directory goes (they used to fail the apply, and the retry,
-/// which had taken them for applied, removed them without a backup).
-#[test]
-fn a_directory_the_manager_turns_into_a_file_keeps_what_was_added_in_it_by_hand() {
-    let c = cluster(34, true);
+/// A cluster under `report` whose manager deployed `synapse-configs/default/bundle/first.xml`;
+/// with that directory (`synapse-configs/default`) on the manager and on worker-1.
+fn with_bundle(seed: u64) -> (Cluster, PathBuf, PathBuf) {
+    let c = cluster(seed, true);
     let (m, w) = (
         c.data(MANAGER).join("synapse-configs/default"),
         c.data("worker-1").join("synapse-configs/default"),
@@ -536,6 +534,15 @@ fn a_directory_the_manager_turns_into_a_file_keeps_what_was_added_in_it_by_hand(
     fs::create_dir(m.join("bundle")).unwrap();
     fs::write(m.join("bundle/first.xml"), b"<api name=\"first\"/>").unwrap();
     c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    (c, m, w)
+}
+
+/// Under `report`, files added by hand inside a directory that the manager then replaces with
+/// a file are backed up before the directory goes (they used to fail the apply, and the retry,
+/// which had taken them for applied, removed them without a backup).
+#[test]
+fn a_directory_the_manager_turns_into_a_file_keeps_what_was_added_in_it_by_hand() {
+    let (c, m, w) = with_bundle(34);
     fs::write(w.join("bundle/by-hand.xml"), b"<api name=\"by hand\"/>").unwrap();
     fs::create_dir(w.join("bundle/hand-dir")).unwrap();
     fs::write(w.join("bundle/hand-dir/deep.xml"), b"<api name=\"deep\"/>").unwrap();
@@ -564,14 +571,7 @@ fn a_directory_the_manager_turns_into_a_file_keeps_what_was_added_in_it_by_hand(
 /// generation replaces it.
 #[test]
 fn a_failed_apply_does_not_take_hand_changes_for_applied_ones() {
-    let c = cluster(35, true);
-    let (m, w) = (
-        c.data(MANAGER).join("synapse-configs/default"),
-        c.data("worker-1").join("synapse-configs/default"),
-    );
-    fs::create_dir(m.join("bundle")).unwrap();
-    fs::write(m.join("bundle/first.xml"), b"<api name=\"first\"/>").unwrap();
-    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    let (c, m, w) = with_bundle(35);
     fs::write(
         w.join("api/service-0001.xml"),
         b"<api name=\"hand-edited\"/>",

@@ -240,8 +240,9 @@ async fn session(ctx: &Arc<Ctx>, conn: &Conn, name: &str, serial: u64) -> Result
                 let reason = format!(
                     "two nodes share one identity: this node's connection from {} is live, \
                      and connections from it and {} kept replacing each other; refusing the \
-                     newer one (a copied state directory? give one of them its own identity \
-                     with `syncd init` and configure its new ID)",
+                     newer one until the live one ends (a copied state directory? give one of \
+                     them its own identity with `syncd init` and configure its new ID; if only \
+                     one node has it, its agent is restarting over and over: see its log)",
                     old.remote_addr(),
                     conn.remote_addr()
                 );

@@ -406,6 +406,7 @@ async fn session(
 /// the journal stays, so that a restart tells the agent's partial work from edits.
 fn record_state(agent: &mut Agent, changed: Option<Vec<(String, LocalDelta)>>) {
     let dir = agent.config.state_dir.clone();
+    let applied = changed.is_some();
     let result = match changed {
         Some(folders) => {
             let record = AppliedRecord {
@@ -432,7 +433,10 @@ fn record_state(agent: &mut Agent, changed: Option<Vec<(String, LocalDelta)>>) {
             }
         }
         Ok(false) => {}
-        Err(e) => tracing::error!(error = %e, "cannot record the applied generation"),
+        Err(e) if applied => tracing::error!(error = %e, "cannot record the applied generation"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record what the folders hold after the failed apply")
+        }
     }
 }
 

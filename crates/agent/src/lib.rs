@@ -260,33 +260,24 @@ pub(crate) fn adopt_local_changes(
     if changes.is_empty() {
         return;
     }
-    let root = pause::backup_dir_named(
-        &config.state_dir,
-        match found {
-            Found::AtStart => "start",
-            Found::AfterFailedApply => "failed-apply",
-        },
-    );
+    let (why, when) = match found {
+        Found::AtStart => ("start", "made while the agent was not running"),
+        Found::AfterFailedApply => ("failed-apply", "beside the failed apply"),
+    };
+    let root = pause::backup_dir_named(&config.state_dir, why);
     let described = pause::describe_against(&folder.name, &applied.manifest, &changes);
     let kept = pause::back_up(&root, folder, &changes)
         .and_then(|kept| pause::write_index(&root, &described).map(|()| kept));
     match kept {
-        Ok(kept) if found == Found::AtStart => tracing::warn!(
-            folder = %folder.name,
-            changes = changes.len(),
-            backed_up = kept,
-            backup = %root.display(),
-            "found local changes made while the agent was not running; backed up"
-        ),
         Ok(kept) => tracing::warn!(
             folder = %folder.name,
             changes = changes.len(),
             backed_up = kept,
             backup = %root.display(),
-            "found local changes beside the failed apply; backed up"
+            "found local changes {when}; backed up"
         ),
         Err(e) => {
-            tracing::error!(folder = %folder.name, error = %e, "cannot back up local changes found at start")
+            tracing::error!(folder = %folder.name, error = %e, "cannot back up local changes {when}")
         }
     }
     drift::prune_backups(

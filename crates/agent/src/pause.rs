@@ -91,6 +91,19 @@ pub(crate) fn describe(folder: &Folder, changes: &[Change]) -> Vec<LocalChange> 
     describe_against(&folder.name, &folder.local.manifest, changes)
 }
 
+/// Describes entries at `paths` that syncd did not put there (entries it never carries) for an
+/// operator.
+pub(crate) fn describe_added(folder: &str, paths: &[RelPath]) -> Vec<LocalChange> {
+    paths
+        .iter()
+        .map(|p| LocalChange {
+            folder: folder.to_owned(),
+            path: p.to_string(),
+            kind: "added",
+        })
+        .collect()
+}
+
 /// Describes changes from `expected` (what syncd applied) for an operator.
 pub(crate) fn describe_against(
     folder: &str,

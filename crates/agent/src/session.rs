@@ -770,14 +770,7 @@ fn remove_foreign(
     left: &mut Vec<syncd_proto::DriftEntry>,
 ) -> u64 {
     let folder = &agent.folders[i];
-    let described: Vec<LocalChange> = paths
-        .iter()
-        .map(|p| LocalChange {
-            folder: folder.name.clone(),
-            path: p.to_string(),
-            kind: "added",
-        })
-        .collect();
+    let described = pause::describe_added(&folder.name, paths);
     let backup_root = pause::backup_dir_named(&agent.config.state_dir, "drift");
     let kept = pause::back_up_paths(&backup_root, folder, paths)
         .and_then(|_| pause::write_index(&backup_root, &described));
@@ -805,6 +798,7 @@ fn remove_foreign(
     }
     // Their directories get back the mtimes that were applied.
     let mut dirs: Vec<RelPath> = paths.iter().filter_map(RelPath::parent).collect();
+    dirs.sort_unstable();
     dirs.dedup();
     for dir in dirs {
         if let Some(node) = folder.local.manifest.get(&dir).filter(|n| n.is_dir())
@@ -969,12 +963,9 @@ async fn changes(agent: &mut Agent) -> Result<Vec<LocalChange>, String> {
                 .iter()
                 .zip(&per_folder)
                 .flat_map(|(f, (_, c, skipped))| {
-                    let foreign = skipped.foreign.iter().map(|p| LocalChange {
-                        folder: f.name.clone(),
-                        path: p.to_string(),
-                        kind: "added",
-                    });
-                    pause::describe(f, c).into_iter().chain(foreign)
+                    let mut listed = pause::describe(f, c);
+                    listed.extend(pause::describe_added(&f.name, &skipped.foreign));
+                    listed
                 })
                 .collect()
         });
@@ -1219,7 +1210,6 @@ async fn apply_generation(
     }
 }
 
-/// Rebuilds each folder's target manifest from the update and checks it.
 /// Backs up what a generation is about to replace or remove where the folder does not hold what
 /// this node last applied: a local change left in place (policy `report`, a path left alone as
 /// flapping) or made just before the drift check could see it. The apply then overwrites it;
@@ -1372,6 +1362,7 @@ fn added_beneath(
     Ok(added)
 }
 
+/// Rebuilds each folder's target manifest from the update and checks it.
 fn prepare(
     agent: &mut Agent,
     updates: Vec<(ManagerMsg, UpdateAssembler)>,

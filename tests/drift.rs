@@ -706,3 +706,26 @@ fn a_worker_folder_moved_away_or_removed_is_filled_again_at_its_path() {
         row.state == "in sync" && row.drift.is_empty()
     });
 }
+
+/// Under `report`, a file added by hand inside a directory that the manager removes is left in
+/// place with its directory (listed), not backed up and logged as replaced: nothing replaces it.
+#[test]
+fn a_hand_file_in_a_directory_the_manager_removes_is_left_and_listed() {
+    let (c, m, w) = with_bundle(38);
+    fs::write(w.join("bundle/by-hand.xml"), b"<api name=\"by hand\"/>").unwrap();
+    wait_reported(&c, &["bundle/by-hand.xml"]);
+    fs::remove_dir_all(m.join("bundle")).unwrap();
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    assert_eq!(
+        fs::read(w.join("bundle/by-hand.xml")).unwrap(),
+        b"<api name=\"by hand\"/>"
+    );
+    assert!(!w.join("bundle/first.xml").exists());
+    wait_reported(&c, &["bundle/by-hand.xml"]);
+    let log = fs::read_to_string(c.log("worker-1")).unwrap();
+    assert!(
+        !log.contains("replacing a local change"),
+        "nothing replaced the hand file; see {}",
+        c.log("worker-1")
+    );
+}

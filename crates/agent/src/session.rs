@@ -1255,10 +1255,15 @@ fn back_up_replaced(
                 Err(_) => continue,
                 Ok(Some(seen)) => seen,
             };
-            let becomes_dir = matches!(change, Change::Put(_, node) if node.is_dir());
-            if matches!(seen, Seen::Dir { .. }) && !becomes_dir {
-                // A directory holds nothing of its own (what is in it is listed path by path),
-                // unless it goes: then whatever the manager did not put there goes with it.
+            // A directory holds nothing of its own (what is in it is listed path by path),
+            // unless a file or link takes its place: then whatever the manager did not put
+            // there goes with it. (A directory the manager removes keeps what it did not put
+            // there: the commit leaves it.)
+            let becomes_entry = matches!(change, Change::Put(_, node) if !node.is_dir());
+            if let Seen::Dir { .. } = seen {
+                if !becomes_entry {
+                    continue;
+                }
                 if !local.manifest.get(path).is_some_and(|n| n.is_dir()) {
                     clear.push(path.clone());
                 }

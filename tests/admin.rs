@@ -401,3 +401,45 @@ fn a_wait_while_a_file_is_being_written_waits_for_that_file() {
         "wait returned before the file was on the worker"
     );
 }
+
+/// A folder in the manager's config but not in a worker's (say, the new version's folder of an
+/// upgrade, forgotten on one node), and one only in the worker's: that worker never gets the
+/// one and the manager never fills the other. Both are shown in `status` on either side, not
+/// only logged, since the row otherwise says `in sync`.
+#[test]
+fn folders_a_worker_and_the_manager_do_not_share_are_shown_in_status() {
+    let mut c = Cluster::new(&["worker-1", "worker-2"]);
+    c.add_folder_on(&[MANAGER, "worker-1"], "deployment-4.3", "next");
+    c.add_folder_on(&["worker-2"], "tenants", "tenants");
+    std::fs::write(c.dir(MANAGER, "next").join("api.xml"), "<api/>").unwrap();
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.start("worker-2");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    assert!(c.dir("worker-1", "next").join("api.xml").exists());
+    assert!(!c.dir("worker-2", "next").exists());
+
+    let both = c.row("worker-1");
+    assert!(both.folders_not_taken.is_empty(), "{both:?}");
+    assert!(both.folders_not_published.is_empty(), "{both:?}");
+    let row = c.row("worker-2");
+    assert_eq!(row.state, "in sync");
+    assert_eq!(row.folders_not_taken, ["deployment-4.3"]);
+    assert_eq!(row.folders_not_published, ["tenants"]);
+    let text = c.ctl(MANAGER, &["status"]);
+    assert!(
+        text.contains("does not sync folder(s) deployment-4.3 (not in its config)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("its folder(s) tenants are not published by the manager"),
+        "{text}"
+    );
+
+    // The worker's own status says the same.
+    let own = &c.status("worker-2").nodes[0];
+    assert_eq!(own.folders_not_taken, ["deployment-4.3"]);
+    assert_eq!(own.folders_not_published, ["tenants"]);
+    let own = &c.status("worker-1").nodes[0];
+    assert!(own.folders_not_taken.is_empty() && own.folders_not_published.is_empty());
+}

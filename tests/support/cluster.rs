@@ -18,6 +18,8 @@ pub struct Cluster {
     agents: Vec<String>,
     /// Extra folders: (name, directory under each node).
     folders: Vec<(String, String)>,
+    /// Folders configured on some nodes only: folder name -> those nodes.
+    folder_nodes: BTreeMap<String, Vec<String>>,
     /// Extra lines in every `[[folders]]` table, per node.
     folder_options: BTreeMap<String, Vec<String>>,
     /// The manager's listen address, and the address agents connect to (loopback by default).
@@ -62,6 +64,7 @@ impl Cluster {
             ids,
             agents: agents.iter().map(|a| (*a).to_owned()).collect(),
             folders: vec![("deployment".into(), "data".into())],
+            folder_nodes: BTreeMap::new(),
             folder_options: BTreeMap::new(),
             listen: None,
             connect: None,
@@ -80,6 +83,17 @@ impl Cluster {
         for node in std::iter::once(MANAGER.to_owned()).chain(self.agents.clone()) {
             std::fs::create_dir_all(self.root.path().join(&node).join(dir)).unwrap();
         }
+        self.folders.push((name.into(), dir.into()));
+        self.write_configs();
+    }
+
+    /// Adds a folder (synced under `name`, at `dir`) to the configs of `nodes` only.
+    pub fn add_folder_on(&mut self, nodes: &[&str], name: &str, dir: &str) {
+        for node in nodes {
+            std::fs::create_dir_all(self.root.path().join(node).join(dir)).unwrap();
+        }
+        self.folder_nodes
+            .insert(name.into(), nodes.iter().map(|n| (*n).to_owned()).collect());
         self.folders.push((name.into(), dir.into()));
         self.write_configs();
     }
@@ -175,6 +189,11 @@ impl Cluster {
                 .unwrap_or_default();
             self.folders
                 .iter()
+                .filter(|(name, _)| {
+                    self.folder_nodes
+                        .get(name)
+                        .is_none_or(|nodes| nodes.iter().any(|n| n == node))
+                })
                 .map(|(name, dir)| {
                     format!("[[folders]]\nname = \"{name}\"\npath = \"{node}/{dir}\"\n{extra}")
                 })

@@ -239,6 +239,12 @@ pub struct NodeView {
     /// (`max_rate` in the manager's config).
     #[serde(default)]
     pub max_rate: Option<u64>,
+    /// Folders the manager publishes that this node does not sync (not in its config).
+    #[serde(default)]
+    pub folders_not_taken: Vec<String>,
+    /// Folders in this node's config that the manager does not publish (not synced).
+    #[serde(default)]
+    pub folders_not_published: Vec<String>,
 }
 
 /// A local change on an agent, left in place.

@@ -115,6 +115,11 @@ pub struct AgentStatus {
     pub drift_reverted: u64,
     /// How long applying generations took.
     pub apply_seconds: Histogram,
+    /// Folders the manager publishes that this node does not sync (not in its config), as the
+    /// manager last said.
+    pub folders_not_taken: Vec<String>,
+    /// Folders in this node's config that the manager does not publish (not synced).
+    pub folders_not_published: Vec<String>,
 }
 
 /// What an operator asks of a running agent (through [`AgentHandle`]).

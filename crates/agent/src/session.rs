@@ -204,18 +204,30 @@ async fn session(
         MAX_REQUEST_FRAME,
     )
     .await?;
-    match rx.expect::<ManagerMsg>(MAX_CONTROL_FRAME).await {
+    let (not_taken, not_published) = match rx.expect::<ManagerMsg>(MAX_CONTROL_FRAME).await {
         Ok(ManagerMsg::Welcome {
             manager_name,
             software,
             folders,
         }) => {
-            for f in &agent.folders {
-                if !folders.contains(&f.name) {
-                    tracing::warn!(folder = %f.name, manager = %manager_name, "the manager does not publish this folder; it will not be synced");
-                }
+            let not_published: Vec<String> = agent
+                .folders
+                .iter()
+                .map(|f| f.name.clone())
+                .filter(|f| !folders.contains(f))
+                .collect();
+            let not_taken: Vec<String> = folders
+                .into_iter()
+                .filter(|f| !agent.folders.iter().any(|mine| &mine.name == f))
+                .collect();
+            for f in &not_published {
+                tracing::warn!(folder = %f, manager = %manager_name, "the manager does not publish this folder; it will not be synced");
+            }
+            for f in &not_taken {
+                tracing::warn!(folder = %f, manager = %manager_name, "the manager publishes a folder that is not in this node's config; this node will not get it");
             }
             tracing::info!(manager = %manager_name, %addr, version = %software, "connected to the manager");
+            (not_taken, not_published)
         }
         Ok(_) => {
             return Err(protocol_violation(
@@ -224,13 +236,15 @@ async fn session(
             ));
         }
         Err(e) => return Err(e.into()),
-    }
+    };
     agent.joined = true;
     // The manager sends nothing before it knows whether this agent is paused.
     send_pause_state(agent, &mut tx).await?;
     agent.status.send_modify(|s| {
         s.connected = true;
         s.last_error = None;
+        s.folders_not_taken = not_taken;
+        s.folders_not_published = not_published;
     });
 
     let mut updates: Vec<(syncd_proto::ManagerMsg, UpdateAssembler)> = Vec::new();

@@ -300,6 +300,30 @@ impl ManagerHandle {
         self.status.clone()
     }
 
+    /// Folders that this manager publishes and `agent` does not sync, and folders that `agent`
+    /// syncs and this manager does not publish (each node's config lists its own folders: a
+    /// folder missing from one of them is not an error, but that node never gets it). Both are
+    /// empty for an agent that never joined.
+    pub fn unmatched_folders(&self, agent: &AgentView) -> (Vec<String>, Vec<String>) {
+        if agent.digests.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        let snap = self.snapshots.borrow();
+        let not_taken = snap
+            .folders
+            .keys()
+            .filter(|f| !agent.digests.contains_key(*f))
+            .cloned()
+            .collect();
+        let not_published = agent
+            .digests
+            .keys()
+            .filter(|f| !snap.folders.contains_key(*f))
+            .cloned()
+            .collect();
+        (not_taken, not_published)
+    }
+
     /// How far behind `agent` is: generations, and bytes of the files that differ (an upper
     /// bound of what will cross: chunks it already holds are not sent).
     pub fn behind(&self, agent: &AgentView) -> (u64, u64) {

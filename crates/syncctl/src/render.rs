@@ -114,6 +114,23 @@ fn row(out: &mut String, n: &NodeView, now: u64) {
     if let Some(e) = &n.last_error {
         let _ = writeln!(out, "{:<12} last error: {}", "", clip(e, 54));
     }
+    // Whole names, even if the line wraps: the operator adds them to a config.
+    if !n.folders_not_taken.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<12} does not sync folder(s) {} (not in its config)",
+            "",
+            n.folders_not_taken.join(", ")
+        );
+    }
+    if !n.folders_not_published.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<12} its folder(s) {} are not published by the manager (not synced)",
+            "",
+            n.folders_not_published.join(", ")
+        );
+    }
     // Paths are shown whole, even if the line wraps: an operator needs the exact path.
     for d in n.drift.iter().take(5) {
         let _ = writeln!(
@@ -232,6 +249,8 @@ mod tests {
             drift: vec![],
             drift_reverted: 0,
             max_rate: Some(2_500_000),
+            folders_not_taken: vec![],
+            folders_not_published: vec![],
         }
     }
 

@@ -281,6 +281,7 @@ fn manager_status(m: &ManagerHandle) -> Status {
             } else {
                 m.behind(v)
             };
+            let (folders_not_taken, folders_not_published) = m.unmatched_folders(v);
             // During a hold with changes pending, an up-to-date agent is waiting on the hold.
             let shown = if state == NodeState::InSync && s.hold.is_some() && s.pending_total > 0 {
                 "held"
@@ -311,6 +312,8 @@ fn manager_status(m: &ManagerHandle) -> Status {
                 drift: v.drift.iter().map(drift_view).collect(),
                 drift_reverted: v.drift_reverted,
                 max_rate: v.max_rate,
+                folders_not_taken,
+                folders_not_published,
             }
         })
         .collect();
@@ -543,6 +546,8 @@ fn agent_row(s: &AgentStatus, name: &str, manager: SocketAddr) -> NodeView {
         drift: s.drift.iter().map(drift_view).collect(),
         drift_reverted: s.drift_reverted,
         max_rate: None,
+        folders_not_taken: s.folders_not_taken.clone(),
+        folders_not_published: s.folders_not_published.clone(),
     }
 }
 

@@ -11,6 +11,7 @@
 //! All methods here do blocking disk work; the control task runs them on the blocking pool.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound::{Excluded, Included};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -114,7 +115,7 @@ pub(crate) struct LiveFolder {
     writing: BTreeSet<RelPath>,
     /// Files whose writer closed them (the next look may use the short wait).
     closed: BTreeSet<RelPath>,
-    candidates: HashMap<RelPath, Candidate>,
+    candidates: BTreeMap<RelPath, Candidate>,
     /// Files not published yet, and why.
     pub held: BTreeMap<RelPath, Held>,
     /// Entries that are not synced, and why: what syncd cannot carry (sockets, FIFOs and
@@ -187,7 +188,7 @@ impl LiveFolder {
             rescan_all: true,
             writing: BTreeSet::new(),
             closed: BTreeSet::new(),
-            candidates: HashMap::new(),
+            candidates: BTreeMap::new(),
             held: BTreeMap::new(),
             skipped: BTreeMap::new(),
             root_failed: false,
@@ -687,11 +688,13 @@ impl LiveFolder {
                 few,
             });
         }
-        let under = |p: &RelPath| p.starts_with(path);
-        self.candidates.retain(|p, _| !under(p));
-        self.held.retain(|p, _| !under(p));
-        self.writing.retain(|p| !under(p));
-        self.closed.retain(|p| !under(p));
+        // By range, not by a pass over each map: a rescan that finds a moved directory's
+        // 100,000 files gone forgets them one by one while the files at the new name wait as
+        // candidates (a pass each took a `wait` after such a move 9 minutes).
+        remove_subtree(&mut self.candidates, path);
+        remove_subtree(&mut self.held, path);
+        remove_subtree(&mut self.writing, path);
+        remove_subtree(&mut self.closed, path);
     }
 
     /// Removes `path` and everything beneath it from the working state, keeping what is known
@@ -813,11 +816,6 @@ impl LiveFolder {
                     self.dirty.insert(path);
                 }
             }
-        }
-        // A map keeps its capacity when emptied: after the first walk's 100,000 candidates it
-        // would hold megabytes for nothing.
-        if self.candidates.capacity() > 4 * self.candidates.len().max(1024) {
-            self.candidates.shrink_to_fit();
         }
         if to_hash.is_empty() {
             return;
@@ -966,6 +964,51 @@ fn is_beneath(p: &str, dir: &str) -> bool {
 /// How long ago the file's inode last changed (data or metadata: the change time moves with
 /// both, and no one can set it back). A change time in the future (the clock went back) counts
 /// as just now.
+/// A sorted map or set keyed by path, from which a subtree can be removed.
+trait PathKeyed {
+    /// The keys strictly beneath `path`, in the order of the map.
+    fn keys_beneath(&self, path: &RelPath) -> Vec<RelPath>;
+    fn remove_key(&mut self, path: &RelPath);
+}
+
+/// The keys beneath `path` are one range in the byte order of paths: from `path/` up to
+/// `path0` (`0` follows `/`), which leaves out siblings such as `path-old` or `path.d`.
+fn beneath_bounds(path: &RelPath) -> (String, String) {
+    (format!("{path}/"), format!("{path}0"))
+}
+
+impl<V> PathKeyed for BTreeMap<RelPath, V> {
+    fn keys_beneath(&self, path: &RelPath) -> Vec<RelPath> {
+        let (lo, hi) = beneath_bounds(path);
+        self.range::<str, _>((Included(lo.as_str()), Excluded(hi.as_str())))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+    fn remove_key(&mut self, path: &RelPath) {
+        self.remove(path);
+    }
+}
+
+impl PathKeyed for BTreeSet<RelPath> {
+    fn keys_beneath(&self, path: &RelPath) -> Vec<RelPath> {
+        let (lo, hi) = beneath_bounds(path);
+        self.range::<str, _>((Included(lo.as_str()), Excluded(hi.as_str())))
+            .cloned()
+            .collect()
+    }
+    fn remove_key(&mut self, path: &RelPath) {
+        self.remove(path);
+    }
+}
+
+/// Removes `path` and every key beneath it: O(removed * log n), whatever the map's size.
+fn remove_subtree(keyed: &mut impl PathKeyed, path: &RelPath) {
+    for k in keyed.keys_beneath(path) {
+        keyed.remove_key(&k);
+    }
+    keyed.remove_key(path);
+}
+
 fn quiet_for(key: &StatKey) -> Duration {
     std::time::SystemTime::now()
         .duration_since(syncd_fsops::to_system_time(key.ctime))
@@ -1149,6 +1192,23 @@ mod tests {
         f.expire_removals(due);
         assert!(!f.removals_pending() && !f.settling());
         assert_eq!(f.publishable().unwrap().manifest.len(), 0);
+    }
+
+    #[test]
+    fn removing_a_subtree_by_range_leaves_its_siblings() {
+        let p = |s: &str| RelPath::new(s).unwrap();
+        let all = ["a", "a-old/x", "a.d", "a/b", "a/c/d", "a0", "ab", "b/a/c"];
+        let mut set: BTreeSet<RelPath> = all.iter().map(|s| p(s)).collect();
+        let mut map: BTreeMap<RelPath, u8> = all.iter().map(|s| (p(s), 0)).collect();
+        remove_subtree(&mut set, &p("a"));
+        remove_subtree(&mut map, &p("a"));
+        let left = ["a-old/x", "a.d", "a0", "ab", "b/a/c"];
+        assert_eq!(set.iter().map(RelPath::as_str).collect::<Vec<_>>(), left);
+        assert_eq!(map.keys().map(RelPath::as_str).collect::<Vec<_>>(), left);
+        remove_subtree(&mut set, &p("b/a"));
+        assert_eq!(set.len(), 4);
+        remove_subtree(&mut set, &p("zz"));
+        assert_eq!(set.len(), 4);
     }
 
     #[test]

@@ -242,6 +242,44 @@ fn a_tree_deleted_in_slices_is_held_once_the_slices_add_up() {
     assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
 }
 
+/// An `rm -rf` of a large tree pauses now and then (100-200 ms at directory boundaries for
+/// 100,000 files here): each pause used to let the removals so far go out as a generation of
+/// their own, and the guard engaged only once they added up to the share, half the tree
+/// already deleted on every worker. Removals that are not few now wait until they stop for a
+/// second: the whole deletion reaches the guard, and the worker loses nothing.
+#[test]
+fn a_deletion_that_pauses_now_and_then_reaches_the_guard_whole() {
+    let c = cluster(15);
+    let before = snapshot(&c.data("worker-1"));
+    let mut files: Vec<_> = snapshot(&c.data(MANAGER))
+        .into_iter()
+        .filter(|(_, item)| matches!(item, support::Item::File { .. }))
+        .map(|(path, _)| c.data(MANAGER).join(path))
+        .collect();
+    files.sort();
+    for burst in files.chunks(files.len() / 20 + 1) {
+        for f in burst {
+            fs::remove_file(f).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let reason = wait_guarded(&c);
+    assert!(reason.starts_with("would delete"), "{reason}");
+    assert!(
+        reason.contains(&format!(" {} of ", files.len())),
+        "the guard saw only part of the deletion: {reason}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        snapshot(&c.data("worker-1")),
+        before,
+        "files deleted on the worker before confirmation"
+    );
+    c.ctl(MANAGER, &["confirm", "deployment"]);
+    c.ctl(MANAGER, &["wait", "--timeout", "30s"]);
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+}
+
 /// CPU time (user + system, in clock ticks) a process has used.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

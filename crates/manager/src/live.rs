@@ -132,6 +132,11 @@ pub(crate) struct LiveFolder {
     /// Files removed by generations published in the last [`GUARD_WINDOW`]: a tree deleted
     /// over several generations (`rm -rf` outlasts the debounce) counts as one deletion.
     recent_removals: std::collections::VecDeque<(Instant, usize)>,
+    /// Whether the last removals published were cut off by the longest wait while more kept
+    /// coming: the deletion goes on, and the guard counts all of it, however long it lasts.
+    deletion_goes_on: bool,
+    /// Whether the removals let through (not published yet) were cut off so.
+    removals_cut: bool,
     /// Removals seen and not yet published.
     pending_removals: Option<PendingRemovals>,
     /// How each large archive hashed since the start was cut into chunks (kept to hash its
@@ -151,13 +156,29 @@ struct PendingRemovals {
     few: bool,
 }
 
-/// How far back the delete guard adds up removals.
+impl PendingRemovals {
+    /// When these removals count as stopped (if none comes meanwhile), and when they have
+    /// waited the longest (more may still be coming then).
+    fn deadlines(&self) -> (Instant, Instant) {
+        let (quiet, longest) = if self.few {
+            (REMOVAL_QUIET_FEW, REMOVAL_MAX_WAIT)
+        } else {
+            (REMOVAL_QUIET, REMOVAL_MAX_WAIT_MANY)
+        };
+        (self.last + quiet, self.first + longest)
+    }
+}
+
+/// How far back the delete guard adds up removals (further while a deletion goes on: see
+/// `deletion_goes_on`).
 pub(crate) const GUARD_WINDOW: Duration = Duration::from_secs(10);
-/// A folder with removals is published once none has been seen for this long (at most
-/// [`REMOVAL_MAX_WAIT`] after the first): an `rm -rf` reaches the delete guard as one deletion,
-/// not as slices each under the share, and an artifact replaced by removing the old version
-/// and adding the new one changes on the workers in one generation.
-pub(crate) const REMOVAL_QUIET: Duration = Duration::from_millis(100);
+/// A folder with removals that are not few is published once none has been seen for this long
+/// (at most [`REMOVAL_MAX_WAIT_MANY`] after the first): an `rm -rf` reaches the delete guard as
+/// one deletion, not as slices each under the share, and an artifact replaced by removing the
+/// old version and adding the new one changes on the workers in one generation. An `rm -rf` of
+/// 100,000 files here paused for 100-200 ms now and then, and at 100 ms each pause let a slice
+/// out: 48% of the folder was deleted on the workers before the guard held the rest.
+pub(crate) const REMOVAL_QUIET: Duration = Duration::from_secs(1);
 /// The quiet time of removals that are still few (files removed, with those published within
 /// [`GUARD_WINDOW`], at most [`FEW_REMOVALS_SHARE`] of the folder's published entries): an operator's single deletion goes out
 /// without the full wait. An `rm -rf` unlinks far faster than this, so its removals cross the
@@ -166,8 +187,12 @@ pub(crate) const REMOVAL_QUIET: Duration = Duration::from_millis(100);
 pub(crate) const REMOVAL_QUIET_FEW: Duration = Duration::from_millis(30);
 /// Removals up to this share of a folder's entries (and at least one file) are few.
 const FEW_REMOVALS_SHARE: f64 = 0.01;
-/// Longest a removal waits for removals to stop.
+/// Longest a removal waits for removals to stop, while they are few.
 pub(crate) const REMOVAL_MAX_WAIT: Duration = Duration::from_secs(2);
+/// Longest removals that are not few wait for removals to stop (an `rm -rf` of 100,000 files
+/// takes about 20 s here). A deletion that lasts longer goes out in slices, and the guard adds
+/// them all up until it stops.
+pub(crate) const REMOVAL_MAX_WAIT_MANY: Duration = Duration::from_secs(30);
 
 impl LiveFolder {
     /// A folder starting from what was last published (persisted state), to be walked.
@@ -195,17 +220,21 @@ impl LiveFolder {
             guarded: None,
             confirmed: None,
             recent_removals: Default::default(),
+            deletion_goes_on: false,
+            removals_cut: false,
             pending_removals: None,
             tilings: HashMap::new(),
         }
     }
 
-    /// Files removed by generations published within [`GUARD_WINDOW`] of `now`.
+    /// Files removed by generations published within [`GUARD_WINDOW`] of `now`, or since the
+    /// start of a deletion that goes on (see `deletion_goes_on`).
     pub(crate) fn recent_removals(&mut self, now: Instant) -> usize {
-        while self
-            .recent_removals
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > GUARD_WINDOW)
+        while !self.deletion_goes_on
+            && self
+                .recent_removals
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > GUARD_WINDOW)
         {
             self.recent_removals.pop_front();
         }
@@ -215,6 +244,8 @@ impl LiveFolder {
     /// Records that a generation removing `files` files was published at `now`; a confirmed
     /// deletion starts the count afresh.
     pub(crate) fn record_removals(&mut self, now: Instant, files: usize, confirmed: bool) {
+        let cut = std::mem::take(&mut self.removals_cut);
+        self.deletion_goes_on = files > 0 && cut;
         if confirmed {
             self.recent_removals.clear();
         } else if files > 0 {
@@ -335,12 +366,13 @@ impl LiveFolder {
 
     fn removals_due(&self) -> Option<Instant> {
         self.pending_removals.map(|r| {
-            let quiet = if r.few {
-                REMOVAL_QUIET_FEW
+            let (stopped, longest) = r.deadlines();
+            // Hints not examined yet wake the folder by themselves (see `expire_removals`).
+            if self.has_dirty() {
+                longest
             } else {
-                REMOVAL_QUIET
-            };
-            (r.last + quiet).min(r.first + REMOVAL_MAX_WAIT)
+                stopped.min(longest)
+            }
         })
     }
 
@@ -350,15 +382,22 @@ impl LiveFolder {
         self.pending_removals.is_some()
     }
 
-    /// Lets removals through once they have stopped for [`REMOVAL_QUIET`].
+    /// Lets removals through once they have stopped for [`REMOVAL_QUIET`] (or waited the
+    /// longest: then the deletion goes on, see `deletion_goes_on`).
     pub(crate) fn expire_removals(&mut self, now: Instant) {
-        if self.removals_due().is_some_and(|due| due <= now) {
+        let Some(r) = self.pending_removals else {
+            return;
+        };
+        let (stopped, longest) = r.deadlines();
+        // Hints not examined yet may be more removals: they are looked at before the removals
+        // count as stopped.
+        let quiet = stopped <= now && !self.has_dirty();
+        if quiet || longest <= now {
             self.pending_removals = None;
+            self.removals_cut = !quiet;
         }
     }
 
-    /// Whether changes are still settling (candidates waiting, removals not yet quiet; held
-    /// files do not count).
     /// Whether a file a writer has open was written to within [`WRITTEN_LATELY`]. Its close
     /// may simply not have reached this process yet: a `syncctl wait` right after a large copy
     /// travels the admin socket faster than the copy's tens of thousands of watch events, and
@@ -372,6 +411,8 @@ impl LiveFolder {
         })
     }
 
+    /// Whether changes are still settling (candidates waiting, removals not yet quiet; held
+    /// files do not count).
     pub(crate) fn settling(&self) -> bool {
         self.has_dirty()
             || self.pending_removals.is_some()
@@ -1209,6 +1250,58 @@ mod tests {
         assert_eq!(set.len(), 4);
         remove_subtree(&mut set, &p("zz"));
         assert_eq!(set.len(), 4);
+    }
+
+    /// A deletion that outlasts the longest wait goes out in slices; the guard adds them all
+    /// up until it stops, however long ago the first slice went out.
+    #[test]
+    fn a_deletion_that_goes_on_counts_whole_until_it_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, start) = published_xmls(dir.path(), 100);
+        let remove = |f: &mut LiveFolder, i: usize, now: Instant| {
+            fs::remove_file(dir.path().join(format!("{i}.xml"))).unwrap();
+            f.hint(p(&format!("{i}.xml")), Hint::Changed);
+            f.examine(now);
+            f.expire_removals(now);
+        };
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // One removal every 500 ms: never a second's quiet, cut off after the longest wait.
+        let mut i = 0;
+        while at(500 * i as u64) < start + REMOVAL_MAX_WAIT_MANY {
+            remove(&mut f, i, at(500 * i as u64));
+            assert!(f.removals_pending(), "removal {i}");
+            i += 1;
+        }
+        let cut = start + REMOVAL_MAX_WAIT_MANY;
+        assert_eq!(f.next_ready(), Some(cut));
+        f.expire_removals(cut);
+        assert!(!f.removals_pending());
+        let first = i;
+        f.set_published(f.publishable().unwrap());
+        f.record_removals(cut, first, false);
+
+        // The rest of it, then a second's quiet; published well after the guard's window.
+        for j in first..first + 10 {
+            remove(
+                &mut f,
+                j,
+                cut + Duration::from_millis(500 * (j - first + 1) as u64),
+            );
+        }
+        let stopped = cut + Duration::from_millis(5_000) + REMOVAL_QUIET;
+        f.expire_removals(stopped);
+        assert!(!f.removals_pending());
+        let later = stopped + GUARD_WINDOW;
+        assert_eq!(
+            f.recent_removals(later),
+            first,
+            "the first slice was forgotten"
+        );
+        f.set_published(f.publishable().unwrap());
+        f.record_removals(later, 10, false);
+        // It stopped: what comes next counts only removals within the window again.
+        assert_eq!(f.recent_removals(later + GUARD_WINDOW / 2), 10);
+        assert_eq!(f.recent_removals(later + GUARD_WINDOW * 2), 0);
     }
 
     #[test]

@@ -729,3 +729,67 @@ fn a_hand_file_in_a_directory_the_manager_removes_is_left_and_listed() {
         c.log("worker-1")
     );
 }
+
+/// Thousands of hand changes left in place on a worker (a `touch` or an edit over a whole
+/// tree, under `report` or while paused): the agent reports the first of them to the manager,
+/// which says there are more; the uncut list (6,000 long paths here, over 1 MiB) exceeded the
+/// frame limit, and the agent's session with the manager ended and began again, forever.
+#[test]
+fn thousands_of_local_changes_are_reported_in_part_and_the_worker_stays_connected() {
+    let mut c = Cluster::new(&["worker-1"]);
+    c.folder_option("worker-1", "drift = \"report\"");
+    let dir = c.data(MANAGER).join("synapse-configs");
+    fs::create_dir_all(&dir).unwrap();
+    let long = "a".repeat(180);
+    let files = 6_000;
+    for i in 0..files {
+        fs::write(
+            dir.join(format!("{long}-{i}.xml")),
+            format!("<api n=\"{i}\"/>"),
+        )
+        .unwrap();
+    }
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "120s"]);
+
+    let worker = c.data("worker-1").join("synapse-configs");
+    for i in 0..files {
+        fs::write(
+            worker.join(format!("{long}-{i}.xml")),
+            format!("<api n=\"{i}\" x=\"1\"/>"),
+        )
+        .unwrap();
+    }
+    c.wait_row("worker-1", Duration::from_secs(60), |r| {
+        r.drift.len() == syncd_proto::DRIFT_REPORTED && r.drift_cut
+    });
+    // The worker lists all of them itself (once its comparisons have found them all).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.status("worker-1").nodes[0].drift.len() != files {
+        assert!(
+            Instant::now() < deadline,
+            "the worker does not list all of them"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Still the same session a few seconds later: it was not cut off for an oversized report.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = fs::read_to_string(c.log("worker-1")).unwrap();
+    assert!(!log.contains("exceeds the frame limit"), "{log}");
+    assert_eq!(log.matches("connected to the manager").count(), 1, "{log}");
+    assert!(
+        log.contains("more local changes left in place"),
+        "one line counts the changes not logged one by one"
+    );
+    // (Each comparison logs its first 20 new ones: the changes were found over a few.)
+    let lines = log.matches("local change left in place").count();
+    assert!(lines < files / 10, "{lines} lines for {files} changes");
+    let table = c.ctl(MANAGER, &["status"]);
+    assert!(
+        table.contains("and more than 995 more (`syncctl changes` on worker-1 lists all)"),
+        "{table}"
+    );
+    let listed = c.ctl(MANAGER, &["changes", "worker-1"]);
+    assert!(listed.contains("lists them all"), "{listed}");
+}

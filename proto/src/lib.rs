@@ -23,8 +23,9 @@ pub use codec::{
 };
 pub use hello::{ALPN, HELLO_LEN, Hello, HelloError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 pub use messages::{
-    AgentMsg, Base, ChunkEncoding, DriftEntry, FetchFile, FetchReply, FetchRequest, FolderState,
-    Generation, MAX_CHUNK_LEN, ManagerMsg, Pause, PushedChunk,
+    AgentMsg, Base, ChunkEncoding, DRIFT_REPORTED, DRIFT_REPORTED_BYTES, DriftEntry, FetchFile,
+    FetchReply, FetchRequest, FolderState, Generation, MAX_CHUNK_LEN, ManagerMsg, Pause,
+    PushedChunk, drift_reported,
 };
 pub use patch::{
     ListOp, MAX_INLINE_BYTES, MAX_INLINE_CHUNK, PatchError, PatchedPut, Resolved, patch,

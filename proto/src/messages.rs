@@ -74,11 +74,34 @@ pub enum AgentMsg {
     },
     /// Local changes syncd did not make, as the agent sees them now (sent when they change).
     Drift {
-        /// Changes left in place (reported, or drifting again and again), for status.
+        /// Changes left in place (reported, or drifting again and again), for status: the
+        /// first [`DRIFT_REPORTED`] at most (a list of exactly that many may have been cut).
         entries: Vec<DriftEntry>,
         /// Local changes reverted since the agent started.
         reverted_total: u64,
     },
+}
+
+/// Most local changes a `Drift` report lists (and at most [`DRIFT_REPORTED_BYTES`] of their
+/// text): the manager shows a few and points at the worker for the rest. Uncut, 100,000 of
+/// them (a `touch` over a tree while paused) made a 6 MB report, over the frame limit, and the
+/// agent's session ended and began again, forever.
+pub const DRIFT_REPORTED: usize = 1_000;
+/// Most bytes of folder names, paths and words a `Drift` report carries.
+pub const DRIFT_REPORTED_BYTES: usize = 256 << 10;
+
+/// The first local changes of `entries` that a `Drift` report carries (see [`DRIFT_REPORTED`]).
+pub fn drift_reported(entries: &[DriftEntry]) -> &[DriftEntry] {
+    let mut bytes = 0;
+    let n = entries
+        .iter()
+        .take(DRIFT_REPORTED)
+        .take_while(|e| {
+            bytes += e.folder.len() + e.path.len() + e.change.len() + e.action.len() + 8;
+            bytes <= DRIFT_REPORTED_BYTES
+        })
+        .count();
+    &entries[..n]
 }
 
 /// A local change on an agent that syncd did not make and has not undone.

@@ -233,6 +233,10 @@ pub struct NodeView {
     pub bytes_reused: u64,
     /// Local changes left in place on it (reported, flapping, or waiting to be reverted).
     pub drift: Vec<DriftView>,
+    /// Manager's view only: the node has more local changes than `drift` lists (an agent
+    /// reports its first 1,000); `syncctl changes` on the node lists them all.
+    #[serde(default)]
+    pub drift_cut: bool,
     /// Local changes it reverted since its daemon started.
     pub drift_reverted: u64,
     /// Manager's view only: the most bytes per second the manager sends it, if capped

@@ -485,10 +485,13 @@ impl DriftCtl {
     }
 }
 
+/// New local changes left in place that are logged one by one; the rest are counted.
+const DRIFT_LOGGED: usize = 20;
+
 async fn send_drift(agent: &Agent, tx: &mut SendStream) -> Result<(), TransportError> {
     tx.send(
         &AgentMsg::Drift {
-            entries: agent.drift.entries.clone(),
+            entries: syncd_proto::drift_reported(&agent.drift.entries).to_vec(),
             reverted_total: agent.drift.reverted_total,
         },
         MAX_REQUEST_FRAME,
@@ -756,8 +759,25 @@ async fn act_on_drift(
     }
     let left = drift::normalize(left);
     let changed = left != agent.drift.entries || reverted > 0;
-    for e in left.iter().filter(|e| !agent.drift.entries.contains(e)) {
+    // Both lists are sorted by folder and path (a search each, not a pass: there may be
+    // 100,000 of them); only the first few new ones are logged one by one.
+    let known = |e: &syncd_proto::DriftEntry| {
+        agent
+            .drift
+            .entries
+            .binary_search_by(|x| (&x.folder, &x.path).cmp(&(&e.folder, &e.path)))
+            .is_ok_and(|i| agent.drift.entries[i] == *e)
+    };
+    let new: Vec<&syncd_proto::DriftEntry> = left.iter().filter(|e| !known(e)).collect();
+    for e in new.iter().take(DRIFT_LOGGED) {
         tracing::warn!(folder = %e.folder, path = %e.path, change = %e.change, action = %e.action, "local change left in place");
+    }
+    if new.len() > DRIFT_LOGGED {
+        tracing::warn!(
+            more = new.len() - DRIFT_LOGGED,
+            left = left.len(),
+            "more local changes left in place (`syncctl changes` lists them all)"
+        );
     }
     agent.drift.entries = left;
     agent.drift.reverted_total += reverted;

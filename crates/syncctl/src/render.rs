@@ -139,7 +139,15 @@ fn row(out: &mut String, n: &NodeView, now: u64) {
             "", d.change, d.folder, d.path, d.action
         );
     }
-    if n.drift.len() > 5 {
+    if n.drift_cut {
+        let _ = writeln!(
+            out,
+            "{:<12} drift: ... and more than {} more (`syncctl changes` on {} lists all)",
+            "",
+            n.drift.len().saturating_sub(5),
+            n.name
+        );
+    } else if n.drift.len() > 5 {
         let _ = writeln!(out, "{:<12} drift: ... and {} more", "", n.drift.len() - 5);
     }
     if n.drift_reverted > 0 {
@@ -247,6 +255,7 @@ mod tests {
             bytes_transferred: 0,
             bytes_reused: 0,
             drift: vec![],
+            drift_cut: false,
             drift_reverted: 0,
             max_rate: Some(2_500_000),
             folders_not_taken: vec![],

@@ -310,6 +310,7 @@ fn manager_status(m: &ManagerHandle) -> Status {
                 bytes_transferred: v.bytes_sent,
                 bytes_reused: 0,
                 drift: v.drift.iter().map(drift_view).collect(),
+                drift_cut: v.drift_cut,
                 drift_reverted: v.drift_reverted,
                 max_rate: v.max_rate,
                 folders_not_taken,
@@ -489,15 +490,23 @@ fn agent_changes(m: &ManagerHandle, node: &str) -> Response {
             format!("no agent named {node:?} in the manager's config"),
         );
     };
+    let cut = if v.drift_cut {
+        format!(
+            "; it reported its first {} only: `syncctl changes` on {node} lists them all",
+            v.drift.len()
+        )
+    } else {
+        String::new()
+    };
     let note = if !v.connected {
-        format!("{node} is offline: its local changes as it last reported them")
+        format!("{node} is offline: its local changes as it last reported them{cut}")
     } else if v.paused.is_some() {
         format!(
-            "{node} is paused: its local changes as it reports them; `syncctl resume {node}` backs them up and converges"
+            "{node} is paused: its local changes as it reports them; `syncctl resume {node}` backs them up and converges{cut}"
         )
     } else {
         format!(
-            "{node} is not paused: local changes it leaves in place (it reverts the others, keeping them in its backups: `syncctl backups` on it)"
+            "{node} is not paused: local changes it leaves in place (it reverts the others, keeping them in its backups: `syncctl backups` on it){cut}"
         )
     };
     Response::Changes {
@@ -544,6 +553,7 @@ fn agent_row(s: &AgentStatus, name: &str, manager: SocketAddr) -> NodeView {
         bytes_transferred: s.bytes_fetched,
         bytes_reused: s.bytes_reused,
         drift: s.drift.iter().map(drift_view).collect(),
+        drift_cut: false,
         drift_reverted: s.drift_reverted,
         max_rate: None,
         folders_not_taken: s.folders_not_taken.clone(),

@@ -443,3 +443,33 @@ fn folders_a_worker_and_the_manager_do_not_share_are_shown_in_status() {
     let own = &c.status("worker-1").nodes[0];
     assert!(own.folders_not_taken.is_empty() && own.folders_not_published.is_empty());
 }
+
+/// `syncctl status | head -1`: the reader going away ends the output quietly; it used to panic
+/// with a backtrace ("failed printing to stdout: Broken pipe"). The command's own exit code
+/// stands.
+#[test]
+fn a_reader_that_stops_early_ends_syncctl_output_quietly() {
+    let mut c = Cluster::new(&["worker-1"]);
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["changes", "worker-1"],
+    ] {
+        let mut child = Command::new(SYNCCTL)
+            .arg("--socket")
+            .arg(c.socket(MANAGER))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}

@@ -6,6 +6,8 @@
 mod duration;
 mod render;
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -154,15 +156,19 @@ pub fn run() -> ExitCode {
             return ExitCode::from(exit::FAILED);
         }
     };
-    match response {
+    // Written at once at the end: a reader that stops early (`| head`) ends the output, not
+    // the command, whose effect stands (its exit code too).
+    let mut out = String::new();
+    let code = match response {
         Response::Status(s) => {
             if json {
-                println!(
+                let _ = writeln!(
+                    out,
                     "{}",
                     serde_json::to_string_pretty(&s).expect("status serializes")
                 );
             } else {
-                print!("{}", render::status(&s, now_secs()));
+                out.push_str(&render::status(&s, now_secs()));
             }
             ExitCode::SUCCESS
         }
@@ -172,20 +178,20 @@ pub fn run() -> ExitCode {
             changes,
             backup,
         } => {
-            println!("{message}");
+            let _ = writeln!(out, "{message}");
             if let Some(g) = generation {
-                println!("generation {g}");
+                let _ = writeln!(out, "generation {g}");
             }
             for c in &changes {
-                println!("  {:<9} {}/{}", c.change, c.folder, c.path);
+                let _ = writeln!(out, "  {:<9} {}/{}", c.change, c.folder, c.path);
             }
             if let Some(b) = backup {
-                println!("local changes backed up in {b}");
+                let _ = writeln!(out, "local changes backed up in {b}");
             }
             ExitCode::SUCCESS
         }
         Response::Wait(w) => {
-            print!("{}", render::wait(&w));
+            out.push_str(&render::wait(&w));
             if w.reached {
                 ExitCode::SUCCESS
             } else {
@@ -194,29 +200,30 @@ pub fn run() -> ExitCode {
         }
         Response::Backups { backups } => {
             if backups.is_empty() {
-                println!("no backups");
+                let _ = writeln!(out, "no backups");
             }
             for b in &backups {
-                println!("{}  ({})", b.name, render::human_bytes(b.bytes));
+                let _ = writeln!(out, "{}  ({})", b.name, render::human_bytes(b.bytes));
                 for line in b.changes.iter().take(20) {
-                    println!("  {line}");
+                    let _ = writeln!(out, "  {line}");
                 }
                 if b.changes.len() > 20 {
-                    println!("  ... and {} more", b.changes.len() - 20);
+                    let _ = writeln!(out, "  ... and {} more", b.changes.len() - 20);
                 }
             }
             ExitCode::SUCCESS
         }
         Response::Changes { changes, note } => {
             if let Some(note) = note {
-                println!("{note}");
+                let _ = writeln!(out, "{note}");
             }
             if changes.is_empty() {
-                println!("no local changes");
+                let _ = writeln!(out, "no local changes");
             }
             for c in &changes {
                 let action = c.action.as_ref().map(|a| format!(" ({a})"));
-                println!(
+                let _ = writeln!(
+                    out,
                     "{:<9} {}/{}{}",
                     c.change,
                     c.folder,
@@ -233,6 +240,18 @@ pub fn run() -> ExitCode {
                 ErrorKind::UnknownNode | ErrorKind::WrongRole => exit::NOT_APPLICABLE,
                 ErrorKind::BadRequest | ErrorKind::Failed => exit::FAILED,
             })
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => code,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => code,
+        Err(e) => {
+            eprintln!("syncctl: cannot write the output: {e}");
+            ExitCode::from(exit::FAILED)
         }
     }
 }

@@ -473,3 +473,37 @@ fn a_reader_that_stops_early_ends_syncctl_output_quietly() {
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
 }
+
+/// Thousands of entries the manager cannot carry (FIFOs here) are all listed in status, and
+/// logged one by one only for the first 20 a minute: 50,000 FIFOs made 50,000 log lines.
+#[test]
+fn many_entries_the_manager_cannot_carry_are_listed_and_logged_in_brief() {
+    let mut c = Cluster::new(&["worker-1"]);
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    let dir = c.data(MANAGER).join("pipes");
+    fs::create_dir(&dir).unwrap();
+    let fifos = 500;
+    for i in 0..fifos {
+        let out = Command::new("mkfifo")
+            .arg(dir.join(format!("p{i}")))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while c.status(MANAGER).skipped_total != fifos {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            c.status(MANAGER)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = fs::read_to_string(c.log(MANAGER)).unwrap();
+    let lines = log.matches("not synced folder=").count();
+    assert_eq!(lines, 20, "{lines} lines for {fifos} entries");
+    assert!(log.contains("more entries not synced: counted"), "{log}");
+}

@@ -139,9 +139,24 @@ pub(crate) struct LiveFolder {
     removals_cut: bool,
     /// Removals seen and not yet published.
     pending_removals: Option<PendingRemovals>,
+    /// What was logged of the entries found that cannot be carried (see [`SKIPPED_LOGGED`]).
+    skipped_log: SkippedLog,
     /// How each large archive hashed since the start was cut into chunks (kept to hash its
     /// next version's unchanged entries by BLAKE3 alone: `syncd_fsops::hash_file_reusing`).
     tilings: HashMap<RelPath, Tiling>,
+}
+
+/// New entries the folder cannot carry that are logged one by one within a
+/// [`SKIPPED_LOG_WINDOW`]; the rest are counted.
+const SKIPPED_LOGGED: usize = 20;
+const SKIPPED_LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// How many new entries the folder cannot carry were logged since `since`, and how many not.
+#[derive(Debug, Default)]
+struct SkippedLog {
+    since: Option<Instant>,
+    logged: usize,
+    unlogged: usize,
 }
 
 /// Removals waiting for more removals to stop (see [`REMOVAL_QUIET`]).
@@ -224,6 +239,7 @@ impl LiveFolder {
             removals_cut: false,
             pending_removals: None,
             tilings: HashMap::new(),
+            skipped_log: SkippedLog::default(),
         }
     }
 
@@ -648,7 +664,30 @@ impl LiveFolder {
         if known.and_then(|k| k.get(&rel)) != Some(&reason)
             && self.skipped.get(&rel) != Some(&reason)
         {
-            tracing::warn!(folder = %self.spec.name, path = %rel, %reason, "not synced");
+            // One line each for the first few a minute: 50,000 FIFOs made 50,000 lines.
+            let now = Instant::now();
+            let log = &mut self.skipped_log;
+            if log
+                .since
+                .is_none_or(|t| now.duration_since(t) >= SKIPPED_LOG_WINDOW)
+            {
+                if log.unlogged > 0 {
+                    tracing::warn!(folder = %self.spec.name, more = log.unlogged, total = self.skipped.len(), "more entries not synced in the last minute (`syncctl status` lists them)");
+                }
+                *log = SkippedLog {
+                    since: Some(now),
+                    ..SkippedLog::default()
+                };
+            }
+            if log.logged < SKIPPED_LOGGED {
+                log.logged += 1;
+                tracing::warn!(folder = %self.spec.name, path = %rel, %reason, "not synced");
+            } else {
+                if log.unlogged == 0 {
+                    tracing::warn!(folder = %self.spec.name, "more entries not synced: counted, not logged, for the rest of the minute (`syncctl status` lists them)");
+                }
+                log.unlogged += 1;
+            }
         }
         self.skipped.insert(rel.clone(), reason);
         Some(rel)

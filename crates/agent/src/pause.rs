@@ -178,6 +178,8 @@ pub(crate) fn back_up_paths(
     let mut kept = 0;
     let base = backup_root.join(&folder.name);
     let each = paths.len() <= FSYNC_EACH_LIMIT;
+    // Directories the copies went into: their entries are made durable too.
+    let mut dirs = std::collections::BTreeSet::new();
     for path in paths {
         let from = folder.root.abs(path);
         let Ok(meta) = std::fs::symlink_metadata(&from) else {
@@ -186,6 +188,16 @@ pub(crate) fn back_up_paths(
         let to = base.join(path.as_str());
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent)?;
+            if each {
+                // Up to the `backups` directory, which holds the new backup's own entry.
+                let top = backup_root.parent().unwrap_or(backup_root);
+                dirs.extend(
+                    parent
+                        .ancestors()
+                        .take_while(|d| d.starts_with(top))
+                        .map(Path::to_path_buf),
+                );
+            }
         }
         if meta.file_type().is_symlink() {
             let _ = std::fs::remove_file(&to);
@@ -198,6 +210,9 @@ pub(crate) fn back_up_paths(
     }
     if !each && let Ok(dir) = std::fs::File::open(&base) {
         rustix::fs::syncfs(&dir)?;
+    }
+    for dir in dirs.iter().rev() {
+        std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(kept)
 }

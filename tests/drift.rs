@@ -793,3 +793,53 @@ fn thousands_of_local_changes_are_reported_in_part_and_the_worker_stays_connecte
     let listed = c.ctl(MANAGER, &["changes", "worker-1"]);
     assert!(listed.contains("lists them all"), "{listed}");
 }
+
+/// Thousands of hand changes reverted at once are logged in brief: the first 20 of each
+/// comparison one by one, then a count (the backup's CHANGES file lists them all).
+#[test]
+fn thousands_of_reverted_changes_are_logged_in_brief_and_listed_in_the_backup() {
+    let c = Cluster::new(&["worker-1"]);
+    let dir = c.data(MANAGER).join("synapse-configs");
+    fs::create_dir_all(&dir).unwrap();
+    let files = 3_000;
+    for i in 0..files {
+        fs::write(
+            dir.join(format!("api-{i}.xml")),
+            format!("<api n=\"{i}\"/>"),
+        )
+        .unwrap();
+    }
+    let mut c = c;
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "120s"]);
+    let worker = c.data("worker-1").join("synapse-configs");
+    for i in 0..files {
+        fs::write(
+            worker.join(format!("api-{i}.xml")),
+            format!("<api n=\"{i}\" x=\"1\"/>"),
+        )
+        .unwrap();
+    }
+    c.wait_row("worker-1", Duration::from_secs(60), |r| {
+        r.drift_reverted >= files as u64
+    });
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    let log = fs::read_to_string(c.log("worker-1")).unwrap();
+    let lines = log.matches("reverted a local change").count();
+    assert!(lines < files / 10, "{lines} lines for {files} reverts");
+    assert!(log.contains("reverted more local changes"), "{log}");
+    // Every one of them is in a backup's list.
+    let backups = c.data("worker-1").join("../state/backups");
+    let listed: usize = fs::read_dir(&backups)
+        .unwrap()
+        .map(|e| {
+            fs::read_to_string(e.unwrap().path().join("CHANGES"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("modified"))
+                .count()
+        })
+        .sum();
+    assert_eq!(listed, files);
+}

@@ -485,7 +485,8 @@ impl DriftCtl {
     }
 }
 
-/// New local changes left in place that are logged one by one; the rest are counted.
+/// Local changes left in place (new ones) or reverted that a comparison logs one by one; the
+/// rest are counted (a `touch` over 100,000 files made 100,000 lines).
 const DRIFT_LOGGED: usize = 20;
 
 async fn send_drift(agent: &Agent, tx: &mut SendStream) -> Result<(), TransportError> {
@@ -732,13 +733,21 @@ async fn act_on_drift(
                         }
                     }
                 }
-                for c in &described {
+                for c in described.iter().take(DRIFT_LOGGED) {
                     tracing::warn!(
                         folder = %c.folder,
                         path = %c.path,
                         change = c.kind,
                         backup = %backup_root.display(),
                         "reverted a local change (the local version is backed up)"
+                    );
+                }
+                if described.len() > DRIFT_LOGGED {
+                    tracing::warn!(
+                        folder = %agent.folders[i].name,
+                        more = described.len() - DRIFT_LOGGED,
+                        backup = %backup_root.display(),
+                        "reverted more local changes (the backup's CHANGES file lists them all)"
                     );
                 }
                 reverted += described.len() as u64;

@@ -782,6 +782,10 @@ pub(crate) fn prune_backups(state_dir: &Path, max_count: usize, max_bytes: u64) 
     });
     let mut total: u64 = backups.iter().map(|b| b.2).sum();
     let mut count = backups.len();
+    // The newest is the one just made: it is never removed, even alone over the limits (a
+    // resume after a `touch` over a large tree backs up more than `max_backup_mb`, and then
+    // reverts the originals: removing it would lose what the log just said was kept).
+    let newest = backups.pop();
     for (name, path, size) in backups {
         if count <= max_count && total <= max_bytes {
             break;
@@ -791,6 +795,11 @@ pub(crate) fn prune_backups(state_dir: &Path, max_count: usize, max_bytes: u64) 
             count -= 1;
             total -= size;
         }
+    }
+    if let Some((name, _, size)) = newest
+        && size > max_bytes
+    {
+        tracing::warn!(backup = %name, bytes = size, "the newest backup alone is over the size limit for backups; it is kept (older ones are removed first)");
     }
 }
 
@@ -1114,5 +1123,9 @@ pub(crate) mod tests {
         prune_backups(dir.path(), 100, 4500);
         let left: Vec<String> = list_backups(dir.path()).into_iter().map(|b| b.0).collect();
         assert_eq!(left, ["drift-400", "drift-500"]);
+        // The newest is kept even when it alone is over the limits.
+        prune_backups(dir.path(), 0, 10);
+        let left: Vec<String> = list_backups(dir.path()).into_iter().map(|b| b.0).collect();
+        assert_eq!(left, ["drift-500"]);
     }
 }

@@ -843,3 +843,47 @@ fn thousands_of_reverted_changes_are_logged_in_brief_and_listed_in_the_backup() 
         .sum();
     assert_eq!(listed, files);
 }
+
+/// A backup larger than `max_backup_mb` by itself (hand edits over more than the limit) is
+/// kept: pruning removed it right after the log said the changes were backed up, and then the
+/// originals were reverted.
+#[test]
+fn a_backup_alone_over_the_size_limit_is_kept() {
+    let mut c = Cluster::new(&["worker-1"]);
+    c.agent_option("max_backup_mb = 1");
+    for i in 0..3 {
+        fs::write(
+            c.data(MANAGER).join(format!("lib-{i}.bin")),
+            vec![i as u8; 1 << 20],
+        )
+        .unwrap();
+    }
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "60s"]);
+    for i in 0..3 {
+        fs::write(
+            c.data("worker-1").join(format!("lib-{i}.bin")),
+            vec![9u8; 1 << 20],
+        )
+        .unwrap();
+    }
+    c.wait_row("worker-1", Duration::from_secs(30), |r| {
+        r.drift_reverted >= 3
+    });
+    assert_same_tree(&c.data(MANAGER), &c.data("worker-1"));
+    let backups = c.data("worker-1").join("../state/backups");
+    let kept: Vec<PathBuf> = fs::read_dir(&backups)
+        .unwrap()
+        .flat_map(|e| {
+            fs::read_dir(e.unwrap().path().join("deployment"))
+                .into_iter()
+                .flatten()
+        })
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(kept.len(), 3, "the hand edits were not all kept: {kept:?}");
+    for p in kept {
+        assert_eq!(fs::read(p).unwrap(), vec![9u8; 1 << 20]);
+    }
+}

@@ -31,6 +31,8 @@ pub struct Cluster {
     node_options: Vec<String>,
     /// Extra lines in the manager's `[manager]` table, and in an agent's `[[manager.agents]]`.
     manager_options: Vec<String>,
+    /// Extra lines in every agent's `[agent]` table.
+    agent_options: Vec<String>,
     agent_entry_options: BTreeMap<String, Vec<String>>,
     procs: BTreeMap<String, Child>,
 }
@@ -71,6 +73,7 @@ impl Cluster {
             wrap: BTreeMap::new(),
             node_options: Vec::new(),
             manager_options: Vec::new(),
+            agent_options: Vec::new(),
             agent_entry_options: BTreeMap::new(),
             procs: BTreeMap::new(),
         };
@@ -128,6 +131,12 @@ impl Cluster {
     /// Adds `line` (e.g. `max_rate = "20MB/s"`) to the manager's `[manager]` table.
     pub fn manager_option(&mut self, line: &str) {
         self.manager_options.push(line.to_owned());
+        self.write_configs();
+    }
+
+    /// Adds `line` (e.g. `max_backup_mb = 1`) to every agent's `[agent]` table.
+    pub fn agent_option(&mut self, line: &str) {
+        self.agent_options.push(line.to_owned());
         self.write_configs();
     }
 
@@ -232,8 +241,9 @@ impl Cluster {
         for a in &self.agents {
             let text = format!(
                 "[node]\nname = \"{a}\"\nstate_dir = \"{a}/state\"\nadmin_socket = \"{a}/admin.sock\"\n{node_extra}\
-                 [agent]\nmanager = \"{connect}\"\nmanager_id = \"{}\"\n{}",
+                 [agent]\nmanager = \"{connect}\"\nmanager_id = \"{}\"\n{}{}",
                 self.ids[MANAGER],
+                lines(Some(&self.agent_options)),
                 folders(a)
             );
             std::fs::write(self.root.path().join(format!("{a}.toml")), text).unwrap();

@@ -730,6 +730,26 @@ fn a_hand_file_in_a_directory_the_manager_removes_is_left_and_listed() {
     );
 }
 
+/// Puts `files` Synapse XMLs named `<stem>-<i>.xml` on the manager, starts the cluster, waits
+/// until worker-1 has them, then edits every one of them by hand on worker-1.
+fn edit_all_on_the_worker(c: &mut Cluster, stem: &str, files: usize) {
+    let name = |i: usize| format!("synapse-configs/{stem}-{i}.xml");
+    fs::create_dir_all(c.data(MANAGER).join("synapse-configs")).unwrap();
+    for i in 0..files {
+        fs::write(c.data(MANAGER).join(name(i)), format!("<api n=\"{i}\"/>")).unwrap();
+    }
+    c.start(MANAGER);
+    c.start("worker-1");
+    c.ctl(MANAGER, &["wait", "--timeout", "120s"]);
+    for i in 0..files {
+        fs::write(
+            c.data("worker-1").join(name(i)),
+            format!("<api n=\"{i}\" x=\"1\"/>"),
+        )
+        .unwrap();
+    }
+}
+
 /// Thousands of hand changes left in place on a worker (a `touch` or an edit over a whole
 /// tree, under `report` or while paused): the agent reports the first of them to the manager,
 /// which says there are more; the uncut list (6,000 long paths here, over 1 MiB) exceeded the
@@ -738,29 +758,8 @@ fn a_hand_file_in_a_directory_the_manager_removes_is_left_and_listed() {
 fn thousands_of_local_changes_are_reported_in_part_and_the_worker_stays_connected() {
     let mut c = Cluster::new(&["worker-1"]);
     c.folder_option("worker-1", "drift = \"report\"");
-    let dir = c.data(MANAGER).join("synapse-configs");
-    fs::create_dir_all(&dir).unwrap();
-    let long = "a".repeat(180);
     let files = 6_000;
-    for i in 0..files {
-        fs::write(
-            dir.join(format!("{long}-{i}.xml")),
-            format!("<api n=\"{i}\"/>"),
-        )
-        .unwrap();
-    }
-    c.start(MANAGER);
-    c.start("worker-1");
-    c.ctl(MANAGER, &["wait", "--timeout", "120s"]);
-
-    let worker = c.data("worker-1").join("synapse-configs");
-    for i in 0..files {
-        fs::write(
-            worker.join(format!("{long}-{i}.xml")),
-            format!("<api n=\"{i}\" x=\"1\"/>"),
-        )
-        .unwrap();
-    }
+    edit_all_on_the_worker(&mut c, &"a".repeat(180), files);
     c.wait_row("worker-1", Duration::from_secs(60), |r| {
         r.drift.len() == syncd_proto::DRIFT_REPORTED && r.drift_cut
     });
@@ -798,29 +797,9 @@ fn thousands_of_local_changes_are_reported_in_part_and_the_worker_stays_connecte
 /// comparison one by one, then a count (the backup's CHANGES file lists them all).
 #[test]
 fn thousands_of_reverted_changes_are_logged_in_brief_and_listed_in_the_backup() {
-    let c = Cluster::new(&["worker-1"]);
-    let dir = c.data(MANAGER).join("synapse-configs");
-    fs::create_dir_all(&dir).unwrap();
+    let mut c = Cluster::new(&["worker-1"]);
     let files = 3_000;
-    for i in 0..files {
-        fs::write(
-            dir.join(format!("api-{i}.xml")),
-            format!("<api n=\"{i}\"/>"),
-        )
-        .unwrap();
-    }
-    let mut c = c;
-    c.start(MANAGER);
-    c.start("worker-1");
-    c.ctl(MANAGER, &["wait", "--timeout", "120s"]);
-    let worker = c.data("worker-1").join("synapse-configs");
-    for i in 0..files {
-        fs::write(
-            worker.join(format!("api-{i}.xml")),
-            format!("<api n=\"{i}\" x=\"1\"/>"),
-        )
-        .unwrap();
-    }
+    edit_all_on_the_worker(&mut c, "api", files);
     c.wait_row("worker-1", Duration::from_secs(60), |r| {
         r.drift_reverted >= files as u64
     });

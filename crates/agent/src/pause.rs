@@ -178,7 +178,9 @@ pub(crate) fn back_up_paths(
     let mut kept = 0;
     let base = backup_root.join(&folder.name);
     let each = paths.len() <= FSYNC_EACH_LIMIT;
-    // Directories the copies went into: their entries are made durable too.
+    // Directories the copies went into, up to the `backups` directory that holds the new
+    // backup's own entry: their entries are made durable too.
+    let top = backup_root.parent().unwrap_or(backup_root);
     let mut dirs = std::collections::BTreeSet::new();
     for path in paths {
         let from = folder.root.abs(path);
@@ -189,8 +191,6 @@ pub(crate) fn back_up_paths(
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent)?;
             if each {
-                // Up to the `backups` directory, which holds the new backup's own entry.
-                let top = backup_root.parent().unwrap_or(backup_root);
                 dirs.extend(
                     parent
                         .ancestors()

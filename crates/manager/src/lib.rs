@@ -83,9 +83,6 @@ pub struct AgentView {
     pub resync_pending: bool,
     /// Local changes it left in place (reported, flapping, waiting), as it last said.
     pub drift: Vec<syncd_proto::DriftEntry>,
-    /// Whether its report may have been cut (an agent lists [`syncd_proto::DRIFT_REPORTED`]
-    /// at most): it has more than `drift` says.
-    pub drift_cut: bool,
     /// Local changes it reverted since it started.
     pub drift_reverted: u64,
     /// The cap on what is sent to it, in bytes per second (its config's `max_rate`).
@@ -124,6 +121,12 @@ impl NodeState {
 }
 
 impl AgentView {
+    /// Whether its drift report may have been cut (an agent lists
+    /// [`syncd_proto::DRIFT_REPORTED`] at most): it has more than `drift` says.
+    pub fn drift_cut(&self) -> bool {
+        self.drift.len() >= syncd_proto::DRIFT_REPORTED
+    }
+
     /// Its state relative to the manager's latest `generation`.
     pub fn state(&self, generation: Generation) -> NodeState {
         if !self.connected {

@@ -159,6 +159,44 @@ struct SkippedLog {
     unlogged: usize,
 }
 
+/// Whether one entry is logged (see [`SkippedLog::note`]).
+enum Logged {
+    Yes,
+    /// Not, and it is the first of its window that is not.
+    FirstUnlogged,
+    No,
+}
+
+impl SkippedLog {
+    /// Counts one new entry at `now`: how many went unlogged in the window that just ended (0
+    /// if none ended), and whether this one is logged.
+    fn note(&mut self, now: Instant) -> (usize, Logged) {
+        let mut earlier = 0;
+        if self
+            .since
+            .is_none_or(|t| now.duration_since(t) >= SKIPPED_LOG_WINDOW)
+        {
+            earlier = self.unlogged;
+            *self = SkippedLog {
+                since: Some(now),
+                ..SkippedLog::default()
+            };
+        }
+        let this = if self.logged < SKIPPED_LOGGED {
+            self.logged += 1;
+            Logged::Yes
+        } else {
+            self.unlogged += 1;
+            if self.unlogged == 1 {
+                Logged::FirstUnlogged
+            } else {
+                Logged::No
+            }
+        };
+        (earlier, this)
+    }
+}
+
 /// Removals waiting for more removals to stop (see [`REMOVAL_QUIET`]).
 #[derive(Debug, Clone, Copy)]
 struct PendingRemovals {
@@ -529,9 +567,7 @@ impl LiveFolder {
         match seen {
             None => {
                 // Gone, or something syncd cannot carry: nothing beneath it is there any more.
-                let path_str = path.as_str();
-                self.skipped
-                    .retain(|p, _| p == path_str || !is_beneath(p, path_str));
+                self.skipped.take_beneath(path.as_str());
                 self.forget_subtree(path, now);
             }
             Some(Seen::File { key, mode: _ }) => {
@@ -600,16 +636,13 @@ impl LiveFolder {
         let known = match start {
             None => std::mem::take(&mut self.skipped),
             Some(start) => {
-                let under: Vec<String> = self
+                let mut under: BTreeMap<String, String> = self
                     .skipped
-                    .keys()
-                    .filter(|p| is_beneath(p, start.as_str()))
-                    .cloned()
-                    .collect();
-                under
+                    .take_beneath(start.as_str())
                     .into_iter()
-                    .filter_map(|p| self.skipped.remove_entry(&p))
-                    .collect()
+                    .collect();
+                under.extend(self.skipped.remove_entry(start.as_str()));
+                under
             }
         };
         let mut unreadable = Vec::new();
@@ -665,28 +698,18 @@ impl LiveFolder {
             && self.skipped.get(&rel) != Some(&reason)
         {
             // One line each for the first few a minute: 50,000 FIFOs made 50,000 lines.
-            let now = Instant::now();
-            let log = &mut self.skipped_log;
-            if log
-                .since
-                .is_none_or(|t| now.duration_since(t) >= SKIPPED_LOG_WINDOW)
-            {
-                if log.unlogged > 0 {
-                    tracing::warn!(folder = %self.spec.name, more = log.unlogged, total = self.skipped.len(), "more entries not synced in the last minute (`syncctl status` lists them)");
-                }
-                *log = SkippedLog {
-                    since: Some(now),
-                    ..SkippedLog::default()
-                };
+            let (earlier, this) = self.skipped_log.note(Instant::now());
+            if earlier > 0 {
+                tracing::warn!(folder = %self.spec.name, more = earlier, total = self.skipped.len(), "more entries not synced in the last minute (`syncctl status` lists them)");
             }
-            if log.logged < SKIPPED_LOGGED {
-                log.logged += 1;
-                tracing::warn!(folder = %self.spec.name, path = %rel, %reason, "not synced");
-            } else {
-                if log.unlogged == 0 {
-                    tracing::warn!(folder = %self.spec.name, "more entries not synced: counted, not logged, for the rest of the minute (`syncctl status` lists them)");
+            match this {
+                Logged::Yes => {
+                    tracing::warn!(folder = %self.spec.name, path = %rel, %reason, "not synced")
                 }
-                log.unlogged += 1;
+                Logged::FirstUnlogged => {
+                    tracing::warn!(folder = %self.spec.name, "more entries not synced: counted, not logged, for the rest of the minute (`syncctl status` lists them)")
+                }
+                Logged::No => {}
             }
         }
         self.skipped.insert(rel.clone(), reason);
@@ -771,6 +794,7 @@ impl LiveFolder {
         // By range, not by a pass over each map: a rescan that finds a moved directory's
         // 100,000 files gone forgets them one by one while the files at the new name wait as
         // candidates (a pass each took a `wait` after such a move 9 minutes).
+        let path = path.as_str();
         remove_subtree(&mut self.candidates, path);
         remove_subtree(&mut self.held, path);
         remove_subtree(&mut self.writing, path);
@@ -1035,60 +1059,66 @@ const TOUCHED_LIMIT: usize = 65_536;
 /// Files entering the working state at once beyond which its map is packed again.
 const COMPACT_AFTER: usize = 4096;
 
-/// Whether the path `p` (in a folder, `/`-separated) is `dir` or beneath it.
-fn is_beneath(p: &str, dir: &str) -> bool {
-    p.strip_prefix(dir)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+/// A sorted map or set keyed by path (`/`-separated, in a folder), from which what lies
+/// beneath a path is taken by range, not by a pass over every key.
+trait PathKeyed {
+    /// An entry: a key, or a key and its value.
+    type Entry;
+    /// Removes and returns the entries strictly beneath `path`: O(taken * log n).
+    fn take_beneath(&mut self, path: &str) -> Vec<Self::Entry>;
+    /// Removes `path` itself.
+    fn remove_path(&mut self, path: &str);
+}
+
+/// The keys beneath `path` are one range in the byte order of paths: from `path/` up to
+/// `path0` (`0` follows `/`), which leaves out siblings such as `path-old` or `path.d`.
+fn beneath_bounds(path: &str) -> (String, String) {
+    (format!("{path}/"), format!("{path}0"))
+}
+
+impl<K: Ord + Clone + std::borrow::Borrow<str>, V> PathKeyed for BTreeMap<K, V> {
+    type Entry = (K, V);
+    fn take_beneath(&mut self, path: &str) -> Vec<(K, V)> {
+        let (lo, hi) = beneath_bounds(path);
+        let keys: Vec<K> = self
+            .range::<str, _>((Included(lo.as_str()), Excluded(hi.as_str())))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.iter()
+            .filter_map(|k| self.remove_entry(k.borrow()))
+            .collect()
+    }
+    fn remove_path(&mut self, path: &str) {
+        self.remove(path);
+    }
+}
+
+impl<K: Ord + Clone + std::borrow::Borrow<str>> PathKeyed for BTreeSet<K> {
+    type Entry = K;
+    fn take_beneath(&mut self, path: &str) -> Vec<K> {
+        let (lo, hi) = beneath_bounds(path);
+        let keys: Vec<K> = self
+            .range::<str, _>((Included(lo.as_str()), Excluded(hi.as_str())))
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter(|k| self.remove(k.borrow()))
+            .collect()
+    }
+    fn remove_path(&mut self, path: &str) {
+        self.remove(path);
+    }
+}
+
+/// Removes `path` and every key beneath it.
+fn remove_subtree(keyed: &mut impl PathKeyed, path: &str) {
+    keyed.take_beneath(path);
+    keyed.remove_path(path);
 }
 
 /// How long ago the file's inode last changed (data or metadata: the change time moves with
 /// both, and no one can set it back). A change time in the future (the clock went back) counts
 /// as just now.
-/// A sorted map or set keyed by path, from which a subtree can be removed.
-trait PathKeyed {
-    /// The keys strictly beneath `path`, in the order of the map.
-    fn keys_beneath(&self, path: &RelPath) -> Vec<RelPath>;
-    fn remove_key(&mut self, path: &RelPath);
-}
-
-/// The keys beneath `path` are one range in the byte order of paths: from `path/` up to
-/// `path0` (`0` follows `/`), which leaves out siblings such as `path-old` or `path.d`.
-fn beneath_bounds(path: &RelPath) -> (String, String) {
-    (format!("{path}/"), format!("{path}0"))
-}
-
-impl<V> PathKeyed for BTreeMap<RelPath, V> {
-    fn keys_beneath(&self, path: &RelPath) -> Vec<RelPath> {
-        let (lo, hi) = beneath_bounds(path);
-        self.range::<str, _>((Included(lo.as_str()), Excluded(hi.as_str())))
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-    fn remove_key(&mut self, path: &RelPath) {
-        self.remove(path);
-    }
-}
-
-impl PathKeyed for BTreeSet<RelPath> {
-    fn keys_beneath(&self, path: &RelPath) -> Vec<RelPath> {
-        let (lo, hi) = beneath_bounds(path);
-        self.range::<str, _>((Included(lo.as_str()), Excluded(hi.as_str())))
-            .cloned()
-            .collect()
-    }
-    fn remove_key(&mut self, path: &RelPath) {
-        self.remove(path);
-    }
-}
-
-/// Removes `path` and every key beneath it: O(removed * log n), whatever the map's size.
-fn remove_subtree(keyed: &mut impl PathKeyed, path: &RelPath) {
-    for k in keyed.keys_beneath(path) {
-        keyed.remove_key(&k);
-    }
-    keyed.remove_key(path);
-}
-
 fn quiet_for(key: &StatKey) -> Duration {
     std::time::SystemTime::now()
         .duration_since(syncd_fsops::to_system_time(key.ctime))
@@ -1280,14 +1310,14 @@ mod tests {
         let all = ["a", "a-old/x", "a.d", "a/b", "a/c/d", "a0", "ab", "b/a/c"];
         let mut set: BTreeSet<RelPath> = all.iter().map(|s| p(s)).collect();
         let mut map: BTreeMap<RelPath, u8> = all.iter().map(|s| (p(s), 0)).collect();
-        remove_subtree(&mut set, &p("a"));
-        remove_subtree(&mut map, &p("a"));
+        remove_subtree(&mut set, "a");
+        remove_subtree(&mut map, "a");
         let left = ["a-old/x", "a.d", "a0", "ab", "b/a/c"];
         assert_eq!(set.iter().map(RelPath::as_str).collect::<Vec<_>>(), left);
         assert_eq!(map.keys().map(RelPath::as_str).collect::<Vec<_>>(), left);
-        remove_subtree(&mut set, &p("b/a"));
+        remove_subtree(&mut set, "b/a");
         assert_eq!(set.len(), 4);
-        remove_subtree(&mut set, &p("zz"));
+        remove_subtree(&mut set, "zz");
         assert_eq!(set.len(), 4);
     }
 

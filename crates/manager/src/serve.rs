@@ -586,7 +586,6 @@ async fn feed(
                     tracing::warn!(agent = %name, left = entries.len(), reverted_total, "agent reports local changes left in place");
                 }
                 ctx.update_agent(name, |v| {
-                    v.drift_cut = entries.len() >= syncd_proto::DRIFT_REPORTED;
                     v.drift = entries;
                     v.drift_reverted = reverted_total;
                 });

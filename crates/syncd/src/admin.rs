@@ -310,7 +310,7 @@ fn manager_status(m: &ManagerHandle) -> Status {
                 bytes_transferred: v.bytes_sent,
                 bytes_reused: 0,
                 drift: v.drift.iter().map(drift_view).collect(),
-                drift_cut: v.drift_cut,
+                drift_cut: v.drift_cut(),
                 drift_reverted: v.drift_reverted,
                 max_rate: v.max_rate,
                 folders_not_taken,
@@ -490,7 +490,7 @@ fn agent_changes(m: &ManagerHandle, node: &str) -> Response {
             format!("no agent named {node:?} in the manager's config"),
         );
     };
-    let cut = if v.drift_cut {
+    let cut = if v.drift_cut() {
         format!(
             "; it reported its first {} only: `syncctl changes` on {node} lists them all",
             v.drift.len()
